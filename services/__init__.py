@@ -1,0 +1,1 @@
+"""gymbus services: broker, controller, ingest, viewers and the click CLI."""

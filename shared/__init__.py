@@ -1,0 +1,1 @@
+"""gymbus protocol package: protocol, codec, transport helpers, settings and the run-config schema."""

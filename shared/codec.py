@@ -1,0 +1,318 @@
+"""Encode and decode telemetry frames and control messages (msgpack), checking version and types.
+
+Telemetry frame bodies are columnar; `decode_frame` checks every column and returns numpy
+arrays (strings stay lists), so that the ingest can hand them to Arrow without another pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from gymbus.shared.errors import DecodeError
+from gymbus.shared.protocol import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    TOPIC_SEPARATOR,
+    Command,
+    ErrorCode,
+    FrameKind,
+    LifecycleEvent,
+    topic,
+)
+
+# Column types of the columnar frame kinds: name -> type, and which columns may be absent.
+INT, FLOAT, BOOL, STR, OBS = "int", "float", "bool", "str", "obs"
+COLUMNS: dict[FrameKind, dict[str, str]] = {
+    FrameKind.STEP: {
+        "episode": INT,
+        "step": INT,
+        "action": INT,
+        "obs": OBS,
+        "reward": FLOAT,
+        "terminated": BOOL,
+        "truncated": BOOL,
+        "label": STR,
+    },
+    FrameKind.EPISODE: {
+        "episode": INT,
+        "return": FLOAT,
+        "length": INT,
+        "terminated": BOOL,
+        "truncated": BOOL,
+        "ts_ns": INT,
+    },
+    FrameKind.METRIC: {"name": STR, "step": INT, "value": FLOAT, "ts_ns": INT},
+}
+OPTIONAL_COLUMNS: dict[FrameKind, frozenset[str]] = {
+    FrameKind.STEP: frozenset({"label"}),
+    FrameKind.EPISODE: frozenset(),
+    FrameKind.METRIC: frozenset(),
+}
+#: Scalar (non-column) fields a columnar body may carry, with their types.
+SCALARS: dict[FrameKind, dict[str, str]] = {
+    FrameKind.STEP: {"t0_ns": INT},
+    FrameKind.EPISODE: {},
+    FrameKind.METRIC: {},
+}
+#: Required fields of each lifecycle event beyond `event`.
+LIFECYCLE_FIELDS: dict[LifecycleEvent, dict[str, type]] = {
+    LifecycleEvent.RUN_STARTED: {"config": dict},
+    LifecycleEvent.ARTIFACT: {"name": str, "path": str, "format": str},
+    LifecycleEvent.RUN_COMPLETED: {"status": str, "frames_emitted": int},
+}
+MAX_ID_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded telemetry frame. Columnar bodies hold numpy arrays (strings: lists)."""
+
+    kind: FrameKind
+    run_id: str
+    seq: int
+    ts_ns: int
+    agent_id: str
+    worker_id: str
+    body: dict[str, Any]
+    rows: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded control message; replies carry `ok` and either `body` or `error`."""
+
+    cmd: Command
+    req: int = 0
+    body: dict[str, Any] = field(default_factory=dict)
+    ok: bool = True
+    error: dict[str, Any] | None = None
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DecodeError(f"cannot encode: {exc}") from exc
+
+
+def _unpack(data: bytes, what: str, max_bytes: int) -> Any:
+    if len(data) > max_bytes:
+        raise DecodeError(
+            f"{what} of {len(data)} bytes is over the limit of {max_bytes} bytes", ErrorCode.TOO_LARGE
+        )
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise DecodeError(f"malformed msgpack in {what}: {type(exc).__name__}: {exc}") from exc
+
+
+# --- telemetry frames -------------------------------------------------------------------------
+
+
+def encode_frame(
+    kind: FrameKind,
+    run_id: str,
+    seq: int,
+    body: dict[str, Any],
+    *,
+    agent_id: str = "",
+    worker_id: str = "",
+    ts_ns: int | None = None,
+) -> tuple[bytes, bytes]:
+    """A telemetry frame as its two message parts, `(topic, payload)`."""
+    payload = {
+        "v": PROTOCOL_VERSION,
+        "kind": kind.value,
+        "run_id": run_id,
+        "agent_id": agent_id,
+        "worker_id": worker_id,
+        "seq": seq,
+        "ts_ns": time.time_ns() if ts_ns is None else ts_ns,
+        "body": body,
+    }
+    return topic(kind, run_id), _pack(payload)
+
+
+def decode_frame(parts: list[bytes], max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+    """Decode `[topic, payload]`, checking version, header and body types. Raises DecodeError."""
+    if len(parts) != 2:
+        raise DecodeError(f"a telemetry frame has 2 parts (topic, payload), got {len(parts)}")
+    raw_topic, payload = parts
+    try:
+        topic_text = raw_topic.decode("ascii")
+    except UnicodeDecodeError:
+        raise DecodeError("topic is not ASCII") from None
+    data = _unpack(payload, "frame payload", max_bytes)
+    if not isinstance(data, dict):
+        raise DecodeError(f"payload is a {type(data).__name__}, expected a map")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(
+            f"unknown protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    try:
+        kind = FrameKind(data.get("kind"))
+    except ValueError:
+        raise DecodeError(f"unknown frame kind {data.get('kind')!r}") from None
+    run_id = _header_str(data, "run_id", required=True)
+    agent_id = _header_str(data, "agent_id")
+    worker_id = _header_str(data, "worker_id")
+    seq = data.get("seq")
+    if type(seq) is not int or seq < 0:
+        raise DecodeError(f"seq must be a non-negative integer, got {seq!r}")
+    ts_ns = data.get("ts_ns")
+    if type(ts_ns) is not int or ts_ns < 0:
+        raise DecodeError(f"ts_ns must be a non-negative integer, got {ts_ns!r}")
+    expected_topic = f"{kind.value}{TOPIC_SEPARATOR}{run_id}"
+    if topic_text != expected_topic:
+        raise DecodeError(f"topic {topic_text!r} does not match the payload ({expected_topic!r})")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise DecodeError(f"body must be a map, got {type(body).__name__}")
+    if kind is FrameKind.LIFECYCLE:
+        _check_lifecycle(body)
+        rows = 1
+        checked = body
+    else:
+        checked, rows = _check_columns(kind, body)
+    return Frame(kind, run_id, seq, ts_ns, agent_id, worker_id, checked, rows)
+
+
+def _header_str(data: dict[str, Any], key: str, required: bool = False) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str) or len(value) > MAX_ID_LENGTH or (required and not value):
+        raise DecodeError(f"{key} must be a string of 1 to {MAX_ID_LENGTH} characters, got {value!r}")
+    return value
+
+
+def _check_lifecycle(body: dict[str, Any]) -> None:
+    try:
+        event = LifecycleEvent(body.get("event"))
+    except ValueError:
+        raise DecodeError(f"unknown lifecycle event {body.get('event')!r}") from None
+    for name, typ in LIFECYCLE_FIELDS[event].items():
+        value = body.get(name)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise DecodeError(f"{event.value}.{name} must be {typ.__name__}, got {value!r}")
+
+
+def _check_columns(kind: FrameKind, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    columns, optional, scalars = COLUMNS[kind], OPTIONAL_COLUMNS[kind], SCALARS[kind]
+    unknown = set(body) - set(columns) - set(scalars)
+    if unknown:
+        raise DecodeError(f"{kind.value} body has unknown fields: {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    rows = -1
+    for name, typ in columns.items():
+        if name not in body:
+            if name in optional:
+                continue
+            raise DecodeError(f"{kind.value} body lacks column {name!r}")
+        col = _check_column(kind, name, typ, body[name])
+        if rows < 0:
+            rows = len(col)
+        elif len(col) != rows:
+            raise DecodeError(
+                f"{kind.value} column {name!r} has {len(col)} rows, expected {rows}"
+            )
+        out[name] = col
+    if rows <= 0:
+        raise DecodeError(f"{kind.value} frame has no rows")
+    for name, typ in scalars.items():
+        if name in body:
+            if type(body[name]) is not int:
+                raise DecodeError(f"{kind.value}.{name} must be an integer, got {body[name]!r}")
+            out[name] = body[name]
+    return out, rows
+
+
+def _check_column(kind: FrameKind, name: str, typ: str, values: Any) -> Any:
+    where = f"{kind.value} column {name!r}"
+    if not isinstance(values, list):
+        raise DecodeError(f"{where} must be a list, got {type(values).__name__}")
+    if typ == STR:
+        if not all(isinstance(v, str) for v in values):
+            raise DecodeError(f"{where} must hold strings")
+        return values
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DecodeError(f"{where} is not a rectangular array: {exc}") from None
+    dkind = arr.dtype.kind
+    if typ == BOOL:
+        if arr.ndim != 1 or dkind != "b":
+            raise DecodeError(f"{where} must hold booleans, got {arr.dtype}")
+        return arr
+    if typ == INT:
+        if arr.ndim != 1 or dkind not in "iu" or (dkind == "u" and arr.dtype.itemsize >= 8):
+            raise DecodeError(f"{where} must hold 64-bit integers, got {arr.dtype}")
+        return arr.astype(np.int64, copy=False)
+    numeric = dkind in "iuf" and not (dkind == "u" and arr.dtype.itemsize >= 8)
+    if typ == OBS:
+        if arr.ndim == 1 and dkind in "iu" and numeric:
+            return arr.astype(np.int64, copy=False)
+        if arr.ndim != 2 or not numeric:
+            raise DecodeError(
+                f"{where} must hold integers or equal-length lists of numbers, got {arr.dtype}"
+            )
+    elif arr.ndim != 1 or not numeric:
+        raise DecodeError(f"{where} must hold numbers, got {arr.dtype}")
+    farr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(farr).all():
+        raise DecodeError(f"{where} holds NaN or infinity")
+    return farr
+
+
+# --- control messages -------------------------------------------------------------------------
+
+
+def encode_message(cmd: Command, body: dict[str, Any] | None = None, req: int = 0) -> bytes:
+    """A control message (one frame)."""
+    return _pack({"v": PROTOCOL_VERSION, "cmd": cmd.value, "req": req, "body": body or {}})
+
+
+def encode_reply(req: int, body: dict[str, Any] | None = None) -> bytes:
+    """A successful reply to request `req`."""
+    return _pack(
+        {"v": PROTOCOL_VERSION, "cmd": Command.REPLY.value, "req": req, "ok": True, "body": body or {}}
+    )
+
+
+def encode_error(req: int, error: dict[str, Any]) -> bytes:
+    """An error reply to request `req`; `error` has `code`, `message` and maybe `field`."""
+    return _pack(
+        {"v": PROTOCOL_VERSION, "cmd": Command.REPLY.value, "req": req, "ok": False, "error": error}
+    )
+
+
+def decode_message(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Decode a control message or reply. Raises DecodeError naming what is wrong."""
+    msg = _unpack(data, "control message", max_bytes)
+    if not isinstance(msg, dict):
+        raise DecodeError(f"control message is a {type(msg).__name__}, expected a map")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise DecodeError(
+            f"unknown protocol version {msg.get('v')!r} (this side speaks {PROTOCOL_VERSION})",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    try:
+        cmd = Command(msg.get("cmd"))
+    except ValueError:
+        raise DecodeError(f"unknown command {msg.get('cmd')!r}") from None
+    req = msg.get("req", 0)
+    if type(req) is not int:
+        raise DecodeError(f"req must be an integer, got {req!r}")
+    body = msg.get("body", {})
+    if not isinstance(body, dict):
+        raise DecodeError(f"body must be a map, got {type(body).__name__}")
+    ok = msg.get("ok", True)
+    error = msg.get("error")
+    if not isinstance(ok, bool) or (error is not None and not isinstance(error, dict)):
+        raise DecodeError("reply has a malformed ok/error field")
+    return Message(cmd, req, body, ok, error)

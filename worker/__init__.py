@@ -1,0 +1,1 @@
+"""gymbus worker: the worker daemon, the run child, the telemetry emitter, agents."""
