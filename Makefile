@@ -4,13 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint up clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
@@ -19,6 +18,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the whole stack in the foreground from the Procfile; Ctrl-C stops every process
+up: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BIN)/honcho start
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -236,6 +236,8 @@ def _check_column(kind: FrameKind, name: str, typ: str, values: Any) -> Any:
     where = f"{kind.value} column {name!r}"
     if not isinstance(values, list):
         raise DecodeError(f"{where} must be a list, got {type(values).__name__}")
+    if not values:
+        raise DecodeError(f"{kind.value} frame has no rows ({where} is empty)")
     if typ == STR:
         if not all(isinstance(v, str) for v in values):
             raise DecodeError(f"{where} must hold strings")

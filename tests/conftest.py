@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import pytest
 
+from gymbus.services.stack import free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.settings import Settings
 
@@ -40,13 +41,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
 def gymbus_env(tmp_path: Path) -> dict[str, str]:
     """GYMBUS_* variables for a private stack: temp home, free ports, fast heartbeats."""
     return {
-        "GYMBUS_HOME": str(tmp_path / "home"),
-        "GYMBUS_CONTROLLER": free_endpoint(),
-        "GYMBUS_BROKER_CONTROLLER": free_endpoint(),
-        "GYMBUS_BROKER_WORKERS": free_endpoint(),
-        "GYMBUS_TELEMETRY_IN": free_endpoint(),
-        "GYMBUS_TELEMETRY_OUT": free_endpoint(),
-        "GYMBUS_INGEST": free_endpoint(),
+        **free_endpoints(tmp_path / "home"),
         "GYMBUS_HEARTBEAT_INTERVAL": "0.25",
         "GYMBUS_HEARTBEAT_LIVENESS": "3",
         "GYMBUS_REQUEST_TIMEOUT": "5",
