@@ -18,7 +18,7 @@ from ulid import ULID
 from gymbus.services import cli_output as out
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import ConfigError, ExitCode, GymbusError, RemoteError, ServiceUnavailable
-from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
+from gymbus.shared.protocol import TERMINAL_STATES, Command, ErrorCode, RunState, TelemetryMode
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
 
@@ -55,6 +55,10 @@ class Context:
             reply = self.ingest.request(Command.RUN_STATS, body, timeout=2.0)
         except ServiceUnavailable:
             return None
+        except RemoteError as exc:
+            if exc.code is ErrorCode.UNKNOWN_RUN:
+                return {}  # no frame of the run stored yet
+            raise
         return {r["run_id"]: r for r in reply["runs"]}
 
 

@@ -1,0 +1,447 @@
+"""The broker: routes runs from the controller to workers, watches worker liveness, fans telemetry out.
+
+One ROUTER faces the controller, one faces the workers; `mediate()` polls both with the time to
+the next heartbeat as its timeout, dispatches each message through a table keyed by Command, and
+does its housekeeping (purge silent workers, send heartbeats and the worker view) on every pass.
+Telemetry never touches that loop: libzmq's steerable proxy forwards XSUB -> XPUB on its own thread.
+
+Run it with `python -m gymbus.services.broker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import math
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from gymbus.services.worker_table import WorkerTable
+from gymbus.shared import settings as settings_mod
+from gymbus.shared.codec import encode_message
+from gymbus.shared.errors import DecodeError, GymbusError
+from gymbus.shared.logs import setup
+from gymbus.shared.protocol import Command, RunState
+from gymbus.shared.settings import Settings
+from gymbus.shared.transport import (
+    LINGER_MS,
+    StopFlag,
+    bind,
+    new_socket,
+    recv_request,
+    run_service,
+    send_to,
+)
+
+log = logging.getLogger("gymbus.broker")
+
+#: the identity the controller's DEALER uses (until a `hello` says otherwise)
+CONTROLLER_IDENTITY = b"controller"
+#: high-water marks of the telemetry proxy, so that a briefly slow ingest does not drop frames
+TELEMETRY_HWM = 200_000
+#: messages taken from one socket per pass, so that housekeeping runs under any load
+MAX_BATCH = 1000
+#: what libzmq's proxy_steerable understands on its control socket
+PROXY_TERMINATE = b"TERMINATE"
+PROXY_STATISTICS = b"STATISTICS"
+#: the order of libzmq's STATISTICS reply; "in" is the XSUB side, "out" the XPUB side, in parts
+PROXY_STAT_NAMES = (
+    "in_recv_parts", "in_recv_bytes", "in_sent_parts", "in_sent_bytes",
+    "out_recv_parts", "out_recv_bytes", "out_sent_parts", "out_sent_bytes",
+)
+
+Handler = Callable[[bytes, dict[str, Any], float], None]
+
+
+def require(body: dict[str, Any], name: str, kind: type) -> Any:
+    """A field of a message body, of the given type, or DecodeError naming it."""
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DecodeError(f"{name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def require_run_ids(body: dict[str, Any], name: str = "runs") -> list[str]:
+    """A list of run ids (absent means none), or DecodeError."""
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DecodeError(f"{name} must be a list of run ids, got {value!r}")
+    return value
+
+
+class TelemetryProxy:
+    """XSUB (run processes publish in) -> XPUB (ingest and viewers) in libzmq, on its own thread.
+
+    The proxy's sockets are created, bound and closed on that thread; the loop thread only holds
+    the inproc PAIR that steers it (STATISTICS, TERMINATE).
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], settings: Settings) -> None:
+        self._ctx = ctx
+        self._settings = settings
+        self._control_endpoint = f"inproc://gymbus-broker-proxy-{id(self):x}"
+        self._control = new_socket(ctx, zmq.PAIR, linger=0)
+        self._control.bind(self._control_endpoint)
+        self._ready = threading.Event()
+        self._error: GymbusError | None = None
+        self._thread = threading.Thread(target=self._run, name="telemetry-proxy", daemon=True)
+        self._stopped = False
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the proxy thread; raises the thread's EndpointError if it could not bind."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise GymbusError("the telemetry proxy did not start")
+        if self._error is not None:
+            self._thread.join(timeout)
+            raise self._error
+
+    def _run(self) -> None:
+        """Runs on the proxy thread until TERMINATE."""
+        s = self._settings
+        xsub = new_socket(self._ctx, zmq.XSUB, linger=0)
+        xsub.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
+        xpub = new_socket(self._ctx, zmq.XPUB, linger=0)
+        xpub.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
+        control = new_socket(self._ctx, zmq.PAIR, linger=0)
+        try:
+            control.connect(self._control_endpoint)
+            bind(xsub, s.telemetry_in, "telemetry input (XSUB)")
+            bind(xpub, s.telemetry_out, "telemetry output (XPUB)")
+        except GymbusError as exc:
+            self._error = exc
+        self._ready.set()
+        try:
+            if self._error is None:
+                log.info("telemetry proxy: %s -> %s", s.telemetry_in, s.telemetry_out)
+                zmq.proxy_steerable(xsub, xpub, None, control)
+        except zmq.ZMQError as exc:
+            log.error("telemetry proxy stopped: %s", exc)
+        finally:
+            for sock in (xsub, xpub, control):
+                sock.close(linger=0)
+
+    def statistics(self, timeout_ms: int = 500) -> dict[str, int]:
+        """libzmq's counters of the proxy (messages and bytes in and out); {} if it is not up."""
+        if not self._thread.is_alive() or self._stopped:
+            return {}
+        self._control.send(PROXY_STATISTICS)
+        if not self._control.poll(timeout_ms, zmq.POLLIN):
+            return {}
+        parts = self._control.recv_multipart()
+        values = [struct.unpack("=Q", part)[0] for part in parts if len(part) == 8]
+        return dict(zip(PROXY_STAT_NAMES, values))
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Terminate the proxy and join its thread; True when the thread is gone. Idempotent."""
+        if not self._stopped:
+            self._stopped = True
+            if self._thread.is_alive():
+                self._control.send(PROXY_TERMINATE)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        self._control.close(linger=0)
+        return not self._thread.is_alive()
+
+
+class Broker:
+    """Routing state and the `mediate()` loop. Everything here runs on the loop thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: zmq.Context[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.ctx = ctx or zmq.Context()
+        self.workers = WorkerTable(settings.heartbeat_interval, settings.heartbeat_liveness)
+        self.malformed = 0
+        self.controller_identity = CONTROLLER_IDENTITY
+        self.controller_seen = False
+        self._workers_dirty = False
+        self._closed = False
+        try:
+            self.proxy = TelemetryProxy(self.ctx, settings)
+            self.controller_router = self._router(settings.broker_controller, "controller ROUTER")
+            self.worker_router = self._router(settings.broker_workers, "worker ROUTER")
+            # an unroutable send to a vanished worker raises instead of vanishing silently
+            self.worker_router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.proxy.start()
+        except BaseException:
+            self.ctx.destroy(linger=0)  # no thread holds a socket: the proxy's never started
+            raise
+        self._from_controller: dict[Command, Handler] = {
+            Command.HELLO: self.on_hello,
+            Command.DISPATCH: self.on_dispatch,
+            Command.CANCEL: self.on_cancel,
+        }
+        self._from_workers: dict[Command, Handler] = {
+            Command.READY: self.on_ready,
+            Command.HEARTBEAT: self.on_heartbeat,
+            Command.RUN_UPDATE: self.on_run_update,
+            Command.DISPATCH_FAILED: self.on_worker_dispatch_failed,
+            Command.DISCONNECT: self.on_disconnect,
+        }
+
+    def _router(self, endpoint: str, what: str) -> zmq.Socket[Any]:
+        sock = new_socket(self.ctx, zmq.ROUTER)
+        # a peer that reconnects under the same identity takes it over from its dead connection
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        bind(sock, endpoint, what)
+        return sock
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def mediate(self, stop: StopFlag) -> None:
+        """Route messages and keep the worker table until `stop` is set."""
+        poller = zmq.Poller()
+        poller.register(self.controller_router, zmq.POLLIN)
+        poller.register(self.worker_router, zmq.POLLIN)
+        next_heartbeat = self.clock()
+        log.info(
+            "broker up: controller %s, workers %s",
+            self.settings.broker_controller, self.settings.broker_workers,
+        )
+        while not stop:
+            events = dict(poller.poll(self._poll_timeout_ms(next_heartbeat)))
+            if self.controller_router in events:
+                self._drain(self.controller_router, self._from_controller, "controller")
+            if self.worker_router in events:
+                self._drain(self.worker_router, self._from_workers, "worker")
+            next_heartbeat = self.housekeeping(next_heartbeat)
+
+    def _poll_timeout_ms(self, next_heartbeat: float) -> int:
+        wake = next_heartbeat
+        expiry = self.workers.next_expiry()
+        if expiry is not None:
+            wake = min(wake, expiry)
+        return max(0, math.ceil((wake - self.clock()) * 1000))
+
+    def _drain(self, sock: zmq.Socket[Any], handlers: dict[Command, Handler], peer: str) -> None:
+        for _ in range(MAX_BATCH):
+            if not sock.poll(0, zmq.POLLIN):
+                return
+            identity, msg = recv_request(sock, self.settings.max_frame_bytes)
+            if isinstance(msg, DecodeError):
+                self._count_malformed(peer, identity, msg.reason)
+                continue
+            handler = handlers.get(msg.cmd)
+            if handler is None:
+                self._count_malformed(peer, identity, f"unexpected command {msg.cmd.value!r}")
+                continue
+            try:
+                handler(identity, msg.body, self.clock())
+            except DecodeError as exc:
+                self._count_malformed(peer, identity, f"{msg.cmd.value}: {exc.reason}")
+            except Exception:  # a bug must cost one message, not the broker
+                log.exception("handling %s from %s %.40r failed", msg.cmd.value, peer, identity)
+
+    def _count_malformed(self, peer: str, identity: bytes, reason: str) -> None:
+        self.malformed += 1
+        # a flood of garbage must not become a flood of log lines
+        level = logging.WARNING if self.malformed <= 20 or self.malformed % 1000 == 0 else logging.DEBUG
+        log.log(level, "malformed message from %s %.40r dropped (%d so far): %s",
+                peer, identity, self.malformed, reason)
+
+    def housekeeping(self, next_heartbeat: float) -> float:
+        """Purge silent workers, heartbeat on schedule, publish the worker view when it changed."""
+        now = self.clock()
+        for lost in self.workers.purge_expired(now):
+            log.warning(
+                "worker %s lost: silent for %.2f s; it held runs %s",
+                lost.worker_id, self.workers.window, lost.runs,
+            )
+            self.send_controller(Command.WORKER_LOST, {"worker_id": lost.worker_id, "runs": lost.runs})
+            self._workers_dirty = True
+        if now >= next_heartbeat:
+            for record in self.workers.records():
+                self.send_worker(record["worker_id"], Command.HEARTBEAT, {})
+            self._workers_dirty = True
+            next_heartbeat = now + self.settings.heartbeat_interval
+        if self._workers_dirty:
+            self.send_workers()
+        return next_heartbeat
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def send_controller(self, cmd: Command, body: dict[str, Any]) -> None:
+        send_to(self.controller_router, self.controller_identity, cmd, body)
+
+    def send_workers(self) -> None:
+        """The worker view to the controller."""
+        self.send_controller(Command.WORKERS, {"workers": self.workers.records()})
+        self._workers_dirty = False
+
+    def send_worker(self, worker_id: str, cmd: Command, body: dict[str, Any]) -> bool:
+        """Send to one worker; False when its connection is gone or its queue is full."""
+        try:
+            self.worker_router.send_multipart(
+                [worker_id.encode(), encode_message(cmd, body)], flags=zmq.NOBLOCK
+            )
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            return False
+        return True
+
+    # --- from the controller --------------------------------------------------------------------
+
+    def on_hello(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        if not self.controller_seen or identity != self.controller_identity:
+            log.info("controller %r said hello", identity)
+        self.controller_identity = identity
+        self.controller_seen = True
+        self.send_workers()
+
+    def on_dispatch(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        run_id = require(body, "run_id", str)
+        worker_id = require(body, "worker_id", str)
+        config = require(body, "config", dict)
+        if worker_id not in self.workers:
+            reason = f"worker {worker_id} is not connected to the broker"
+        elif not self.send_worker(worker_id, Command.RUN, {"run_id": run_id, "config": config}):
+            reason = f"worker {worker_id} cannot be reached (connection gone or queue full)"
+        else:
+            log.info("run %s dispatched to worker %s", run_id, worker_id)
+            return
+        log.warning("dispatch of run %s failed: %s", run_id, reason)
+        self.send_controller(
+            Command.DISPATCH_FAILED, {"run_id": run_id, "worker_id": worker_id, "reason": reason}
+        )
+
+    def on_cancel(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        """Forward a cancel; for a worker that is gone, report the run lost (nobody can stop it)."""
+        run_id = require(body, "run_id", str)
+        worker_id = require(body, "worker_id", str)
+        if worker_id in self.workers and self.send_worker(worker_id, Command.CANCEL, {"run_id": run_id}):
+            log.info("cancel of run %s sent to worker %s", run_id, worker_id)
+            return
+        log.warning("cannot cancel run %s: worker %s is gone", run_id, worker_id)
+        self.send_controller(Command.RUN_UPDATE, {
+            "run_id": run_id, "worker_id": worker_id, "state": RunState.LOST.value,
+            "reason": f"worker {worker_id} is gone", "frames_emitted": None, "episodes": None,
+            "steps": None,
+        })
+
+    # --- from workers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _worker_id(identity: bytes) -> str:
+        try:
+            worker_id = identity.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"worker identity {identity!r} is not a UTF-8 worker id") from None
+        if not worker_id or identity.startswith(b"\x00"):
+            raise DecodeError("a worker must set its identity to its worker id")
+        return worker_id
+
+    def on_ready(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        worker_id = self._worker_id(identity)
+        claimed = body.get("worker_id", worker_id)
+        host = require(body, "host", str)
+        pid = require(body, "pid", int)
+        slots = require(body, "slots", int)
+        runs = require_run_ids(body)
+        if slots < 0:
+            raise DecodeError(f"slots must be >= 0, got {slots}")
+        if claimed != worker_id:
+            log.warning("worker %s says its id is %r; routing by its identity", worker_id, claimed)
+        replaced = self.workers.register(worker_id, host, pid, slots, runs, now)
+        log.info(
+            "worker %s ready: host %s, pid %d, %d slots, runs %s%s",
+            worker_id, host, pid, slots, runs, " (replaces its older entry)" if replaced else "",
+        )
+        self.send_workers()
+
+    def on_heartbeat(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        worker_id = self._worker_id(identity)
+        if worker_id not in self.workers:
+            log.debug("heartbeat from unknown worker %s ignored; it will re-register", worker_id)
+            return
+        self.workers.touch(worker_id, now)
+        busy = require(body, "busy", int)
+        runs = require_run_ids(body)
+        if self.workers.refresh(worker_id, busy, runs, now):
+            self._workers_dirty = True
+
+    def on_run_update(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        """Forward to the controller, also from a worker not (or no longer) registered here."""
+        worker_id = self._worker_id(identity)
+        self.workers.touch(worker_id, now)
+        run_id = require(body, "run_id", str)
+        state = require(body, "state", str)
+        try:
+            RunState(state)
+        except ValueError:
+            raise DecodeError(f"unknown run state {state!r}") from None
+        log.info("run %s on worker %s: %s", run_id, worker_id, state)
+        self.send_controller(Command.RUN_UPDATE, {**body, "worker_id": worker_id})
+
+    def on_worker_dispatch_failed(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        worker_id = self._worker_id(identity)
+        self.workers.touch(worker_id, now)
+        run_id = require(body, "run_id", str)
+        reason = body.get("reason") or "the worker refused the run"
+        log.warning("worker %s refused run %s: %s", worker_id, run_id, reason)
+        self.send_controller(
+            Command.DISPATCH_FAILED, {"run_id": run_id, "worker_id": worker_id, "reason": str(reason)}
+        )
+
+    def on_disconnect(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        worker_id = self._worker_id(identity)
+        entry = self.workers.remove(worker_id)
+        if entry is None:
+            return
+        log.info("worker %s disconnected (held runs %s)", worker_id, entry.runs)
+        self.send_workers()
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the proxy, close the sockets with a bounded linger, end the context. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        stats = self.proxy.statistics()
+        proxy_gone = self.proxy.stop()
+        if stats:
+            log.info("telemetry proxy totals: %s", stats)
+        for sock in (self.controller_router, self.worker_router):
+            sock.close(linger=LINGER_MS)
+        if proxy_gone:
+            self.ctx.term()
+        else:
+            log.warning("the telemetry proxy did not stop in time; leaving its context open")
+        log.info("broker stopped (%d malformed messages dropped)", self.malformed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the broker until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gymbus.services.broker",
+        description="Route runs to workers and fan telemetry out. Configured by GYMBUS_* variables.",
+    )
+    parser.parse_args(argv)
+    setup("broker")
+    settings = settings_mod.load()
+    stop = StopFlag().install()
+    broker = Broker(settings)
+    try:
+        broker.mediate(stop)
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    run_service(main)
