@@ -1,0 +1,211 @@
+"""The run child as a real subprocess, publishing to a test-owned XSUB on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from conftest import wait_until
+from test_emitter import FrameSink
+
+from gymbus.shared.codec import Frame
+from gymbus.shared.protocol import FrameKind, LifecycleEvent
+from gymbus.worker.child import CONFIG_FILE, RESULT_FILE, RunExit
+
+BOOM_ENV = '''
+import gymnasium as gym
+from gymnasium import spaces
+
+class Boom(gym.Env):
+    """Fine for a few steps, then raises."""
+    observation_space = spaces.Discrete(4)
+    action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return 0, {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == 30:
+            raise RuntimeError("the reactor melted at step 30")
+        return self.t % 4, 0.0, False, False, {}
+
+gym.register("Boom-v0", entry_point=Boom)
+'''
+
+
+@pytest.fixture
+def sink(gymbus_env: dict[str, str]) -> Iterator[FrameSink]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    s = FrameSink(ctx, gymbus_env["GYMBUS_TELEMETRY_IN"])
+    yield s
+    s.close()
+    ctx.destroy(linger=0)
+
+
+class ChildRun:
+    """One child process; killed in the test's finalizer whatever happened."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], config: dict[str, Any],
+                 *extra: str, run_id: str = "01RUNCHILD") -> None:
+        self.run_dir = tmp_path / run_id
+        self.run_dir.mkdir()
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config))
+        self.run_id = run_id
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gymbus.worker.child", "--run-dir", str(self.run_dir),
+             "--run-id", run_id, "--worker-id", "w-test", *extra],
+            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, timeout: float = 20.0) -> tuple[int, str]:
+        out, _ = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out.decode(errors="replace")
+
+    def result(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / RESULT_FILE).read_text())
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def start(tmp_path: Path, gymbus_env: dict[str, str]) -> Iterator[Any]:
+    runs: list[ChildRun] = []
+
+    def _start(config: dict[str, Any], *extra: str, env: dict[str, str] | None = None,
+               run_id: str = "01RUNCHILD") -> ChildRun:
+        run = ChildRun(tmp_path, {**gymbus_env, **(env or {})}, config, *extra, run_id=run_id)
+        runs.append(run)
+        return run
+
+    yield _start
+    for run in runs:
+        run.kill()
+
+
+def check_complete(frames: list[Frame]) -> Frame:
+    """Every frame of the run arrived once, in order, ending with run_completed."""
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert frames[0].kind is FrameKind.LIFECYCLE
+    assert frames[0].body["event"] == LifecycleEvent.RUN_STARTED
+    last = frames[-1]
+    assert last.body["event"] == LifecycleEvent.RUN_COMPLETED
+    assert last.body["frames_emitted"] == len(frames)
+    return last
+
+
+def rows(frames: list[Frame], kind: FrameKind) -> int:
+    return sum(f.rows for f in frames if f.kind is kind)
+
+
+def episode_lengths(frames: list[Frame]) -> int:
+    return sum(int(f.body["length"].sum()) for f in frames if f.kind is FrameKind.EPISODE)
+
+
+FROZEN = {"env": "FrozenLake-v1", "algo": "q-learning", "episodes": 400, "seed": 3,
+          "env_kwargs": {"is_slippery": False}}
+
+
+def test_full_run(start: Any, sink: FrameSink) -> None:
+    run = start(FROZEN)
+    code, out = run.wait()
+    assert code == RunExit.COMPLETED, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    assert last.body["status"] == "completed" and last.body["reason"] is None
+    assert last.body["episodes"] == 400
+    assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"]
+    assert rows(frames, FrameKind.EPISODE) == 400
+    started = frames[0].body
+    assert started["config"]["env"] == "FrozenLake-v1" and started["telemetry"] == "full"
+    assert started["pid"] == run.process.pid and started["seed"] == 3
+    artifact = frames[-2].body
+    assert artifact["event"] == LifecycleEvent.ARTIFACT and artifact["format"] == "npy"
+    table = np.load(run.run_dir / artifact["path"])
+    assert artifact["path"] == "artifacts/q_table.npy"
+    assert table.shape == (16, 4) and table.dtype == np.float64 and table.max() > 0
+    result = run.result()
+    assert result["status"] == "completed" and result["exit_code"] == 0
+    assert result["frames_emitted"] == len(frames) and result["blocked_sends"] == 0
+    assert result["rows"]["step"] == last.body["steps"]
+    assert all(f.worker_id == "w-test" and f.run_id == run.run_id for f in frames)
+
+
+def test_sigterm_cancels_within_two_seconds(start: Any, sink: FrameSink) -> None:
+    run = start({**FROZEN, "episodes": 10_000_000})
+    wait_until(lambda: any(f.kind is FrameKind.STEP for f in sink.drain()), 15, "step frames")
+    sent = time.monotonic()
+    run.process.send_signal(signal.SIGTERM)
+    code, out = run.wait(timeout=5)
+    assert time.monotonic() - sent < 2.0
+    assert code == RunExit.CANCELLED, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    assert last.body["status"] == "cancelled"
+    assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"] > 0
+    assert run.result()["status"] == "cancelled"
+
+
+def test_an_env_that_blows_up_fails_the_run(start: Any, sink: FrameSink, tmp_path: Path) -> None:
+    modules = tmp_path / "mods"
+    modules.mkdir()
+    (modules / "boom_env.py").write_text(BOOM_ENV)
+    path = os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")]))
+    run = start({"env": "boom_env:Boom-v0", "algo": "random", "episodes": 5},
+                env={"PYTHONPATH": path})
+    code, out = run.wait()
+    assert code == RunExit.FAILED
+    assert "Traceback" in out and "the reactor melted" in out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    # the 29 steps before the crash are reported, with the partial episode's frame
+    assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"] == 29
+    assert last.body["status"] == "failed"
+    assert last.body["reason"] == "RuntimeError: the reactor melted at step 30"
+    result = run.result()
+    assert result["status"] == "failed" and result["reason"] == last.body["reason"]
+
+
+def test_bad_config_fails_the_run(start: Any, sink: FrameSink) -> None:
+    run = start({"env": "FrozenLake-v1", "algo": "q-learning"})  # no budget
+    code, _ = run.wait()
+    assert code == RunExit.FAILED
+    last = sink.wait_completed()
+    assert last.body["status"] == "failed" and "episodes" in last.body["reason"]
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "config"])
+def test_fast_mode_sends_no_step_frames(start: Any, sink: FrameSink, how: str) -> None:
+    config = {**FROZEN, "episodes": 300}
+    if how == "config":
+        config["telemetry"] = "fast"
+    extra = ["--no-telemetry"] if how == "flag" else []
+    run = start(config, *extra, env={"DISABLE_TELEMETRY": "TRUE" if how == "env" else ""})
+    code, out = run.wait()
+    assert code == RunExit.COMPLETED, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    assert rows(frames, FrameKind.STEP) == 0
+    assert rows(frames, FrameKind.EPISODE) == 300 and rows(frames, FrameKind.METRIC) >= 900
+    assert frames[0].body["telemetry"] == "fast"
+    assert last.body["steps"] == episode_lengths(frames) > 0
+    assert run.result()["telemetry"] == "fast"

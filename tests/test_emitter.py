@@ -1,0 +1,298 @@
+"""The telemetry emitter against a real XSUB on a loopback port: seq, batching, fast mode, HWM."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from conftest import free_endpoint, wait_until
+
+from gymbus.shared.codec import Frame, decode_frame
+from gymbus.shared.protocol import FrameKind, LifecycleEvent, TelemetryMode
+from gymbus.shared.runconfig import parse_config
+from gymbus.worker import training
+from gymbus.worker.emitter import EPISODE_BATCH_ROWS, FLUSH_INTERVAL, STEP_BATCH_ROWS, Emitter
+
+
+class FrameSink:
+    """A test-owned XSUB (what the broker binds): subscribes to everything, decodes every frame.
+
+    A thread services the socket all the time, as the broker's proxy loop does: an XSUB only
+    sends its subscriptions to a newly connected publisher while something calls into it. While
+    `paused`, the thread keeps the socket serviced but receives nothing (to fill queues up).
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str | None = None, rcvhwm: int = 0,
+                 paused: bool = False) -> None:
+        self.endpoint = endpoint or free_endpoint()
+        self.sock = ctx.socket(zmq.XSUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if rcvhwm:
+            self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.bind(self.endpoint)
+        self.sock.send(b"\x01")  # subscribe to every topic; XSUB replays it to each new publisher
+        self.frames: list[Frame] = []
+        self.errors: list[Exception] = []
+        self._reading = threading.Event()
+        if not paused:
+            self._reading.set()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            if not self._reading.is_set():
+                self.sock.getsockopt(zmq.EVENTS)  # processes pending commands (new publishers)
+                self._reading.wait(0.02)
+            elif self.sock.poll(20, zmq.POLLIN):
+                try:
+                    self.frames.append(decode_frame(self.sock.recv_multipart()))
+                except Exception as exc:  # noqa: BLE001 - surfaced to the tests by drain()
+                    self.errors.append(exc)
+
+    def resume(self) -> None:
+        self._reading.set()
+
+    def drain(self) -> list[Frame]:
+        """The frames received so far (a copy)."""
+        if self.errors:
+            raise self.errors[0]
+        return list(self.frames)
+
+    def completed(self, run_id: str | None = None) -> Frame | None:
+        for f in self.drain():
+            if (f.kind is FrameKind.LIFECYCLE and f.body["event"] == LifecycleEvent.RUN_COMPLETED
+                    and (run_id is None or f.run_id == run_id)):
+                return f
+        return None
+
+    def wait_completed(self, run_id: str | None = None, timeout: float = 10.0) -> Frame:
+        return wait_until(lambda: self.completed(run_id), timeout, "run_completed")
+
+    def of(self, kind: FrameKind, run_id: str | None = None) -> list[Frame]:
+        return [f for f in self.drain() if f.kind is kind and (run_id is None or f.run_id == run_id)]
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def sink(ctx: zmq.Context[Any]) -> Iterator[FrameSink]:
+    s = FrameSink(ctx)
+    yield s
+    s.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def connect(ctx: zmq.Context[Any], sink: FrameSink, **kwargs: Any) -> Emitter:
+    emitter = Emitter.connect(ctx, sink.endpoint, "RUN1", agent_id="a0", worker_id="w0", **kwargs)
+    assert emitter.subscribed
+    return emitter
+
+
+def step_n(emitter: Emitter, n: int, episode: int = 0) -> None:
+    for i in range(n):
+        # numpy scalars, as some environments return them: the emitter converts them
+        emitter.step(episode, i, i % 4, np.int64(i % 16), np.float32(0.5), np.bool_(False), False)
+
+
+def test_seq_contiguous_and_frames_emitted_match(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    emitter = connect(ctx, sink)
+    emitter.lifecycle(LifecycleEvent.RUN_STARTED, config={"env": "x"})
+    step_n(emitter, 2500)
+    for e in range(300):
+        emitter.episode(e, 1.0, 3, True, False)
+        emitter.metric("charts/episodic_return", e * 3, 1.0)
+    emitter.artifact("q_table", "artifacts/q_table.npy", "npy")
+    frames_emitted = emitter.finish("completed", None, 300, 2500)
+    last = sink.wait_completed()
+    frames = sink.drain()
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert frames[0].body["event"] == LifecycleEvent.RUN_STARTED
+    assert frames[-1] is last and last.body["frames_emitted"] == frames_emitted == len(frames)
+    assert frames[-2].body["event"] == LifecycleEvent.ARTIFACT
+    assert all(f.run_id == "RUN1" and f.agent_id == "a0" and f.worker_id == "w0" for f in frames)
+    stats = emitter.stats()
+    assert stats["frames_emitted"] == len(frames) and stats["blocked_sends"] == 0
+    assert stats["rows"]["step"] == sum(f.rows for f in sink.of(FrameKind.STEP)) == 2500
+    assert stats["rows"]["episode"] == sum(f.rows for f in sink.of(FrameKind.EPISODE)) == 300
+    assert stats["rows"]["metric"] == 300
+    emitter.close(0)
+
+
+def test_steps_batch_by_count(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    clock = FakeClock()  # frozen: only the row count can flush
+    emitter = connect(ctx, sink, clock=clock)
+    step_n(emitter, 2 * STEP_BATCH_ROWS + 452)
+    wait_until(lambda: len(sink.drain()) == 2, what="two full step frames")
+    assert [f.rows for f in sink.drain()] == [STEP_BATCH_ROWS, STEP_BATCH_ROWS]
+    emitter.finish("completed", None, 1, 2 * STEP_BATCH_ROWS + 452)
+    sink.wait_completed()
+    steps = sink.of(FrameKind.STEP)
+    assert [f.rows for f in steps] == [STEP_BATCH_ROWS, STEP_BATCH_ROWS, 452]
+    body = steps[0].body
+    assert body["step"].tolist() == list(range(STEP_BATCH_ROWS))
+    assert body["obs"].dtype == np.int64 and body["obs"][17] == 1
+    assert body["reward"].dtype == np.float64 and body["terminated"].dtype == bool
+    assert body["reward"][0] == 0.5 and not body["terminated"].any()
+    assert isinstance(body["t0_ns"], int) and body["t0_ns"] > 0
+    assert "label" not in body
+    emitter.close(0)
+
+
+def test_steps_batch_by_time(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    clock = FakeClock()
+    emitter = connect(ctx, sink, clock=clock)
+    step_n(emitter, 3)
+    emitter.lifecycle(LifecycleEvent.RUN_STARTED, config={})  # flushes the 3 rows
+    wait_until(lambda: len(sink.drain()) == 2, what="the flushed rows")
+    assert [f.rows for f in sink.of(FrameKind.STEP)] == [3]
+    step_n(emitter, 3)
+    clock.now += FLUSH_INTERVAL + 0.01
+    step_n(emitter, 1)
+    wait_until(lambda: len(sink.of(FrameKind.STEP)) == 2, what="a step frame flushed by time")
+    assert sink.of(FrameKind.STEP)[1].rows == 4
+    # episodes flush once FLUSH_INTERVAL has passed since the last episode flush: the first at
+    # once (slow episodes are not held back), then the next ones together
+    emitter.episode(0, 1.0, 4, True, False)
+    wait_until(lambda: sink.of(FrameKind.EPISODE), what="the first episode frame")
+    emitter.episode(1, 0.0, 2, False, True)
+    emitter.episode(2, 0.0, 2, False, True)
+    clock.now += FLUSH_INTERVAL / 2
+    emitter.episode(3, 0.0, 2, False, True)
+    assert len(sink.of(FrameKind.EPISODE)) == 1
+    clock.now += FLUSH_INTERVAL / 2 + 0.01
+    emitter.episode(4, 1.0, 2, True, False)
+    wait_until(lambda: len(sink.of(FrameKind.EPISODE)) == 2, what="the second episode frame")
+    assert [f.rows for f in sink.of(FrameKind.EPISODE)] == [1, 4]
+    emitter.close(0)
+
+
+def test_episodes_batch_by_count(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    emitter = connect(ctx, sink, clock=FakeClock())
+    for e in range(EPISODE_BATCH_ROWS + 10):
+        emitter.step(e, 0, 1, 3, 0.0, True, False, "explore")
+        emitter.episode(e, 0.0, 1, True, False)
+    wait_until(lambda: sink.of(FrameKind.EPISODE), what="a full episode frame")
+    (episodes,) = sink.of(FrameKind.EPISODE)
+    assert episodes.rows == EPISODE_BATCH_ROWS
+    # an episode flush flushes the steps first, so a viewer never sees an episode before its steps
+    (steps,) = sink.of(FrameKind.STEP)
+    assert steps.seq < episodes.seq and steps.rows == EPISODE_BATCH_ROWS
+    emitter.close(0)
+
+
+def run_loop(emitter: Emitter, config: dict[str, Any], spy: Any = None) -> training.LoopResult:
+    cfg = parse_config(config)
+    rng = training.seed_everything(cfg.seed)
+    env = training.make_env(cfg)
+    agent = training.make_agent(cfg, env, rng, emitter)
+    emitter.configure_steps(vector_obs=training.has_vector_obs(env), labels=agent.has_labels)
+    if spy is not None:
+        emitter.step = spy  # type: ignore[method-assign]
+    return training.run_training(env, agent, emitter, training.budget_of(cfg), seed=cfg.seed,
+                                 mode=cfg.telemetry, every=cfg.every)
+
+
+def test_fast_mode_builds_no_step_frames(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    emitter = connect(ctx, sink)
+    calls: list[Any] = []
+    result = run_loop(emitter, {"env": "FrozenLake-v1", "algo": "q-learning", "episodes": 200,
+                                "telemetry": "fast"}, spy=lambda *a: calls.append(a))
+    emitter.finish("completed", None, result.episodes, result.steps)
+    sink.wait_completed()
+    assert calls == []  # not one per-step call in fast mode
+    assert sink.of(FrameKind.STEP) == [] and emitter.stats()["rows"]["step"] == 0
+    assert sum(f.rows for f in sink.of(FrameKind.EPISODE)) == result.episodes == 200
+    names = {n for f in sink.of(FrameKind.METRIC) for n in f.body["name"]}
+    assert {"charts/epsilon", "charts/episodic_return", "charts/episodic_length"} <= names
+    emitter.close(0)
+
+
+def test_sampled_mode_records_every_nth_episode(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    emitter = connect(ctx, sink)
+    result = run_loop(emitter, {"env": "FrozenLake-v1", "algo": "q-learning", "episodes": 30,
+                                "telemetry": TelemetryMode.SAMPLED.value, "every": 4})
+    emitter.finish("completed", None, result.episodes, result.steps)
+    sink.wait_completed()
+    recorded = set(np.concatenate([f.body["episode"] for f in sink.of(FrameKind.STEP)]).tolist())
+    assert recorded == set(range(0, 30, 4))
+    lengths = {int(e): int(n) for f in sink.of(FrameKind.EPISODE)
+               for e, n in zip(f.body["episode"], f.body["length"])}
+    assert sum(f.rows for f in sink.of(FrameKind.STEP)) == sum(lengths[e] for e in recorded)
+    labels = {x for f in sink.of(FrameKind.STEP) for x in f.body["label"]}
+    assert labels <= {"explore", "exploit"} and labels
+    emitter.close(0)
+
+
+def test_box_observations_are_float_vectors(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    emitter = connect(ctx, sink)
+    result = run_loop(emitter, {"env": "CartPole-v1", "algo": "random", "episodes": 5})
+    emitter.finish("completed", None, result.episodes, result.steps)
+    sink.wait_completed()
+    steps = sink.of(FrameKind.STEP)
+    obs = np.concatenate([f.body["obs"] for f in steps])
+    assert obs.shape == (result.steps, 4) and obs.dtype == np.float64
+    assert "label" not in steps[0].body  # the random agent gives no labels
+    emitter.close(0)
+
+
+def test_full_queue_blocks_instead_of_dropping(ctx: zmq.Context[Any]) -> None:
+    sink = FrameSink(ctx, rcvhwm=4, paused=True)
+    emitter = Emitter.connect(ctx, sink.endpoint, "RUN1", hwm=4)
+    emitter.configure_steps(vector_obs=True, labels=False)
+    obs = np.linspace(0.0, 1.0, 64)
+    frames_to_send = 40  # ~0.6 MB each: far more than the HWMs and the kernel's buffers hold
+
+    def resume_when_blocked() -> None:
+        wait_until(lambda: emitter.blocked_sends > 0, 20, "the emitter to block")
+        sink.resume()
+
+    resumer = threading.Thread(target=resume_when_blocked, daemon=True)
+    resumer.start()
+    try:
+        for i in range(frames_to_send * STEP_BATCH_ROWS):
+            emitter.step(0, i, 0, obs, 1.0, False, False)
+        frames_emitted = emitter.finish("completed", None, 0, frames_to_send * STEP_BATCH_ROWS)
+        sink.wait_completed(timeout=20)
+        assert emitter.blocked_sends > 0 and emitter.frames_dropped == 0
+        assert [f.seq for f in sink.drain()] == list(range(frames_emitted))
+    finally:
+        sink.resume()
+        resumer.join(20)
+        sink.close()
+        emitter.close(0)
+
+
+def test_waits_for_a_subscriber_then_publishes_anyway(ctx: zmq.Context[Any]) -> None:
+    silent = ctx.socket(zmq.XSUB)  # bound, but nobody subscribed
+    silent.setsockopt(zmq.LINGER, 0)
+    endpoint = free_endpoint()
+    silent.bind(endpoint)
+    emitter = Emitter.connect(ctx, endpoint, "RUN1", subscribe_wait=0.3)
+    assert not emitter.subscribed
+    emitter.lifecycle(LifecycleEvent.RUN_STARTED, config={})
+    assert emitter.seq == 1
+    emitter.close(0)
+    silent.close()

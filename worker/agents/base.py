@@ -1,0 +1,68 @@
+"""The small interface every agent implements, and the telemetry sink agents publish through.
+
+The training loop (`gymbus.worker.training`) drives an agent one step at a time: `begin_episode`,
+then `act` / `learn` per step, then `end_episode`. Agents never open sockets or files: metrics go
+through the injected `MetricSink`, and what should be saved is returned by `artifacts()` for the
+run process to write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class MetricSink(Protocol):
+    """What an agent may publish: namespaced scalar metrics (`charts/epsilon`, `losses/td_loss`)."""
+
+    def metric(self, name: str, step: int, value: float) -> None:
+        """Record `value` of metric `name` at global environment step `step`."""
+
+
+class NullSink:
+    """A MetricSink that drops everything (evaluation, tests, benchmarks)."""
+
+    def metric(self, name: str, step: int, value: float) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a run trains: episodes and/or environment steps, whichever is reached first."""
+
+    episodes: int | None = None
+    total_steps: int | None = None
+
+    def done(self, episodes: int, steps: int) -> bool:
+        """True once either budget is spent."""
+        return (self.episodes is not None and episodes >= self.episodes) or (
+            self.total_steps is not None and steps >= self.total_steps
+        )
+
+
+class Agent(Protocol):
+    """One learner. The loop calls these on the run's main thread, in this order per episode."""
+
+    #: what chose the last action (e.g. "explore"/"exploit"), or None for agents without labels
+    label: str | None
+    #: whether `label` is meaningful; decides if step frames carry a label column
+    has_labels: bool
+
+    def begin_episode(self, episode: int, global_step: int) -> None:
+        """Called before the first step of each episode."""
+
+    def act(self, obs: Any) -> int:
+        """The action for observation `obs`; sets `label` when `has_labels`."""
+
+    def learn(
+        self, obs: Any, action: int, reward: float, next_obs: Any, terminated: bool, truncated: bool
+    ) -> None:
+        """Learn from one transition (no-op for agents that do not learn)."""
+
+    def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
+        """Called after the last step of each episode; may publish metrics."""
+
+    def artifacts(self) -> dict[str, np.ndarray]:
+        """Arrays to save at the end of the run, by artifact name (saved as `<name>.npy`)."""

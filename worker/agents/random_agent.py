@@ -1,0 +1,45 @@
+"""The random agent: uniform actions from the seeded action space; a baseline that never learns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from gymbus.shared.runconfig import RandomParams
+from gymbus.worker.agents.base import MetricSink
+
+
+class RandomAgent:
+    """Samples `action_space` uniformly; works with any observation space.
+
+    The action space must be Discrete (step frames carry actions as integers); the caller seeds
+    it (`action_space.seed(seed)`) so that runs are reproducible.
+    """
+
+    label: str | None = None
+    has_labels = False
+
+    def __init__(self, params: RandomParams, action_space: spaces.Space[Any], sink: MetricSink) -> None:
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError(f"random agent needs a Discrete action space, got {action_space}")
+        self.params = params
+        self._sample = action_space.sample
+
+    def begin_episode(self, episode: int, global_step: int) -> None:
+        return None
+
+    def act(self, obs: Any) -> int:
+        return int(self._sample())
+
+    def learn(
+        self, obs: Any, action: int, reward: float, next_obs: Any, terminated: bool, truncated: bool
+    ) -> None:
+        return None
+
+    def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
+        return None
+
+    def artifacts(self) -> dict[str, np.ndarray]:
+        return {}

@@ -1,0 +1,365 @@
+"""The worker daemon: takes runs from the broker and executes each in its own child process.
+
+One loop (`Worker.serve`), read top to bottom: poll the broker's socket with a timeout no longer
+than the heartbeat interval, dispatch each message through a table keyed by `Command`, then do
+the housekeeping on every pass: reap finished children, escalate cancels, heartbeat, and count
+the broker's liveness down (re-registering with a fresh socket when it runs out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import zmq
+
+from gymbus.shared import settings as settings_mod
+from gymbus.shared.codec import Message, decode_message, encode_message
+from gymbus.shared.errors import ConfigError, DecodeError
+from gymbus.shared.protocol import Command, RunState
+from gymbus.shared.runconfig import parse_config
+from gymbus.shared.settings import Settings
+from gymbus.shared.transport import StopFlag, connect, new_socket
+from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE
+
+log = logging.getLogger("gymbus.worker")
+
+#: seconds between SIGTERM and SIGKILL for a cancelled run (it must be gone within 2 s)
+CANCEL_GRACE = 1.5
+#: seconds the daemon's own shutdown waits for its children before killing them
+SHUTDOWN_GRACE = 2.5
+#: longest poll while children run, so that an exit is reported promptly
+REAP_INTERVAL = 0.1
+#: longest poll at all, so that a stop signal is seen promptly
+MAX_POLL = 0.25
+LINGER_MS = 500
+#: lines of run.log quoted as the reason of a run that left no result.json
+LOG_TAIL_LINES = 20
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+_FINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED})
+
+
+@dataclass
+class Child:
+    """A run's child process and what the daemon knows about it."""
+
+    run_id: str
+    process: subprocess.Popen[bytes]
+    run_dir: Path
+    log_file: IO[bytes]
+    cancel_requested: bool = False
+    #: when a cancelled child that is still alive gets SIGKILL (monotonic seconds)
+    kill_at: float | None = None
+
+
+class Worker:
+    """The daemon's state and its loop; everything runs on the main thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: StopFlag,
+        ctx: zmq.Context[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.ctx = ctx or zmq.Context()
+        self.clock = clock
+        self.identity = settings.worker_id.encode("utf-8")
+        self.children: dict[str, Child] = {}
+        self.sock: zmq.Socket[Any] | None = None
+        self.liveness = settings.heartbeat_liveness
+        self.heard = False
+        self.next_heartbeat = 0.0
+        #: final run_updates sent since the broker was last heard, re-sent after a reconnect
+        self.unconfirmed: list[dict[str, Any]] = []
+        self.handlers: dict[Command, Callable[[dict[str, Any]], None]] = {
+            Command.RUN: self.on_run,
+            Command.CANCEL: self.on_cancel,
+            Command.HEARTBEAT: self.on_heartbeat,
+        }
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT, then stop every child and leave; returns the exit code."""
+        log.info("worker %s: %d slots, broker at %s", self.settings.worker_id,
+                 self.settings.worker_slots, self.settings.broker_workers)
+        self.connect_to_broker()
+        while not self.stop:
+            sock = self.require_socket()
+            if sock.poll(int(self.poll_timeout() * 1000), zmq.POLLIN):
+                self.receive_all(sock)
+            self.reap_children()
+            self.escalate_cancels()
+            self.heartbeat()
+        self.shutdown()
+        return 0
+
+    def poll_timeout(self) -> float:
+        """Seconds until the next thing to do, at most MAX_POLL."""
+        now = self.clock()
+        timeout = min(MAX_POLL, self.settings.heartbeat_interval, self.next_heartbeat - now)
+        if self.children:
+            timeout = min(timeout, REAP_INTERVAL)
+        return max(timeout, 0.0)
+
+    def receive_all(self, sock: zmq.Socket[Any]) -> None:
+        """Handle every message waiting on the socket; any message proves the broker alive."""
+        while True:
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.liveness = self.settings.heartbeat_liveness
+            self.heard = True
+            self.unconfirmed.clear()
+            try:
+                msg = decode_message(parts[-1], self.settings.max_frame_bytes)
+            except DecodeError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            self.dispatch(msg)
+
+    def dispatch(self, msg: Message) -> None:
+        handler = self.handlers.get(msg.cmd)
+        if handler is None:
+            log.warning("ignored %s: not a broker-to-worker command", msg.cmd.value)
+            return
+        handler(msg.body)
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    def on_heartbeat(self, body: dict[str, Any]) -> None:
+        return None  # receiving it was the point
+
+    def on_run(self, body: dict[str, Any]) -> None:
+        run_id = body.get("run_id")
+        if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+            log.warning("refused a run with a bad run_id: %r", run_id)
+            if isinstance(run_id, str):
+                self.dispatch_failed(run_id, f"bad run_id {run_id!r}")
+            return
+        if run_id in self.children:
+            # a repeated dispatch (e.g. after a reconnect): the run is already going
+            self.send_run_update(run_id, RunState.RUNNING)
+            return
+        if len(self.children) >= self.settings.worker_slots:
+            self.dispatch_failed(run_id, f"no free slot: {len(self.children)} of "
+                                         f"{self.settings.worker_slots} busy")
+            return
+        try:
+            config = parse_config(body.get("config"))
+        except ConfigError as exc:
+            self.dispatch_failed(run_id, f"invalid config: {exc}")
+            return
+        try:
+            self.children[run_id] = self.spawn(run_id, config.to_dict())
+        except (OSError, TypeError, ValueError) as exc:
+            self.dispatch_failed(run_id, f"could not start the run process: {exc}")
+            return
+        log.info("run %s started (pid %d, %s on %s)", run_id,
+                 self.children[run_id].process.pid, config.algo, config.env)
+        self.send_run_update(run_id, RunState.RUNNING)
+
+    def on_cancel(self, body: dict[str, Any]) -> None:
+        run_id = body.get("run_id")
+        child = self.children.get(run_id) if isinstance(run_id, str) else None
+        if child is None:
+            log.info("cancel for a run this worker does not hold: %r (ignored)", run_id)
+            return
+        if child.cancel_requested:
+            return
+        log.info("cancelling run %s (pid %d)", run_id, child.process.pid)
+        child.cancel_requested = True
+        child.kill_at = self.clock() + CANCEL_GRACE
+        self.signal_child(child, signal.SIGTERM)
+
+    # --- children -----------------------------------------------------------------------------
+
+    def spawn(self, run_id: str, config: dict[str, Any]) -> Child:
+        """Create the run folder, write config.json, start the child with output to run.log."""
+        run_dir = self.settings.run_dir(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESULT_FILE).unlink(missing_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        log_file = open(run_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed when the child is reaped
+        cmd = [sys.executable, "-m", "gymbus.worker.child", "--run-dir", str(run_dir),
+               "--run-id", run_id, "--worker-id", self.settings.worker_id]
+        env = {**os.environ, **settings_mod.env_for(self.settings)}
+        try:
+            # its own session: a Ctrl-C in the terminal reaches the daemon, which stops the runs
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except BaseException:
+            log_file.close()
+            raise
+        return Child(run_id, process, run_dir, log_file)
+
+    def signal_child(self, child: Child, signum: int) -> None:
+        if child.process.poll() is None:
+            try:
+                child.process.send_signal(signum)
+            except ProcessLookupError:
+                pass  # it exited just now; the reaper reports it
+
+    def reap_children(self) -> None:
+        """Report every child that has exited."""
+        for child in list(self.children.values()):
+            if child.process.poll() is not None:
+                self.finish_child(child)
+
+    def escalate_cancels(self) -> None:
+        """SIGKILL cancelled children that outlived their grace period."""
+        now = self.clock()
+        for child in self.children.values():
+            if child.kill_at is not None and now >= child.kill_at:
+                log.warning("run %s did not stop within %.1f s of SIGTERM: killing it",
+                            child.run_id, CANCEL_GRACE)
+                self.signal_child(child, signal.SIGKILL)
+                child.kill_at = None
+
+    def finish_child(self, child: Child) -> None:
+        """Send the final run_update of an exited child, from its result.json if it left one."""
+        del self.children[child.run_id]
+        child.log_file.close()
+        code = child.process.returncode
+        result = read_result(child.run_dir / RESULT_FILE)
+        if result is not None:
+            state = RunState(result["status"])
+            reason = result.get("reason")
+        elif child.cancel_requested:
+            state, reason = RunState.CANCELLED, f"stopped (exit code {code})"
+        else:
+            state = RunState.FAILED
+            reason = (f"run process exited with code {code} without a result; "
+                      f"end of {LOG_FILE}:\n{tail(child.run_dir / LOG_FILE, LOG_TAIL_LINES)}")
+        result = result or {}
+        log.info("run %s %s (exit code %s)", child.run_id, state.value, code)
+        self.send_run_update(
+            child.run_id, state, reason=reason, frames_emitted=result.get("frames_emitted"),
+            episodes=result.get("episodes"), steps=result.get("steps"),
+        )
+
+    # --- the broker ---------------------------------------------------------------------------
+
+    def connect_to_broker(self) -> None:
+        """A fresh DEALER to the broker, then `ready` with the runs this worker still holds."""
+        sock = new_socket(self.ctx, zmq.DEALER, identity=self.identity, linger=LINGER_MS)
+        connect(sock, self.settings.broker_workers, "broker")
+        self.sock = sock
+        self.liveness = self.settings.heartbeat_liveness
+        self.heard = False
+        self.next_heartbeat = self.clock() + self.settings.heartbeat_interval
+        self.send(Command.READY, {
+            "worker_id": self.settings.worker_id, "host": socket.gethostname(),
+            "pid": os.getpid(), "slots": self.settings.worker_slots, "runs": list(self.children),
+        })
+        for update in self.unconfirmed:
+            self.send(Command.RUN_UPDATE, update)
+
+    def heartbeat(self) -> None:
+        """Every interval: count liveness down unless the broker was heard, then heartbeat."""
+        now = self.clock()
+        if now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + self.settings.heartbeat_interval
+        if not self.heard:
+            self.liveness -= 1
+        self.heard = False
+        if self.liveness <= 0:
+            log.warning("broker silent for %d heartbeats: reconnecting and re-registering "
+                        "(%d runs held)", self.settings.heartbeat_liveness, len(self.children))
+            self.require_socket().close(linger=0)
+            self.connect_to_broker()
+            return
+        self.send(Command.HEARTBEAT, {"busy": len(self.children), "runs": list(self.children)})
+
+    def require_socket(self) -> zmq.Socket[Any]:
+        if self.sock is None:
+            raise RuntimeError("the worker has no broker socket (connect_to_broker not called)")
+        return self.sock
+
+    def send(self, cmd: Command, body: dict[str, Any]) -> None:
+        """Send without blocking; a message the queue cannot take is logged and dropped."""
+        try:
+            self.require_socket().send(encode_message(cmd, body), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped %s: the queue to the broker is full", cmd.value)
+
+    def send_run_update(self, run_id: str, state: RunState, *, reason: str | None = None,
+                        frames_emitted: int | None = None, episodes: int | None = None,
+                        steps: int | None = None) -> None:
+        update = {"run_id": run_id, "state": state.value, "reason": reason,
+                  "frames_emitted": frames_emitted, "episodes": episodes, "steps": steps}
+        if state in _FINAL_STATES:
+            self.unconfirmed.append(update)
+        self.send(Command.RUN_UPDATE, update)
+
+    def dispatch_failed(self, run_id: str, reason: str) -> None:
+        log.warning("refused run %s: %s", run_id, reason)
+        self.send(Command.DISPATCH_FAILED, {"run_id": run_id, "reason": reason})
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """SIGTERM every child, SIGKILL stragglers after SHUTDOWN_GRACE, report, disconnect."""
+        log.info("stopping: %d runs to cancel", len(self.children))
+        for child in self.children.values():
+            child.cancel_requested = True
+            self.signal_child(child, signal.SIGTERM)
+        deadline = self.clock() + SHUTDOWN_GRACE
+        for child in list(self.children.values()):
+            try:
+                child.process.wait(timeout=max(deadline - self.clock(), 0.0))
+            except subprocess.TimeoutExpired:
+                log.warning("run %s ignored SIGTERM: killing it", child.run_id)
+                self.signal_child(child, signal.SIGKILL)
+                try:
+                    child.process.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    log.error("run %s (pid %d) survived SIGKILL", child.run_id, child.process.pid)
+                    continue
+            self.finish_child(child)
+        self.send(Command.DISCONNECT, {})
+        self.require_socket().close(linger=LINGER_MS)
+        self.sock = None
+        self.ctx.term()
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A child's result.json, or None when it is missing, unreadable or has no valid status."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    status = data.get("status")
+    if not isinstance(status, str) or status not in {s.value for s in _FINAL_STATES}:
+        return None
+    return data
+
+
+def tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of a text file ('' when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 16384, 0))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
