@@ -1,0 +1,230 @@
+"""The ingest service: subscribes to all telemetry, writes it to DuckDB, answers read-only queries.
+
+One loop on the main thread polls the SUB (telemetry from the broker's XPUB) and the ROUTER (the
+query API), drains the telemetry that is waiting, flushes the store when a buffer is full or old
+enough, and answers requests through a table keyed by Command.
+Run: `python -m gymbus.services.ingest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import duckdb
+import zmq
+
+from gymbus.services.ingest_query import DEFAULT_MAX_ROWS, MAX_ROWS_LIMIT, run_query
+from gymbus.services.ingest_store import Store
+from gymbus.shared import logs
+from gymbus.shared import settings as settings_mod
+from gymbus.shared.codec import decode_frame
+from gymbus.shared.errors import DecodeError, RequestError
+from gymbus.shared.protocol import Command, ErrorCode
+from gymbus.shared.settings import Settings
+from gymbus.shared.transport import (
+    EndpointError,
+    StopFlag,
+    bind,
+    connect,
+    new_socket,
+    recv_request,
+    run_service,
+    send_error,
+    send_reply,
+)
+
+#: telemetry messages the SUB may queue before the broker's XPUB drops for us
+SUB_RCVHWM = 200_000
+#: telemetry frames, and seconds, taken per pass before requests get their turn
+MAX_FRAMES_PER_PASS = 10_000
+PASS_BUDGET_S = 0.05
+#: requests answered per pass
+MAX_REQUESTS_PER_PASS = 100
+#: longest poll, so that a stop request is seen quickly
+POLL_MS = 100
+#: seconds spent at stop on telemetry already queued in the SUB (honcho kills after 5 s)
+FINAL_DRAIN_S = 0.5
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+log = logging.getLogger("gymbus.ingest")
+
+
+class Ingest:
+    """The ingest loop. Every method runs on the thread that calls `serve`."""
+
+    def __init__(self, settings: Settings, store: Store, sub: zmq.Socket[Any],
+                 router: zmq.Socket[Any], stop: StopFlag) -> None:
+        self.settings = settings
+        self.store = store
+        self.sub = sub
+        self.router = router
+        self.stop = stop
+        self.handlers: dict[Command, Handler] = {
+            Command.PING: self.handle_ping,
+            Command.QUERY: self.handle_query,
+            Command.RUN_STATS: self.handle_run_stats,
+            Command.INGEST_STATS: self.handle_ingest_stats,
+        }
+
+    def serve(self) -> None:
+        """Poll, take telemetry, answer requests, flush when due; until the stop flag is set."""
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        while not self.stop:
+            wait = self.store.seconds_until_flush()
+            timeout = POLL_MS if wait is None else min(POLL_MS, int(wait * 1000))
+            ready = dict(poller.poll(timeout))
+            if self.sub in ready:
+                self.take_telemetry(deadline=time.monotonic() + PASS_BUDGET_S)
+            if self.router in ready:
+                self.answer_requests()
+            if self.store.flush_due():
+                self.store.flush()
+        # what ZeroMQ already queued for us is taken too (bounded in time); the caller flushes
+        self.take_telemetry(deadline=time.monotonic() + FINAL_DRAIN_S)
+
+    def take_telemetry(self, deadline: float) -> None:
+        """Receive what is waiting (bounded in count and time), decode it, and buffer it or keep
+        it as a dead letter."""
+        for _ in range(MAX_FRAMES_PER_PASS):
+            if time.monotonic() > deadline:
+                return
+            try:
+                parts = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                frame = decode_frame(parts, self.settings.max_frame_bytes)
+            except DecodeError as exc:
+                self.store.add_dead_letter(parts, exc.reason)
+                count = self.store.counters["dead_letters"]
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: seen, but no flood
+                    log.warning("dead letter #%d: %s", count, exc.reason)
+            else:
+                self.store.add(frame)
+            if self.store.flush_due():
+                self.store.flush()
+
+    def answer_requests(self) -> None:
+        """Answer the requests waiting on the ROUTER (bounded); errors become error replies."""
+        for _ in range(MAX_REQUESTS_PER_PASS):
+            if not self.router.poll(0, zmq.POLLIN):
+                return
+            identity, msg = recv_request(self.router, self.settings.max_frame_bytes)
+            if isinstance(msg, DecodeError):
+                send_error(self.router, identity, 0, msg)
+                continue
+            handler = self.handlers.get(msg.cmd)
+            try:
+                if handler is None:
+                    raise RequestError(ErrorCode.BAD_REQUEST,
+                                       f"the ingest does not serve {msg.cmd.value!r}")
+                send_reply(self.router, identity, msg.req, handler(msg.body))
+            except RequestError as exc:
+                send_error(self.router, identity, msg.req, exc)
+            except Exception as exc:  # a bug must not stop the ingest: answer and log it
+                log.exception("request %s failed", msg.cmd.value)
+                send_error(self.router, identity, msg.req,
+                           RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+    # --- handlers: those that read the file flush first, so that answers hold all received ---
+
+    def handle_ping(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"service": "ingest"}
+
+    def handle_query(self, body: dict[str, Any]) -> dict[str, Any]:
+        sql = body.get("sql")
+        if not isinstance(sql, str) or not sql.strip():
+            raise RequestError(ErrorCode.BAD_REQUEST, "query needs `sql`, a non-empty string")
+        max_rows = body.get("max_rows", DEFAULT_MAX_ROWS)
+        if type(max_rows) is not int or not 0 <= max_rows <= MAX_ROWS_LIMIT:
+            raise RequestError(ErrorCode.BAD_REQUEST,
+                               f"max_rows must be an integer from 0 to {MAX_ROWS_LIMIT}")
+        self.store.flush()
+        cursor = self.store.cursor()
+        try:
+            return run_query(cursor, sql, max_rows)
+        finally:
+            cursor.close()
+
+    def handle_run_stats(self, body: dict[str, Any]) -> dict[str, Any]:
+        run_id = body.get("run_id")
+        if run_id is not None and not isinstance(run_id, str):
+            raise RequestError(ErrorCode.BAD_REQUEST, "run_id must be a string")
+        self.store.flush()
+        runs = self.store.run_stats(run_id)
+        if run_id is not None and not runs:
+            raise RequestError(ErrorCode.UNKNOWN_RUN, f"the ingest holds no frame of run {run_id}")
+        return {"runs": runs}
+
+    def handle_ingest_stats(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Counters as they are, no flush: `pending` shows what the next flush will write."""
+        return self.store.stats()
+
+
+def open_sockets(
+    ctx: zmq.Context[Any], settings: Settings
+) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+    """The query ROUTER (bound) and the telemetry SUB (connected, subscribed to everything).
+
+    The SUB sets no MAXMSGSIZE: ZeroMQ would drop the whole connection to the broker for one
+    oversized frame, losing every run's frames queued behind it, and record nothing. The decoder's
+    size check keeps an oversized frame as a dead letter instead.
+    """
+    router = new_socket(ctx, zmq.ROUTER)
+    bind(router, settings.ingest, "ingest query API")
+    sub = new_socket(ctx, zmq.SUB, linger=0)
+    sub.setsockopt(zmq.RCVHWM, SUB_RCVHWM)
+    try:
+        connect(sub, settings.telemetry_out, "broker's telemetry XPUB")
+    except EndpointError:
+        router.close(linger=0)
+        raise
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    return router, sub
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ingest until SIGTERM or SIGINT; flush, checkpoint and exit 0."""
+    argparse.ArgumentParser(
+        prog="python -m gymbus.services.ingest",
+        description="Write gymbus telemetry to DuckDB and answer read-only queries. "
+                    "Settings come from the GYMBUS_* environment variables.",
+    ).parse_args(argv)
+    logs.setup("ingest")
+    settings = settings_mod.load()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    stop = StopFlag().install()
+    try:
+        store = Store(settings.db_path)  # warms Arrow up before anything is subscribed
+    except duckdb.Error as exc:
+        log.error("cannot open %s: %s", settings.db_path, exc)
+        return 1
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        router, sub = open_sockets(ctx, settings)
+        log.info("ingest writing %s; telemetry from %s; queries on %s",
+                 settings.db_path, settings.telemetry_out, settings.ingest)
+        try:
+            Ingest(settings, store, sub, router, stop).serve()
+        finally:
+            sub.close(linger=0)
+            router.close()
+    finally:
+        at_stop = store.stats()["pending"]
+        store.close()
+        ctx.term()
+    stats = store.stats()
+    log.info("ingest stopped: %d frames stored (%d of them at stop), %d duplicates, "
+             "%d dead letters, %d lost in failed flushes", stats["frames_stored"], at_stop,
+             stats["duplicates"], stats["dead_letters"], stats["frames_lost"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_service(main)
