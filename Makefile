@@ -29,7 +29,11 @@ bench: setup
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff mypy
 	$(BIN)/ruff check shared services worker tests
-	$(BIN)/mypy shared services
+	@# mypy cannot follow the editable install's folder mapping: give it a symlinked view
+	@mkdir -p build/typecheck/gymbus
+	@for d in shared services worker; do ln -sfn "$(CURDIR)/$$d" build/typecheck/gymbus/$$d; done
+	cd build/typecheck && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		-p gymbus.shared -p gymbus.services
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,6 +19,7 @@ from gymbus.services import cli_output as out
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import ConfigError, ExitCode, GymbusError, RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, ErrorCode, RunState, TelemetryMode
+from gymbus.shared.runconfig import parse_config
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
 
@@ -145,7 +146,7 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--wait", is_flag=True, help="Wait for the end; exit 0 only if it completed.")
 @json_option
 @click.pass_obj
-def submit(obj: Context, run_file: str | None, fast: bool, env_args: tuple[str, ...],
+def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[str, ...],
            agent_args: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool,
            **flags: Any) -> None:
     """Submit a run, from flags or a RUN_FILE (TOML with the same field names)."""
@@ -160,6 +161,7 @@ def submit(obj: Context, run_file: str | None, fast: bool, env_args: tuple[str, 
     if agent_args:
         config["agent"] = {**config.get("agent", {}),
                            **parse_assignments(agent_args, "--agent-arg")}
+    parse_config(config)  # types and ranges, before any service is asked
     body = {"config": config, "idempotency_key": idempotency_key or str(ULID())}
     try:
         reply = obj.controller.request(Command.SUBMIT, body)
@@ -189,7 +191,7 @@ def wait_for_end(obj: Context, run_id: str) -> dict[str, Any]:
     """Poll the run until it is terminal, showing progress on stderr; then its record."""
     progress = out.Progress()
     while True:
-        run = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
+        run: dict[str, Any] = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
         stats = (obj.run_stats(run_id) or {}).get(run_id)
         line = out.progress_line(run, stats)
         if run["state"] in TERMINAL_STATES:

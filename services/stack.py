@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError, ServiceUnavailable
@@ -154,7 +154,7 @@ class Stack:
             codes[role] = self.stop_one(role)
         return codes
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

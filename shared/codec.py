@@ -157,7 +157,7 @@ def decode_frame(parts: list[bytes], max_bytes: int = MAX_FRAME_BYTES) -> Frame:
             ErrorCode.UNSUPPORTED_VERSION,
         )
     try:
-        kind = FrameKind(data.get("kind"))
+        kind = FrameKind(str(data.get("kind")))
     except ValueError:
         raise DecodeError(f"unknown frame kind {data.get('kind')!r}") from None
     run_id = _header_str(data, "run_id", required=True)
@@ -193,7 +193,7 @@ def _header_str(data: dict[str, Any], key: str, required: bool = False) -> str:
 
 def _check_lifecycle(body: dict[str, Any]) -> None:
     try:
-        event = LifecycleEvent(body.get("event"))
+        event = LifecycleEvent(str(body.get("event")))
     except ValueError:
         raise DecodeError(f"unknown lifecycle event {body.get('event')!r}") from None
     for name, typ in LIFECYCLE_FIELDS[event].items():
@@ -304,7 +304,7 @@ def decode_message(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
             ErrorCode.UNSUPPORTED_VERSION,
         )
     try:
-        cmd = Command(msg.get("cmd"))
+        cmd = Command(str(msg.get("cmd")))
     except ValueError:
         raise DecodeError(f"unknown command {msg.get('cmd')!r}") from None
     req = msg.get("req", 0)

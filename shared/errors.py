@@ -79,17 +79,20 @@ class ServiceUnavailable(GymbusError):
         self.endpoint = endpoint
 
 
+#: the exit code of the CLI for each error code a service may answer with
+EXIT_CODES = {
+    ErrorCode.INVALID_CONFIG: ExitCode.BAD_INPUT,
+    ErrorCode.BAD_REQUEST: ExitCode.BAD_INPUT,
+    ErrorCode.UNSUPPORTED_VERSION: ExitCode.BAD_INPUT,
+    ErrorCode.READ_ONLY: ExitCode.BAD_INPUT,
+    ErrorCode.QUERY_FAILED: ExitCode.BAD_INPUT,
+    ErrorCode.TOO_LARGE: ExitCode.BAD_INPUT,
+    ErrorCode.UNKNOWN_RUN: ExitCode.NOT_FOUND,
+}
+
+
 class RemoteError(GymbusError):
     """A service answered with an error; the message says what was wrong with the request."""
-
-    _exit_codes = {
-        ErrorCode.INVALID_CONFIG: ExitCode.BAD_INPUT,
-        ErrorCode.BAD_REQUEST: ExitCode.BAD_INPUT,
-        ErrorCode.READ_ONLY: ExitCode.BAD_INPUT,
-        ErrorCode.QUERY_FAILED: ExitCode.BAD_INPUT,
-        ErrorCode.TOO_LARGE: ExitCode.BAD_INPUT,
-        ErrorCode.UNKNOWN_RUN: ExitCode.NOT_FOUND,
-    }
 
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -98,7 +101,7 @@ class RemoteError(GymbusError):
         except ValueError:
             self.code = ErrorCode.INTERNAL
         self.field = field
-        self.exit_code = self._exit_codes.get(self.code, ExitCode.REFUSED)
+        self.exit_code = EXIT_CODES.get(self.code, ExitCode.REFUSED)
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> RemoteError:
@@ -111,3 +114,4 @@ class RequestError(GymbusError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.exit_code = EXIT_CODES.get(code, ExitCode.REFUSED)

@@ -225,7 +225,7 @@ def _spaces_kind(env_id: str, kwargs: dict[str, Any], algo: str) -> str:
 
     try:
         env = gym.make(env_id, **kwargs)
-    except Exception as exc:  # an environment may raise anything for bad kwargs
+    except Exception as exc:  # noqa: BLE001 - an environment may raise anything for bad kwargs
         raise ConfigError("env_kwargs", f"{env_id} refused them: {exc}") from None
     try:
         if not isinstance(env.action_space, spaces.Discrete):

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 import zmq
 
@@ -39,7 +39,7 @@ def new_socket(
     linger: int = LINGER_MS,
 ) -> zmq.Socket[Any]:
     """A socket with a bounded linger (and optional identity and high-water marks)."""
-    sock = ctx.socket(kind)
+    sock: zmq.Socket[Any] = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
@@ -162,7 +162,7 @@ class Client:
             self._sock.close(linger=0)
             self._sock = None
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

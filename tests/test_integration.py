@@ -18,8 +18,8 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from conftest import wait_until
+
 from gymbus.services.stack import Stack, free_endpoints
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
@@ -47,7 +47,7 @@ def gymbus(stack: Stack, *args: str, timeout: float = 60) -> subprocess.Complete
     """Run the real `gymbus` command against the stack."""
     return subprocess.run(
         [sys.executable, "-m", "gymbus.services.cli", *args],
-        env=stack.process_env(), capture_output=True, text=True, timeout=timeout,
+        env=stack.process_env(), capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
@@ -214,7 +214,7 @@ def test_unknown_run_and_absent_services_have_their_exit_codes(stack: Stack) -> 
     env = {**stack.process_env(), "GYMBUS_CONTROLLER": "tcp://127.0.0.1:1",
            "GYMBUS_REQUEST_TIMEOUT": "0.5"}
     result = subprocess.run([sys.executable, "-m", "gymbus.services.cli", "runs"], env=env,
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 3
     assert "did not answer" in result.stderr
 
