@@ -8,64 +8,20 @@ from __future__ import annotations
 import sys
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from ulid import ULID
 
 from gymbus.services import cli_output as out
-from gymbus.shared import settings as settings_mod
+from gymbus.services.cli_context import Context, fail, json_option
 from gymbus.shared.errors import ConfigError, ExitCode, GymbusError, RemoteError, ServiceUnavailable
-from gymbus.shared.protocol import TERMINAL_STATES, Command, ErrorCode, RunState, TelemetryMode
+from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
 from gymbus.shared.runconfig import parse_config
 from gymbus.shared.settings import Settings
-from gymbus.shared.transport import Client
 
-F = TypeVar("F", bound=Callable[..., Any])
 POLL_SECONDS = 0.25
-
-
-class Context:
-    """What every command needs: settings and lazily opened clients."""
-
-    def __init__(self) -> None:
-        self.settings: Settings = settings_mod.load()
-        self._controller: Client | None = None
-        self._ingest: Client | None = None
-
-    @property
-    def controller(self) -> Client:
-        if self._controller is None:
-            s = self.settings
-            self._controller = Client(s.controller, "controller", s.request_timeout)
-        return self._controller
-
-    @property
-    def ingest(self) -> Client:
-        if self._ingest is None:
-            s = self.settings
-            self._ingest = Client(s.ingest, "ingest", s.request_timeout)
-        return self._ingest
-
-    def run_stats(self, run_id: str | None = None) -> dict[str, dict[str, Any]] | None:
-        """The ingest's accounting per run id, or None when the ingest does not answer."""
-        body = {"run_id": run_id} if run_id else {}
-        try:
-            reply = self.ingest.request(Command.RUN_STATS, body, timeout=2.0)
-        except ServiceUnavailable:
-            return None
-        except RemoteError as exc:
-            if exc.code is ErrorCode.UNKNOWN_RUN:
-                return {}  # no frame of the run stored yet
-            raise
-        return {r["run_id"]: r for r in reply["runs"]}
-
-
-def fail(exc: GymbusError) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(exc.exit_code)
 
 
 class GymbusGroup(click.Group):
@@ -87,10 +43,6 @@ def cli(ctx: click.Context) -> None:
     answer, 4 no such run, 5 refused.
     """
     ctx.obj = Context()
-
-
-def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
 
 
 # --- submit ---------------------------------------------------------------------------------------
@@ -376,6 +328,10 @@ def config(obj: Context, as_json: bool) -> None:
         return
     for key, value in values.items():
         click.echo(f"{key:>20}  {value}")
+
+
+# --- commands defined in their own modules (cli_*.py), one line each -------------------------
+# (imported here, at the end, because they import nothing from this module)
 
 
 def main() -> None:
