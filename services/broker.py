@@ -26,7 +26,7 @@ from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import encode_message
 from gymbus.shared.errors import DecodeError
 from gymbus.shared.logs import setup
-from gymbus.shared.protocol import Command, RunState
+from gymbus.shared.protocol import CONTROLLER_IDENTITY, Command, RunState
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
     LINGER_MS,
@@ -40,8 +40,6 @@ from gymbus.shared.transport import (
 
 log = logging.getLogger("gymbus.broker")
 
-#: the identity the controller's DEALER uses (until a `hello` says otherwise)
-CONTROLLER_IDENTITY = b"controller"
 #: messages taken from one socket per pass, so that housekeeping runs under any load
 MAX_BATCH = 1000
 Handler = Callable[[bytes, dict[str, Any], float], None]

@@ -25,7 +25,13 @@ from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import decode_message, encode_message
 from gymbus.shared.errors import DecodeError, GymbusError, RequestError
 from gymbus.shared.logs import setup
-from gymbus.shared.protocol import TERMINAL_STATES, Command, ErrorCode, RunState
+from gymbus.shared.protocol import (
+    CONTROLLER_IDENTITY,
+    TERMINAL_STATES,
+    Command,
+    ErrorCode,
+    RunState,
+)
 from gymbus.shared.runconfig import check_environment, parse_config
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
@@ -42,7 +48,6 @@ from gymbus.shared.transport import (
 
 log = logging.getLogger("gymbus.controller")
 
-CONTROLLER_IDENTITY = b"controller"
 #: messages taken from one socket per pass, so that housekeeping runs under any load
 MAX_BATCH = 1000
 

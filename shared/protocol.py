@@ -18,6 +18,9 @@ HEARTBEAT_LIVENESS = 3
 #: Largest telemetry or control payload accepted, in bytes (settings may lower or raise it).
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 
+#: ZeroMQ identity of the controller's DEALER on the broker's controller ROUTER.
+CONTROLLER_IDENTITY = b"controller"
+
 #: Separator between a topic's kind and its run id: b"step.01J..." (subscribe by prefix).
 TOPIC_SEPARATOR = "."
 

@@ -6,9 +6,10 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+import zmq
 
 from gymbus.services.stack import free_endpoints
 from gymbus.shared import settings as settings_mod
@@ -35,6 +36,14 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)  # poll interval, bounded by the deadline above
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    """A private ZeroMQ context, destroyed with linger 0 after the test."""
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
 
 
 @pytest.fixture

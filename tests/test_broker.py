@@ -87,13 +87,6 @@ def has_worker(worker_id: str) -> Callable[[dict[str, Any]], bool]:
 
 
 @pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def broker(gymbus_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     log_path = tmp_path / "broker.log"
     with log_path.open("wb") as log_file:

@@ -219,13 +219,6 @@ class ControllerProcess:
 
 
 @pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def broker(ctx: zmq.Context[Any], gymbus_env: dict[str, str]) -> Iterator[FakeBroker]:
     fake = FakeBroker(ctx, gymbus_env["GYMBUS_BROKER_CONTROLLER"])
     yield fake
