@@ -136,6 +136,26 @@ def test_cancel_stops_the_run_process(stack: Stack) -> None:
                "the cancelled run's frames to be stored")
 
 
+def test_a_stalled_ingest_loses_no_frame(stack: Stack) -> None:
+    """The ingest freezes mid-run (SIGSTOP); frames queue upstream, and all are stored after."""
+    ingest = stack.services["ingest"].process
+    run_id = gymbus(stack, "submit", "--env", "FrozenLake-v1", "--algo", "q-learning",
+                    "--episodes", "3000", "--seed", "3").stdout.strip()
+    wait_until(lambda: (gymbus_json(stack, "status", run_id)["steps"] or 0) > 0, 20,
+               "the first steps to be stored")
+    ingest.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: gymbus_json(stack, "status", run_id)["frames_emitted"] is not None,
+                   60, "the run to end while the ingest is frozen")
+    finally:
+        ingest.send_signal(signal.SIGCONT)
+    wait_until(lambda: gymbus_json(stack, "status", run_id)["complete"], 30,
+               "every frame to be stored after the ingest resumes")
+    status = gymbus_json(stack, "status", run_id)
+    assert status["frames_stored"] == status["frames_emitted"]
+    assert (status["gaps"], status["duplicates"], status["episodes"]) == (0, 0, 3000)
+
+
 def test_an_invalid_config_is_refused_and_nothing_stored(stack: Stack) -> None:
     before = len(gymbus_json(stack, "runs"))
     cases = [
