@@ -84,6 +84,8 @@ class Command(StrEnum):
     QUERY = "query"
     RUN_STATS = "run_stats"
     INGEST_STATS = "ingest_stats"
+    # worker -> ingest: which frames of a spooled run are still missing
+    SPOOL_STATUS = "spool_status"
     # controller -> broker
     HELLO = "hello"
     DISPATCH = "dispatch"
