@@ -342,10 +342,12 @@ class Controller:
             if state is RunState.RUNNING:  # a stray copy (its dispatch was taken back): stop it
                 self.send_broker(Command.CANCEL, {"run_id": run_id, "worker_id": worker_id})
             return
-        self.scheduler.acknowledged(run_id)
         if state is RunState.RUNNING:
+            # the slot stays counted as in flight until the worker view lists the run: the
+            # view's `busy` may still predate it, and the slot would look free twice
             self.registry.mark_running(run_id)
         elif state in TERMINAL_STATES:
+            self.scheduler.acknowledged(run_id)
             self.cancelling.discard(run_id)
             self.registry.finish(
                 run_id, state, reason=optional(body, "reason", str),

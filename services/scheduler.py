@@ -66,7 +66,7 @@ class Scheduler:
     """Free slots per worker, counting dispatches in flight; used on the controller's loop thread.
 
     free(w) = slots − busy − dispatches sent to w that w has not yet acknowledged (listed in its
-    `runs`, or reported running or ended).
+    `runs`, or reported ended). A run reported running still counts until the view lists it.
     """
 
     def __init__(self, interval: float, liveness: int) -> None:

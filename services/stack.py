@@ -168,7 +168,7 @@ def free_endpoints(home: Path, host: str = "127.0.0.1") -> dict[str, str]:
     env = {"GYMBUS_HOME": str(home)}
     held = []
     for name in ("controller", "broker_controller", "broker_workers",
-                 "telemetry_in", "telemetry_out", "ingest"):
+                 "telemetry_in", "telemetry_out", "telemetry_live", "ingest"):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind((host, 0))
         held.append(s)

@@ -1,7 +1,11 @@
-"""The telemetry fan-out: XSUB (run processes publish in) -> XPUB (ingest, viewers) inside libzmq.
+"""The telemetry fan-out: XSUB (run processes publish in) -> XPUB (the ingest) and a live PUB
+(viewers), inside libzmq.
 
 Frames never pass through Python: `zmq.proxy_steerable` forwards them on its own thread, and the
-broker's loop only steers it (statistics, terminate).
+broker's loop only steers it (statistics, terminate). The XPUB queues deeply, so that a briefly
+slow ingest loses nothing; the live PUB is the proxy's capture socket and queues shallowly, so
+that a stalled viewer costs the broker at most LIVE_HWM frames of memory and then misses frames
+(viewers count the missing seqs) instead of growing the broker by gigabytes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ log = logging.getLogger("gymbus.broker")
 
 #: high-water marks of the telemetry proxy, so that a briefly slow ingest does not drop frames
 TELEMETRY_HWM = 200_000
+#: frames the live PUB queues per viewer before it drops for that viewer: about 2 s of one
+#: run's full telemetry; step frames are 10-40 KB, so a stalled viewer holds at most ~8 MB here
+LIVE_HWM = 200
+#: kernel send buffer of each viewer connection, in bytes (bounded, instead of autotuned to MBs)
+LIVE_SNDBUF = 256 * 1024
 #: what libzmq's proxy_steerable understands on its control socket
 PROXY_TERMINATE = b"TERMINATE"
 PROXY_STATISTICS = b"STATISTICS"
@@ -32,7 +41,8 @@ PROXY_STAT_NAMES = (
 
 
 class TelemetryProxy:
-    """XSUB (run processes publish in) -> XPUB (ingest and viewers) in libzmq, on its own thread.
+    """XSUB (run processes publish in) -> XPUB (ingest) + live PUB (viewers) in libzmq, on its own
+    thread.
 
     The proxy's sockets are created, bound and closed on that thread; the loop thread only holds
     the inproc PAIR that steers it (STATISTICS, TERMINATE).
@@ -65,22 +75,29 @@ class TelemetryProxy:
         xsub.setsockopt(zmq.RCVHWM, TELEMETRY_HWM)
         xpub = new_socket(self._ctx, zmq.XPUB, linger=0)
         xpub.setsockopt(zmq.SNDHWM, TELEMETRY_HWM)
+        # the capture socket gets every message the proxy forwards, both ways: frames, and the
+        # subscriptions going upstream (one part, starting with 0 or 1: no kind prefix matches)
+        live = new_socket(self._ctx, zmq.PUB, linger=0)
+        live.setsockopt(zmq.SNDHWM, LIVE_HWM)
+        live.setsockopt(zmq.SNDBUF, LIVE_SNDBUF)
         control = new_socket(self._ctx, zmq.PAIR, linger=0)
         try:
             control.connect(self._control_endpoint)
             bind(xsub, s.telemetry_in, "telemetry input (XSUB)")
             bind(xpub, s.telemetry_out, "telemetry output (XPUB)")
+            bind(live, s.telemetry_live, "live telemetry output (PUB)")
         except GymbusError as exc:
             self._error = exc
         self._ready.set()
         try:
             if self._error is None:
-                log.info("telemetry proxy: %s -> %s", s.telemetry_in, s.telemetry_out)
-                zmq.proxy_steerable(xsub, xpub, None, control)
+                log.info("telemetry proxy: %s -> %s (ingest), %s (viewers)",
+                         s.telemetry_in, s.telemetry_out, s.telemetry_live)
+                zmq.proxy_steerable(xsub, xpub, live, control)
         except zmq.ZMQError as exc:
             log.error("telemetry proxy stopped: %s", exc)
         finally:
-            for sock in (xsub, xpub, control):
+            for sock in (xsub, xpub, live, control):
                 sock.close(linger=0)
 
     def statistics(self, timeout_ms: int = 500) -> dict[str, int]:

@@ -29,8 +29,10 @@ class Settings:
     broker_workers: str
     #: broker's XSUB: run processes publish telemetry here
     telemetry_in: str
-    #: broker's XPUB: ingest and viewers subscribe here
+    #: broker's XPUB: the ingest subscribes here (deep queues: a briefly slow ingest loses nothing)
     telemetry_out: str
+    #: broker's PUB: the live stream for viewers (shallow queues: drops for a slow viewer)
+    telemetry_live: str
     #: ingest's ROUTER query API
     ingest: str
     heartbeat_interval: float
@@ -41,6 +43,15 @@ class Settings:
     #: run slots of a worker started with these settings
     worker_slots: int
     worker_id: str
+    #: this process's secret CURVE certificate; set: every tcp/ipc socket authenticates
+    #: (docs/security.md, `gymbus keys`)
+    curve_secret: str
+    #: the services' public CURVE certificate, which connecting sockets verify
+    curve_server: str
+    #: folder of the public certificates of the clients that bound sockets admit
+    curve_authorized: str
+    #: 1: binding beyond loopback without CURVE keys is allowed (a network you trust)
+    insecure: int
 
     @property
     def db_path(self) -> Path:
@@ -76,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "broker_workers": _endpoint(5552),
     "telemetry_in": _endpoint(5553),
     "telemetry_out": _endpoint(5554),
+    "telemetry_live": _endpoint(5556),
     "ingest": _endpoint(5555),
     "heartbeat_interval": protocol.HEARTBEAT_INTERVAL,
     "heartbeat_liveness": protocol.HEARTBEAT_LIVENESS,
@@ -83,6 +95,10 @@ DEFAULTS: dict[str, Any] = {
     "max_frame_bytes": protocol.MAX_FRAME_BYTES,
     "worker_slots": 2,
     "worker_id": "",
+    "curve_secret": "",
+    "curve_server": "",
+    "curve_authorized": "",
+    "insecure": 0,
 }
 
 

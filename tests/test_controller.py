@@ -318,6 +318,27 @@ def test_one_slot_takes_one_run_until_the_worker_frees_it(
     broker.expect(Command.DISPATCH, lambda b: b["run_id"] == second)
 
 
+def test_a_running_update_before_the_worker_view_keeps_the_slot_taken(
+    controller: ControllerProcess, broker: FakeBroker, cli: Client
+) -> None:
+    """The run reports running before the broker's next `workers` shows it: still no free slot."""
+    first = submit(cli)["run_id"]
+    second = submit(cli)["run_id"]
+    broker.announce(worker_record("w1", slots=1))
+    broker.expect(Command.DISPATCH, lambda b: b["run_id"] == first)
+    update(broker, first, RunState.RUNNING)  # the view still says busy 0, runs []
+    run_in_state(cli, first, RunState.RUNNING)
+    hellos = broker.hellos
+    wait_until(lambda: broker.hellos >= hellos + 3, 5.0, "three more controller loop passes")
+    assert broker.take(Command.DISPATCH) is None
+    assert get_run(cli, second)["state"] == RunState.QUEUED
+
+    broker.announce(worker_record("w1", slots=1, runs=[first]))
+    update(broker, first, RunState.COMPLETED, frames_emitted=3, episodes=5, steps=40)
+    broker.announce(worker_record("w1", slots=1))
+    broker.expect(Command.DISPATCH, lambda b: b["run_id"] == second)
+
+
 @pytest.mark.parametrize(("config", "field"), [
     ({**VALID, "env": "NoSuchEnv-v0"}, "env"),
     ({**VALID, "episodes": -3}, "episodes"),

@@ -1,0 +1,101 @@
+"""The viewer commands of `gymbus`: `watch` (terminal dashboard), `viewer` (Qt), `replay`.
+
+Registered in cli.py; each takes the shared `Context` with `@click.pass_obj`.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import click
+from rich.console import Console
+
+from gymbus.services import cli_output as out
+from gymbus.services.cli_context import Context, json_option
+from gymbus.shared.errors import ExitCode
+from gymbus.shared.protocol import Command
+
+
+def _check_runs(obj: Context, run_ids: tuple[str, ...]) -> None:
+    """Every named run exists (else the controller's unknown_run error: exit 4)."""
+    for run_id in run_ids:
+        obj.controller.request(Command.GET_RUN, {"run_id": run_id})
+
+
+@click.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN]...")
+@click.option("--once", is_flag=True, help="Print one frame of the dashboard and exit.")
+@click.option("--until-done", is_flag=True,
+              help="Exit once every shown run has ended (and print its last frame).")
+@click.option("--width", type=int, help="Columns to draw in (default: the terminal's).")
+@json_option
+@click.pass_obj
+def watch(obj: Context, run_ids: tuple[str, ...], once: bool, until_done: bool,
+          width: int | None, as_json: bool) -> None:
+    """Watch runs live: state, episodes, steps/s, returns, telemetry accounting, and the board of
+    grid worlds. Shows the RUNs named, else every active run and the last finished ones.
+
+    Keys: n / p select the next / previous run, q (or Ctrl-C) quits. With --json, prints the
+    numbers instead of drawing: once, at the end with --until-done, or where it stood at Ctrl-C."""
+    from gymbus.services.live import Live
+    from gymbus.services.watch import Dashboard
+    from gymbus.services.watch import watch as follow
+
+    _check_runs(obj, run_ids)
+    console = Console(width=width) if width else Console()
+    live = Live(obj.settings, run_ids)
+    dash = Dashboard(live, run_ids[0] if run_ids else None)
+    try:
+        follow(dash, console if not as_json else Console(file=io.StringIO()),
+               once=once or (as_json and not until_done), until_done=until_done,
+               draw=not as_json)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends a watch like q does (with --json: the numbers where it stood)
+    finally:
+        live.close()
+    if as_json:
+        out.emit_json(dash.to_json())
+
+
+@click.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN]...")
+@click.pass_obj
+def viewer(obj: Context, run_ids: tuple[str, ...]) -> None:
+    """Open the desktop viewer: a tab per agent with its grid world, curves and episodes, replay
+    of stored episodes, and a runs panel to submit and cancel (needs `pip install 'gymbus[qt]'`)."""
+    try:
+        from gymbus.services import viewer_qt
+    except ImportError as exc:
+        click.echo(f"error: the Qt viewer needs the qt extra (pip install 'gymbus[qt]'): {exc}",
+                   err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    sys.exit(viewer_qt.main(obj.settings, list(run_ids)))
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--episode", "-e", type=int, required=True, help="The episode to replay (0-based).")
+@click.option("--delay", type=float, default=0.0, show_default=True,
+              help="Seconds between steps, to watch it unfold.")
+@json_option
+@click.pass_obj
+def replay(obj: Context, run_id: str, episode: int, delay: float, as_json: bool) -> None:
+    """Replay a stored episode step by step: the board of grid worlds, the action, the reward and
+    what chose it (the BDI agent's intention). A fast-mode run stored no steps: shows the
+    episode's return and length and the run's metric curves instead."""
+    from gymbus.services import replay as rp
+    from gymbus.services.live import StoreReader
+
+    reader = StoreReader(obj.settings)
+    try:
+        episode_replay = rp.load_episode(reader, run_id, episode)
+        metrics = None if episode_replay.steps else rp.fallback_metrics(reader, run_id)
+    finally:
+        reader.close()
+    if as_json:
+        out.emit_json(rp.to_json(episode_replay, metrics))
+    elif episode_replay.steps:
+        rp.print_replay(episode_replay, Console(), delay)
+    else:
+        rp.print_fallback(episode_replay, metrics or [], Console())

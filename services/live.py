@@ -1,0 +1,360 @@
+"""The subscriber side of both viewers: a snapshot of what is stored, then the live stream.
+
+Threads: `LiveFeed` runs one receiver thread ("live-feed") that only moves messages from its SUB
+(on the broker's low-HWM live output) into a bounded queue, dropping the oldest when the viewer
+falls behind and counting what it drops. Everything else runs on the viewer's own thread (the
+watch loop, the Qt GUI thread): `Live.poll` decodes, discards by seq what is held already and
+updates the `RunView`s; `Live.refresh` asks the controller and the ingest, takes snapshots and
+backfills gaps from the store. A viewer never blocks a worker: the broker drops for it instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from gymbus.services.live_runs import MAX_EPISODES, SPS_METRIC, RunView
+from gymbus.shared.codec import Frame, decode_frame
+from gymbus.shared.errors import DecodeError, GymbusError, RemoteError, ServiceUnavailable
+from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix
+from gymbus.shared.settings import Settings
+from gymbus.shared.transport import Client, connect, new_socket
+
+#: messages the SUB holds while the receiver thread is busy (the broker holds LIVE_HWM more),
+#: and its kernel buffer: small, since the receiver thread drains both at once into the queue
+FEED_RCVHWM = 100
+FEED_RCVBUF = 256 * 1024
+#: the viewer's own queue, between the receiver thread and the viewer's thread
+QUEUE_FRAMES = 2000
+QUEUE_BYTES = 64 * 1024 * 1024
+RECV_BATCH = 500
+POLL_MS = 100
+#: seconds a gap waits before it is fetched from the store (the ingest flushes every 0.2 s)
+BACKFILL_AGE = 1.0
+#: finished runs shown beside the active ones when no run is named
+RECENT_RUNS = 8
+#: request timeout of a viewer: short, since it runs on a thread that draws
+VIEWER_TIMEOUT = 2.0
+MAX_SEQ = 2**62
+
+
+def sql_str(value: str) -> str:
+    """A SQL string literal (the query API takes no parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+class StoreReader:
+    """Stored telemetry through the ingest's query API; the DuckDB file, read-only, when no ingest
+    answers. Not thread-safe: one per thread."""
+
+    def __init__(self, settings: Settings, timeout: float | None = None) -> None:
+        self.settings = settings
+        self.client = Client(settings.ingest, "ingest", timeout or settings.request_timeout)
+
+    def rows(self, sql: str, max_rows: int = 1_000_000) -> list[dict[str, Any]]:
+        """The rows of one read-only statement, as dicts."""
+        try:
+            result = self.client.request(Command.QUERY, {"sql": sql, "max_rows": max_rows})
+        except ServiceUnavailable:
+            result = self._query_file(sql, max_rows)
+        return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+
+    def _query_file(self, sql: str, max_rows: int) -> dict[str, Any]:
+        import duckdb
+
+        from gymbus.services.ingest_query import run_query
+
+        s = self.settings
+        if not s.db_path.exists():
+            raise ServiceUnavailable("ingest", s.ingest, self.client.timeout)
+        try:
+            conn = duckdb.connect(str(s.db_path), read_only=True)
+        except duckdb.Error:  # the ingest holds the file: it is up, only slow
+            raise ServiceUnavailable("ingest", s.ingest, self.client.timeout) from None
+        try:
+            return run_query(conn, sql, max_rows)
+        finally:
+            conn.close()
+
+    def run_stats(self) -> dict[str, dict[str, Any]]:
+        """The ingest's accounting of every run (raises ServiceUnavailable)."""
+        reply = self.client.request(Command.RUN_STATS, {})
+        return {r["run_id"]: r for r in reply["runs"]}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LiveFeed:
+    """A SUB on the live output and the receiver thread that fills a bounded queue from it.
+
+    `take` and `subscribe` run on the viewer's thread; the socket lives on the receiver thread.
+    """
+
+    def __init__(self, endpoint: str, prefixes: Iterable[bytes], ctx: zmq.Context[Any] | None = None,
+                 *, max_frames: int = QUEUE_FRAMES, max_bytes: int = QUEUE_BYTES,
+                 rcvhwm: int = FEED_RCVHWM) -> None:
+        self.endpoint = endpoint
+        self._ctx = ctx or zmq.Context.instance()
+        self._prefixes = list(prefixes)
+        self._changes: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
+        self._queue: deque[list[bytes]] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.max_frames, self.max_bytes, self.rcvhwm = max_frames, max_bytes, rcvhwm
+        self.received = 0
+        self.dropped = 0
+        self.dropped_by_run: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: GymbusError | None = None
+        self._thread = threading.Thread(target=self._run, name="live-feed", daemon=True)
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the receiver thread; raises its EndpointError if it could not connect."""
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self._error is not None:
+            raise self._error
+
+    def subscribe(self, prefix: bytes, on: bool = True) -> None:
+        """Add (or drop) a topic prefix; applied by the receiver thread within POLL_MS."""
+        self._changes.put((zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, prefix))
+
+    def _run(self) -> None:
+        """The receiver thread: SUB -> bounded queue, until `close`."""
+        sub = new_socket(self._ctx, zmq.SUB, linger=0)
+        sub.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sub.setsockopt(zmq.RCVBUF, FEED_RCVBUF)
+        for prefix in self._prefixes:
+            sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        try:
+            connect(sub, self.endpoint, "broker's live telemetry output")
+        except GymbusError as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                while not self._changes.empty():
+                    option, prefix = self._changes.get()
+                    sub.setsockopt(option, prefix)
+                if not sub.poll(POLL_MS, zmq.POLLIN):
+                    continue
+                for _ in range(RECV_BATCH):
+                    try:
+                        self._put(sub.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+        finally:
+            sub.close(linger=0)
+
+    def _put(self, parts: list[bytes]) -> None:
+        size = sum(len(p) for p in parts)
+        with self._lock:
+            self.received += 1
+            self._queue.append(parts)
+            self._bytes += size
+            while len(self._queue) > self.max_frames or self._bytes > self.max_bytes:
+                old = self._queue.popleft()  # the oldest: a viewer wants the latest state
+                self._bytes -= sum(len(p) for p in old)
+                self.dropped += 1
+                run_id = old[0].partition(b".")[2].decode("ascii", "replace")
+                self.dropped_by_run[run_id] = self.dropped_by_run.get(run_id, 0) + 1
+
+    def take(self, max_frames: int) -> list[list[bytes]]:
+        """Up to `max_frames` queued messages, oldest first (on the viewer's thread)."""
+        with self._lock:
+            n = min(max_frames, len(self._queue))
+            out = [self._queue.popleft() for _ in range(n)]
+            self._bytes -= sum(len(p) for parts in out for p in parts)
+        return out
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Stop the receiver thread and close its socket; idempotent."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(2.0)
+
+
+class Live:
+    """What a viewer holds: its runs, filled by snapshots and the live stream.
+
+    Watches the named runs, or (none named) every active run and the RECENT_RUNS last finished
+    ones, plus every run whose frames arrive. Every method runs on the viewer's thread.
+    """
+
+    def __init__(self, settings: Settings, run_ids: Iterable[str] = (), *,
+                 ctx: zmq.Context[Any] | None = None, timeout: float = VIEWER_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic, **feed_options: Any) -> None:
+        self.settings = settings
+        self.named = list(dict.fromkeys(run_ids))
+        self.runs: dict[str, RunView] = {}
+        self.clock = clock
+        prefixes = [topic_prefix(kind, run_id) for kind in FrameKind
+                    for run_id in (self.named or [""])]
+        self.feed = LiveFeed(settings.telemetry_live, prefixes, ctx, **feed_options)
+        self.controller = Client(settings.controller, "controller", timeout, ctx)
+        self.store = StoreReader(settings, timeout)
+        self.rejected = 0
+        self.controller_ok = self.ingest_ok = False
+        self.order: list[str] = []  # run ids as the controller lists them, oldest first
+
+    def start(self) -> None:
+        """Subscribe first, then snapshot, so that nothing falls between the two."""
+        self.feed.start()
+        self.refresh()
+
+    # --- the live stream ------------------------------------------------------------------------
+
+    def poll(self, max_frames: int = 5000) -> list[Frame]:
+        """Take what the feed queued: decode, drop what is held already, apply. The new frames."""
+        accepted = []
+        for parts in self.feed.take(max_frames):
+            if len(parts) != 2:
+                continue  # a subscription passing upstream, not a frame
+            try:
+                frame = decode_frame(parts, self.settings.max_frame_bytes)
+            except DecodeError:
+                self.rejected += 1
+                continue
+            if self.named and frame.run_id not in self.named:
+                continue
+            view = self.runs.get(frame.run_id)
+            if view is None:  # found live: what it sent before is a gap that backfill fills
+                view = self.view(frame.run_id)
+                view.loaded = True
+            if view.seqs.take(frame.seq, live=True, now=self.clock()):
+                view.apply(frame)
+                accepted.append(frame)
+        return accepted
+
+    def view(self, run_id: str) -> RunView:
+        """The run's view, created on first sight."""
+        view = self.runs.get(run_id)
+        if view is None:
+            view = self.runs[run_id] = RunView(run_id)
+        return view
+
+    # --- the services ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Run states from the controller, accounting from the ingest, snapshots, backfill."""
+        self._refresh_runs()
+        try:
+            stats = self.store.run_stats()
+            self.ingest_ok = True
+        except (ServiceUnavailable, RemoteError):
+            self.ingest_ok = False
+            return
+        for run_id, view in self.runs.items():
+            if run_id in stats:
+                view.set_stats(stats[run_id], self.clock())
+        for view in list(self.runs.values()):
+            if not view.loaded:
+                self.snapshot(view)
+        self.backfill()
+
+    def _refresh_runs(self) -> None:
+        try:
+            records = self.controller.request(Command.LIST_RUNS)["runs"]
+            self.controller_ok = True
+        except (ServiceUnavailable, RemoteError):
+            self.controller_ok = False
+            return
+        self.order = [r["run_id"] for r in records]
+        if self.named:
+            wanted = [r for r in records if r["run_id"] in self.named]
+        else:
+            done = [r for r in records if r["state"] in TERMINAL_STATES]
+            recent = {r["run_id"] for r in done[-RECENT_RUNS:]}
+            wanted = [r for r in records
+                      if r["state"] not in TERMINAL_STATES or r["run_id"] in recent
+                      or r["run_id"] in self.runs]
+        for record in wanted:
+            self.view(record["run_id"]).set_record(record)
+
+    def snapshot(self, view: RunView) -> None:
+        """Everything stored of a run so far (its first load)."""
+        self.fetch(view, 0, MAX_SEQ)
+        view.loaded = True
+
+    def backfill(self) -> int:
+        """Fetch from the store the seqs of gaps older than BACKFILL_AGE; the seqs recovered."""
+        recovered = 0
+        now = self.clock()
+        for view in self.runs.values():
+            due = view.seqs.due_gaps(now - BACKFILL_AGE)
+            if due:
+                recovered += self.fetch(view, min(g[0] for g in due), max(g[1] for g in due))
+        return recovered
+
+    def fetch(self, view: RunView, lo: int, hi: int) -> int:
+        """Load the stored frames of `view`'s run with seq in lo..hi that it does not hold yet."""
+        where = f"run_id = {sql_str(view.run_id)} AND seq BETWEEN {lo} AND {hi}"
+        try:
+            stored = [r["seq"] for r in self.store.rows(
+                f"SELECT seq FROM frames WHERE {where} ORDER BY seq")]
+            new = {seq for seq in stored if view.seqs.take(seq, live=False, now=self.clock())}
+            if not new:
+                return 0
+            top = max(new)
+            where = f"run_id = {sql_str(view.run_id)} AND seq BETWEEN {min(new)} AND {top}"
+            if not view.env:
+                for row in self.store.rows(f"SELECT agent_id, env, algo, telemetry, config "
+                                           f"FROM runs WHERE run_id = {sql_str(view.run_id)}"):
+                    view.set_stored_run(row)
+            view.add_lifecycle([r for r in self.store.rows(
+                f"SELECT seq, event, status, reason, frames_emitted FROM lifecycle WHERE {where}")
+                if r["seq"] in new])
+            view.add_episode_rows([r for r in self.store.rows(
+                f'SELECT seq, episode, "return", length FROM episodes WHERE {where} '
+                f"ORDER BY episode DESC LIMIT {MAX_EPISODES}") if r["seq"] in new])
+            view.add_stored_metrics([r for r in self.store.rows(
+                f"SELECT seq, value FROM metrics WHERE {where} AND name = {sql_str(SPS_METRIC)} "
+                f"ORDER BY seq DESC, step DESC LIMIT 1") if r["seq"] in new])
+            view.add_stored_steps([r for r in self.store.rows(
+                f"SELECT seq, episode, step, action, obs, obs_vec, reward, terminated, truncated, "
+                f"label FROM steps WHERE {where} AND seq = (SELECT max(seq) FROM frames "
+                f"WHERE {where} AND kind = {sql_str(FrameKind.STEP.value)}) "
+                f"ORDER BY episode DESC, step DESC LIMIT 1") if r["seq"] in new])
+        except (ServiceUnavailable, RemoteError):
+            self.ingest_ok = False
+            return 0
+        return len(new)
+
+    # --- accounting -----------------------------------------------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        """The viewer's accounting over every run it shows."""
+        views = self.runs.values()
+        return {
+            "received": self.feed.received,
+            "live": sum(v.seqs.live for v in views),
+            "duplicates": sum(v.seqs.duplicates for v in views),
+            "missed": sum(v.seqs.missed for v in views),
+            "dropped": self.feed.dropped,
+            "from_store": sum(v.seqs.from_store for v in views),
+            "rejected": self.rejected,
+            "queued": self.feed.queued,
+        }
+
+    def active(self) -> bool:
+        """Whether a shown run has not ended, or its last frames are not all accounted for."""
+        return not self.runs or any(not v.settled for v in self.runs.values())
+
+    def close(self) -> None:
+        self.feed.close()
+        self.controller.close()
+        self.store.close()
