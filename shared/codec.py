@@ -66,6 +66,9 @@ LIFECYCLE_FIELDS: dict[LifecycleEvent, dict[str, type]] = {
     LifecycleEvent.RUN_COMPLETED: {"status": str, "frames_emitted": int},
 }
 MAX_ID_LENGTH = 128
+#: integers are stored as BIGINT: a header or required lifecycle integer outside this range
+#: is refused (the store keeps optional ones that do not fit as NULL)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +154,7 @@ def decode_frame(parts: list[bytes], max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     if not isinstance(data, dict):
         raise DecodeError(f"payload is a {type(data).__name__}, expected a map")
     version = data.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise DecodeError(
             f"unknown protocol version {version!r} (this side speaks {PROTOCOL_VERSION})",
             ErrorCode.UNSUPPORTED_VERSION,
@@ -164,11 +167,11 @@ def decode_frame(parts: list[bytes], max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     agent_id = _header_str(data, "agent_id")
     worker_id = _header_str(data, "worker_id")
     seq = data.get("seq")
-    if type(seq) is not int or seq < 0:
-        raise DecodeError(f"seq must be a non-negative integer, got {seq!r}")
+    if type(seq) is not int or not 0 <= seq <= INT64_MAX:
+        raise DecodeError(f"seq must be a non-negative integer below 2**63, got {seq!r}")
     ts_ns = data.get("ts_ns")
-    if type(ts_ns) is not int or ts_ns < 0:
-        raise DecodeError(f"ts_ns must be a non-negative integer, got {ts_ns!r}")
+    if type(ts_ns) is not int or not 0 <= ts_ns <= INT64_MAX:
+        raise DecodeError(f"ts_ns must be a non-negative integer below 2**63, got {ts_ns!r}")
     expected_topic = f"{kind.value}{TOPIC_SEPARATOR}{run_id}"
     if topic_text != expected_topic:
         raise DecodeError(f"topic {topic_text!r} does not match the payload ({expected_topic!r})")
@@ -200,13 +203,16 @@ def _check_lifecycle(body: dict[str, Any]) -> None:
         value = body.get(name)
         if not isinstance(value, typ) or isinstance(value, bool):
             raise DecodeError(f"{event.value}.{name} must be {typ.__name__}, got {value!r}")
+        if typ is int and not INT64_MIN <= value <= INT64_MAX:
+            raise DecodeError(f"{event.value}.{name} must be a 64-bit integer, got {value!r}")
 
 
 def _check_columns(kind: FrameKind, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     columns, optional, scalars = COLUMNS[kind], OPTIONAL_COLUMNS[kind], SCALARS[kind]
     unknown = set(body) - set(columns) - set(scalars)
     if unknown:
-        raise DecodeError(f"{kind.value} body has unknown fields: {', '.join(sorted(unknown))}")
+        names = ", ".join(sorted(str(name) for name in unknown))  # keys may be bytes
+        raise DecodeError(f"{kind.value} body has unknown fields: {names}")
     out: dict[str, Any] = {}
     rows = -1
     for name, typ in columns.items():
@@ -226,7 +232,7 @@ def _check_columns(kind: FrameKind, body: dict[str, Any]) -> tuple[dict[str, Any
         raise DecodeError(f"{kind.value} frame has no rows")
     for name, typ in scalars.items():
         if name in body:
-            if type(body[name]) is not int:
+            if type(body[name]) is not int or not INT64_MIN <= body[name] <= INT64_MAX:
                 raise DecodeError(f"{kind.value}.{name} must be an integer, got {body[name]!r}")
             out[name] = body[name]
     return out, rows
@@ -298,7 +304,7 @@ def decode_message(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     msg = _unpack(data, "control message", max_bytes)
     if not isinstance(msg, dict):
         raise DecodeError(f"control message is a {type(msg).__name__}, expected a map")
-    if msg.get("v") != PROTOCOL_VERSION:
+    if type(msg.get("v")) is not int or msg.get("v") != PROTOCOL_VERSION:
         raise DecodeError(
             f"unknown protocol version {msg.get('v')!r} (this side speaks {PROTOCOL_VERSION})",
             ErrorCode.UNSUPPORTED_VERSION,

@@ -2,6 +2,8 @@
 
 Services use `bind`, `recv_request` and `send_reply`/`send_error` on their ROUTER sockets;
 clients use `Client`, which reconnects by closing and recreating its DEALER after a timeout.
+`bind` and `connect` apply the process's security policy (shared/security.py): CURVE keys when
+configured, the loopback rule when not, and a size limit on what a bound socket accepts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zmq
 from gymbus.shared.codec import Message, decode_message, encode_error, encode_message, encode_reply
 from gymbus.shared.errors import DecodeError, GymbusError, RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import MAX_FRAME_BYTES, Command
+from gymbus.shared.security import secure_bind, secure_connect
 
 #: milliseconds a closing socket may spend delivering what it still holds
 LINGER_MS = 500
@@ -50,21 +53,31 @@ def new_socket(
 
 
 def bind(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
-    """Bind, or raise EndpointError naming the endpoint and its role."""
+    """Secure (CURVE server, or the loopback rule) and bind; EndpointError or SecurityError
+    naming the endpoint and its role. The socket is closed when it raises."""
     try:
+        secure_bind(sock, endpoint, what)
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         raise EndpointError(f"cannot bind the {what} to {endpoint}: {exc}") from None
+    except GymbusError:
+        sock.close(linger=0)
+        raise
 
 
 def connect(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
-    """Connect, or raise EndpointError naming the endpoint and its role."""
+    """Secure (CURVE client when keys are configured) and connect; EndpointError or
+    SecurityError naming the endpoint and its role. The socket is closed when it raises."""
     try:
+        secure_connect(sock, endpoint, what)
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         raise EndpointError(f"cannot connect to the {what} at {endpoint}: {exc}") from None
+    except GymbusError:
+        sock.close(linger=0)
+        raise
 
 
 # --- the serving side ---------------------------------------------------------------------------
