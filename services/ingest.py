@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import zmq
 
 from gymbus.services.ingest_query import DEFAULT_MAX_ROWS, MAX_ROWS_LIMIT, run_query
-from gymbus.services.ingest_store import Store
+from gymbus.services.ingest_runs import RunAccount
+from gymbus.services.ingest_store import Store, wal_path
 from gymbus.shared import logs
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import decode_frame
@@ -48,6 +51,12 @@ MAX_REQUESTS_PER_PASS = 100
 POLL_MS = 100
 #: seconds spent at stop on telemetry already queued in the SUB (honcho kills after 5 s)
 FINAL_DRAIN_S = 0.5
+#: missing ranges in one spool_status reply (the worker asks again for the rest)
+MAX_MISSING_RANGES = 1000
+#: largest frame count a spool_status may name (seqs are signed 64-bit)
+MAX_SPOOL_FRAMES = 2**62
+#: seconds between the checkpoints that confirming spooled runs asks for (at most one per)
+CHECKPOINT_EVERY = 1.0
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 log = logging.getLogger("gymbus.ingest")
@@ -63,11 +72,14 @@ class Ingest:
         self.sub = sub
         self.router = router
         self.stop = stop
+        #: when the last checkpoint asked for by a confirmation ran (monotonic)
+        self.checkpointed_at = -1.0
         self.handlers: dict[Command, Handler] = {
             Command.PING: self.handle_ping,
             Command.QUERY: self.handle_query,
             Command.RUN_STATS: self.handle_run_stats,
             Command.INGEST_STATS: self.handle_ingest_stats,
+            Command.SPOOL_STATUS: self.handle_spool_status,
         }
 
     def serve(self) -> None:
@@ -88,6 +100,12 @@ class Ingest:
         # what ZeroMQ already queued for us is taken too (bounded in time); the caller flushes
         self.take_telemetry(deadline=time.monotonic() + FINAL_DRAIN_S)
 
+    def _dead_letter(self, parts: list[bytes], reason: str) -> None:
+        self.store.add_dead_letter(parts, reason)
+        count = self.store.counters["dead_letters"]
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: seen, but no flood
+            log.warning("dead letter #%d: %s", count, reason)
+
     def take_telemetry(self, deadline: float) -> None:
         """Receive what is waiting (bounded in count and time), decode it, and buffer it or keep
         it as a dead letter."""
@@ -101,10 +119,10 @@ class Ingest:
             try:
                 frame = decode_frame(parts, self.settings.max_frame_bytes)
             except DecodeError as exc:
-                self.store.add_dead_letter(parts, exc.reason)
-                count = self.store.counters["dead_letters"]
-                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: seen, but no flood
-                    log.warning("dead letter #%d: %s", count, exc.reason)
+                self._dead_letter(parts, exc.reason)
+            except Exception as exc:  # a decoder bug costs one frame, not the ingest
+                log.exception("decoder error")
+                self._dead_letter(parts, f"decoder error: {type(exc).__name__}: {exc}")
             else:
                 self.store.add(frame)
             if self.store.flush_due():
@@ -162,9 +180,60 @@ class Ingest:
             raise RequestError(ErrorCode.UNKNOWN_RUN, f"the ingest holds no frame of run {run_id}")
         return {"runs": runs}
 
+    def durable(self, run: RunAccount) -> bool:
+        """Whether everything of the run is in the main file: flush, and checkpoint unless the
+        last checkpoint came after the run's last write; at most one per CHECKPOINT_EVERY (False
+        meanwhile: the worker asks again)."""
+        self.store.flush()
+        if self.store.runs.get(run.run_id) is not run:
+            return False  # the flush failed and the accounting was rebuilt: ask again
+        if run.saved_at <= self.checkpointed_at:
+            return True
+        if time.monotonic() - self.checkpointed_at < CHECKPOINT_EVERY:
+            return False
+        self.store.checkpoint()
+        self.checkpointed_at = time.monotonic()
+        return True
+
     def handle_ingest_stats(self, body: dict[str, Any]) -> dict[str, Any]:
         """Counters as they are, no flush: `pending` shows what the next flush will write."""
         return self.store.stats()
+
+    def handle_spool_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A worker's question about a spooled run: which of its first `frames` seqs are missing.
+
+        The accounting counts buffered frames as stored (a frame lost with an unflushed buffer is
+        missing again after a restart, and asked for again), so no flush is needed to answer.
+        `final` says the run process is gone and its spool whole. A final run that never stored a
+        `run_completed` (its process was killed) emitted exactly the spool's frames: that becomes
+        its `frames_emitted`, so that its gaps are recorded and its completeness known. The worker
+        removes the spool on a final `complete`, so that answer waits until a checkpoint holds
+        the run (not only the WAL): `durable`.
+        """
+        run_id = body.get("run_id")
+        frames = body.get("frames")
+        final = body.get("final", False)
+        if not isinstance(run_id, str) or not 0 < len(run_id) <= 128:
+            raise RequestError(ErrorCode.BAD_REQUEST, "run_id must be a string of 1-128 chars")
+        if type(frames) is not int or not 0 <= frames < MAX_SPOOL_FRAMES:
+            raise RequestError(ErrorCode.BAD_REQUEST, "frames must be an integer >= 0")
+        if not isinstance(final, bool):
+            raise RequestError(ErrorCode.BAD_REQUEST, "final must be a boolean")
+        run = self.store.runs.get(run_id)
+        if final and frames and (run is None or (run.frames_emitted is None
+                                                 and frames > run.highest)):
+            run = self.store.account(run_id)
+            run.set_emitted(frames, time.time_ns() // 1000)
+            log.info("run %s ended without run_completed: its spool holds %d frames", run_id, frames)
+        if run is None:
+            return {"missing": [[0, frames - 1]] if frames else [], "stored": 0, "last_seq": None,
+                    "frames_emitted": None, "complete": False}
+        missing = run.missing(frames, MAX_MISSING_RANGES)
+        complete = run.complete and not missing
+        if final and complete:
+            complete = self.durable(run)
+        return {"missing": missing, "stored": run.frames_stored, "last_seq": run.last_seq,
+                "frames_emitted": run.frames_emitted, "complete": complete}
 
 
 def open_sockets(
@@ -189,6 +258,42 @@ def open_sockets(
     return router, sub
 
 
+def open_store(path: Path) -> Store:
+    """Open the DuckDB file, recovering from a write-ahead log that DuckDB cannot replay.
+
+    Such a WAL is moved aside (`<file>.wal.corrupt-<time>-<pid>`, kept, never deleted) and the
+    file opened without it, with an ERROR saying so: what it held comes back from the workers'
+    spools. Any other failure (the file is damaged, or locked by another ingest), or a file that
+    does not open without the WAL either, raises duckdb.Error with the WAL where it was.
+    """
+    wal = wal_path(path)
+    left = wal.stat().st_size if wal.exists() else 0
+    try:
+        store = Store(path)
+    except duckdb.Error as exc:
+        if not wal.exists() or "WAL" not in str(exc):
+            raise
+        error = exc
+    else:
+        if left:  # DuckDB replays a truncated log up to its last whole entry, silently
+            log.warning("%s (%d bytes) was left by an ingest that did not stop cleanly; replayed "
+                        "it: what a damaged end of it held comes back from the spools", wal, left)
+        return store
+    aside = wal.with_name(f"{wal.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(wal, aside)
+    try:
+        store = Store(path)
+    except duckdb.Error:
+        os.replace(aside, wal)
+        raise
+    log.error("DuckDB could not replay the write-ahead log %s: %s. MOVED IT ASIDE to %s and opened "
+              "%s without it: the frames stored since the last checkpoint are missing from the "
+              "file (%d runs in it now). Workers replay them from their spools; a run's spool is "
+              "removed only after a checkpoint, so no confirmed run depended on this log.",
+              wal, str(error).splitlines()[0], aside, path, len(store.runs))
+    return store
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ingest until SIGTERM or SIGINT; flush, checkpoint and exit 0."""
     argparse.ArgumentParser(
@@ -201,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     stop = StopFlag().install()
     try:
-        store = Store(settings.db_path)  # warms Arrow up before anything is subscribed
+        store = open_store(settings.db_path)  # warms Arrow up before anything is subscribed
     except duckdb.Error as exc:
-        log.error("cannot open %s: %s", settings.db_path, exc)
+        log.error("cannot open %s: %s. Nothing was changed or deleted. If another ingest holds "
+                  "the file, stop it; if the file itself is damaged, move it aside to start a new "
+                  "one: the workers' spools bring back what they still hold.", settings.db_path,
+                  exc)
         return 1
     ctx: zmq.Context[Any] = zmq.Context()
     try:

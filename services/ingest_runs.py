@@ -7,6 +7,7 @@ duplicates and knows its gaps.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,14 @@ class Gap:
     filled_us: int | None = None
     #: whether its row is in the `gaps` table already (else the next flush inserts it)
     in_db: bool = False
+
+
+def _add_range(ranges: list[list[int]], first: int, last: int) -> None:
+    """Append first..last to ascending ranges, merged with the last one when they touch."""
+    if ranges and ranges[-1][1] + 1 == first:
+        ranges[-1][1] = last
+    else:
+        ranges.append([first, last])
 
 
 @dataclass(eq=False)
@@ -58,6 +67,8 @@ class RunAccount:
     open_gaps: list[Gap] = field(default_factory=list)
     #: gaps found or filled since the last flush
     unsaved_gaps: list[Gap] = field(default_factory=list)
+    #: when a flush last wrote something of this run (monotonic; 0: before this process)
+    saved_at: float = 0.0
 
     ROW_FIELDS = ("run_id", "agent_id", "worker_id", "env", "algo", "telemetry", "seed", "config",
                   "started_at", "ended_at", "status", "reason", "frames_emitted")
@@ -110,6 +121,41 @@ class RunAccount:
         if emitted - 1 > end:
             self._open_gap(end + 1, emitted - 1, now_us)
 
+    def missing(self, below: int, limit: int) -> list[list[int]]:
+        """Ranges `[first, last]` of the seqs under `below` that are not stored, ascending, at
+        most `limit` of them: the open gaps (less what was filled in them) and the tail past
+        `end()`. Costs at most the size of the open gaps or of `above`, whichever is smaller."""
+        out: list[list[int]] = []
+        for gap in self.open_gaps:
+            if gap.first >= below or len(out) >= limit:
+                break
+            last = min(gap.last, below - 1)
+            if gap.missing == gap.last - gap.first + 1:  # nothing stored in it yet
+                ranges = [[gap.first, last]]
+            else:
+                ranges = self._missing_in(max(gap.first, self.contiguous), last)
+            for first, end in ranges:
+                _add_range(out, first, end)
+        tail = self.end() + 1
+        if tail < below:
+            _add_range(out, tail, below - 1)
+        return out[:limit]
+
+    def _missing_in(self, first: int, last: int) -> list[list[int]]:
+        """Missing ranges within first..last, all at or above `contiguous`."""
+        if last - first < len(self.above):
+            held = [seq for seq in range(first, last + 1) if seq in self.above]
+        else:
+            held = sorted(seq for seq in self.above if first <= seq <= last)
+        out, pos = [], first
+        for seq in held:
+            if seq > pos:
+                out.append([pos, seq - 1])
+            pos = seq + 1
+        if pos <= last:
+            out.append([pos, last])
+        return out
+
     def _open_gap(self, first: int, last: int, now_us: int) -> None:
         gap = Gap(first, last, now_us, last - first + 1)
         self.open_gaps.append(gap)  # found above every other gap: the list stays sorted
@@ -142,6 +188,7 @@ class RunAccount:
                 self.open_gaps.append(gap)
 
     def saved(self) -> None:
+        self.saved_at = time.monotonic()
         for gap in self.unsaved_gaps:
             gap.in_db = True
         self.unsaved_gaps.clear()

@@ -73,6 +73,11 @@ FLUSH_INTERVAL = 0.2
 Chunk = np.ndarray[Any, Any] | list[Any] | None
 
 
+def wal_path(db_path: Path) -> Path:
+    """DuckDB's write-ahead log beside the database file: `<file>.wal`."""
+    return db_path.with_name(db_path.name + ".wal")
+
+
 def create_schema(conn: duckdb.DuckDBPyConnection) -> None:
     """Create the tables that do not exist yet (column names quoted: `return` is a keyword)."""
     for table, cols in SCHEMA.items():
@@ -409,6 +414,21 @@ class Store:
         """Counters since this process started, rows stored per table, frames not yet written."""
         return {**self.counters, "rows": dict(self.rows), "pending": self._pending_frames,
                 "runs": len(self.runs), "last_flush_ms": round(self.last_flush_ms, 3)}
+
+    def account(self, run_id: str) -> RunAccount:
+        """A run's accounting, created if new; the next flush writes its `runs` row and gaps."""
+        self._db()
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = RunAccount(run_id)
+        self._dirty.add(run_id)
+        return run
+
+    def checkpoint(self) -> None:
+        """Flush, then move everything from the WAL into the main file (`CHECKPOINT`): what is
+        confirmed to a worker must survive the loss of the WAL."""
+        self.flush()
+        self._db().execute("CHECKPOINT")
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor on the single connection, for read-only queries."""

@@ -17,6 +17,7 @@ import pytest
 import zmq
 from conftest import wait_until
 from test_emitter import FrameSink
+from test_tensorboard import read_tensorboard
 
 from gymbus.shared.codec import Frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
@@ -145,6 +146,12 @@ def test_full_run(start: Any, sink: FrameSink) -> None:
     assert result["frames_emitted"] == len(frames) and result["blocked_sends"] == 0
     assert result["rows"]["step"] == last.body["steps"]
     assert all(f.worker_id == "w-test" and f.run_id == run.run_id for f in frames)
+    # TensorBoard: complete at run end, the last episode's point at the run's last step
+    scalars = read_tensorboard(run.run_dir)
+    assert {"charts/episodic_return", "charts/episodic_length", "charts/epsilon"} <= set(scalars)
+    assert scalars["charts/episodic_length"][-1][0] == last.body["steps"]
+    assert result["tensorboard"]["path"].startswith(str(run.run_dir))
+    assert result["tensorboard"]["error"] is None and result["tensorboard"]["points"] > 0
 
 
 def test_sigterm_cancels_within_two_seconds(start: Any, sink: FrameSink) -> None:
@@ -161,6 +168,9 @@ def test_sigterm_cancels_within_two_seconds(start: Any, sink: FrameSink) -> None
     assert last.body["status"] == "cancelled"
     assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"] > 0
     assert run.result()["status"] == "cancelled"
+    # TensorBoard was flushed at the cancel: it holds the run up to its last episode
+    lengths = read_tensorboard(run.run_dir)["charts/episodic_length"]
+    assert lengths[-1][0] == last.body["steps"]
 
 
 def test_an_env_that_blows_up_fails_the_run(start: Any, sink: FrameSink, tmp_path: Path) -> None:
@@ -182,6 +192,8 @@ def test_an_env_that_blows_up_fails_the_run(start: Any, sink: FrameSink, tmp_pat
     assert last.body["reason"] == "RuntimeError: the reactor melted at step 30"
     result = run.result()
     assert result["status"] == "failed" and result["reason"] == last.body["reason"]
+    # TensorBoard was flushed at the failure: the partial episode is there
+    assert read_tensorboard(run.run_dir)["charts/episodic_length"] == [(29, 29.0)]
 
 
 def test_bad_config_fails_the_run(start: Any, sink: FrameSink) -> None:
@@ -209,3 +221,4 @@ def test_fast_mode_sends_no_step_frames(start: Any, sink: FrameSink, how: str) -
     assert frames[0].body["telemetry"] == "fast"
     assert last.body["steps"] == episode_lengths(frames) > 0
     assert run.result()["telemetry"] == "fast"
+    assert read_tensorboard(run.run_dir)["charts/episodic_return"]  # in every mode

@@ -15,7 +15,13 @@ from gymbus.shared.codec import Frame, decode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent, TelemetryMode
 from gymbus.shared.runconfig import parse_config
 from gymbus.worker import training
-from gymbus.worker.emitter import EPISODE_BATCH_ROWS, FLUSH_INTERVAL, STEP_BATCH_ROWS, Emitter
+from gymbus.worker.emitter import (
+    EPISODE_BATCH_ROWS,
+    FLUSH_INTERVAL,
+    METRIC_BATCH_ROWS,
+    STEP_BATCH_ROWS,
+    Emitter,
+)
 
 
 class FrameSink:
@@ -296,3 +302,56 @@ def test_waits_for_a_subscriber_then_publishes_anyway(ctx: zmq.Context[Any]) -> 
     assert emitter.seq == 1
     emitter.close(0)
     silent.close()
+
+
+def test_observers_see_every_metric_row_once(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    clock = FakeClock()
+    emitter = connect(ctx, sink, clock=clock)
+    seen: list[Any] = []
+    emitter.observe_metrics(seen.extend)
+    emitter.metric("charts/epsilon", 1, 0.5)
+    emitter.metric("losses/td_loss", 2, np.float32(0.25))  # numpy scalars are converted
+    assert seen == []  # batched: nothing is due yet
+    emitter.feed_observers()  # the end of a run: observers first, before any send
+    assert [(n, s, v) for n, s, v, _ in seen] == [("charts/epsilon", 1, 0.5),
+                                                  ("losses/td_loss", 2, 0.25)]
+    emitter.metric("charts/SPS", 3, 1000.0)
+    emitter.finish("completed", None, 0, 0)
+    sink.wait_completed()
+    assert [r[0] for r in seen] == ["charts/epsilon", "losses/td_loss", "charts/SPS"]
+    (frame,) = sink.of(FrameKind.METRIC)
+    assert frame.body["name"] == ["charts/epsilon", "losses/td_loss", "charts/SPS"]
+    assert frame.body["value"].tolist() == [0.5, 0.25, 1000.0]
+    emitter.close(0)
+
+
+def test_metric_batches_flush_by_count_and_by_time(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    clock = FakeClock()
+    emitter = connect(ctx, sink, clock=clock)
+    for i in range(METRIC_BATCH_ROWS + 5):
+        emitter.metric("charts/episodic_return", i, 1.0)
+    wait_until(lambda: sink.of(FrameKind.METRIC), what="a full metric frame")
+    clock.now += FLUSH_INTERVAL
+    emitter.metric("charts/episodic_return", 9999, 2.0)
+    wait_until(lambda: len(sink.of(FrameKind.METRIC)) == 2, what="a metric frame by time")
+    assert [f.rows for f in sink.of(FrameKind.METRIC)] == [METRIC_BATCH_ROWS, 6]
+    emitter.close(0)
+
+
+def test_non_finite_metrics_are_dropped_not_the_frame(ctx: zmq.Context[Any],
+                                                      sink: FrameSink) -> None:
+    emitter = connect(ctx, sink, clock=FakeClock())
+    seen: list[Any] = []
+    emitter.observe_metrics(seen.extend)
+    emitter.metric("losses/td_loss", 1, float("nan"))
+    emitter.metric("losses/td_loss", 2, 0.5)
+    emitter.metric("losses/td_loss", 3, float("inf"))
+    emitter.episode(0, 1.0, 3, np.bool_(True), False)  # numpy bools, as some wrappers give
+    emitter.finish("completed", None, 1, 3)
+    sink.wait_completed()
+    (frame,) = sink.of(FrameKind.METRIC)
+    assert frame.body["step"].tolist() == [2]  # the frame is stored, without the NaN and inf
+    assert emitter.stats()["metrics_dropped"] == 2 and len(seen) == 3  # TensorBoard sees all
+    (episodes,) = sink.of(FrameKind.EPISODE)
+    assert episodes.body["terminated"].tolist() == [True]
+    emitter.close(0)

@@ -9,8 +9,11 @@ Reads `DIR/config.json` (written by the worker daemon), trains, saves artifacts 
     1  failed: the reason is in result.json and run_completed, the traceback on stderr
     3  cancelled: SIGTERM or SIGINT stops the run before its next step, flushes and reports
 
-(2 is argparse's exit code for bad arguments.) Fast mode, chosen by `telemetry = "fast"` in the
-config, by `--no-telemetry`, or by `DISABLE_TELEMETRY` in {1, true, yes}, builds no step frames.
+(2 is argparse's exit code for bad arguments.) The telemetry mode, by precedence: `--no-telemetry`,
+then `DISABLE_TELEMETRY` in {1, true, yes} (any case), force fast mode, which builds no step frames;
+otherwise the config's `telemetry` (full, fast, or sampled with `every`). Both switches can only
+turn per-step telemetry off, never on. Every run, in every mode, writes TensorBoard event files
+into its folder (`gymbus.worker.tensorboard`), complete before `run_completed` is sent.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -26,17 +30,18 @@ import traceback
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import zmq
 
 from gymbus.shared import logs
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.protocol import LifecycleEvent, RunState, TelemetryMode
 from gymbus.shared.runconfig import RunConfig, parse_config
-from gymbus.shared.transport import StopFlag
+from gymbus.worker.agents.base import Artifact
 from gymbus.worker.emitter import CLOSE_LINGER_MS, Emitter
+from gymbus.worker.spool import SpoolWriter
+from gymbus.worker.tensorboard import ScalarLog
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
@@ -44,6 +49,7 @@ LOG_FILE = "run.log"
 ARTIFACTS_DIR = "artifacts"
 DISABLE_TELEMETRY_VAR = "DISABLE_TELEMETRY"
 _TRUE_WORDS = frozenset({"1", "true", "yes"})
+_FALSE_WORDS = frozenset({"", "0", "false", "no"})
 #: linger after a cancel: short, since the daemon kills a cancelled run after 1.5 s
 CANCEL_LINGER_MS = 1000
 
@@ -65,12 +71,41 @@ EXIT_CODES = {
 }
 
 
+class RunStop(list[int]):
+    """Truthy once SIGTERM or SIGINT has arrived (it holds the signal numbers).
+
+    A list, not an Event: the training loop tests it before every step, and the truth test of a
+    list is done in C (~15 ns) where a Python `__bool__` costs ~80 ns, 0.5% of a FrozenLake step.
+    """
+
+    if TYPE_CHECKING:  # for type checkers only: a Python-level __bool__ would slow the test
+        def __bool__(self) -> bool: ...
+
+    def install(self) -> RunStop:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.append(signum)
+
+
 def telemetry_mode(
     configured: TelemetryMode, no_telemetry: bool, environ: Mapping[str, str]
 ) -> TelemetryMode:
-    """The effective mode: `--no-telemetry` or DISABLE_TELEMETRY force fast; else the config's."""
-    if no_telemetry or environ.get(DISABLE_TELEMETRY_VAR, "").strip().lower() in _TRUE_WORDS:
+    """The effective mode: `--no-telemetry`, then DISABLE_TELEMETRY, force fast; else the config's.
+
+    DISABLE_TELEMETRY is true for 1, true or yes and false for 0, false, no or empty (any case,
+    spaces ignored); any other value is ignored with a warning, so a typo never fails a run.
+    """
+    if no_telemetry:
         return TelemetryMode.FAST
+    word = environ.get(DISABLE_TELEMETRY_VAR, "").strip().lower()
+    if word in _TRUE_WORDS:
+        return TelemetryMode.FAST
+    if word not in _FALSE_WORDS:
+        log.warning("%s=%r is neither true (1, true, yes) nor false (0, false, no): ignored",
+                    DISABLE_TELEMETRY_VAR, environ[DISABLE_TELEMETRY_VAR])
     return configured
 
 
@@ -94,7 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class RunProcess:
     """One run, top to bottom, on the process's main thread."""
 
-    def __init__(self, args: argparse.Namespace, stop: StopFlag) -> None:
+    def __init__(self, args: argparse.Namespace, stop: RunStop) -> None:
         self.run_id: str = args.run_id
         self.worker_id: str = args.worker_id
         self.no_telemetry: bool = args.no_telemetry
@@ -106,7 +141,10 @@ class RunProcess:
         self.steps = 0
         self.mode: TelemetryMode | None = None
         self.emitter: Emitter | None = None
+        self.tensorboard: ScalarLog | None = None
         self.started = time.monotonic()
+        #: (monotonic, process CPU) seconds when run_started was sent: the training's own time
+        self.train_clock: tuple[float, float] | None = None
 
     def run(self) -> int:
         """Train, report, clean up; returns the exit code."""
@@ -136,8 +174,9 @@ class RunProcess:
         agent_id = raw.get("agent_id", "agent-0") if isinstance(raw, dict) else "agent-0"
         self.emitter = Emitter.connect(
             ctx, settings.telemetry_in, self.run_id, agent_id=str(agent_id),
-            worker_id=self.worker_id, stop=self.stop.__bool__,
+            worker_id=self.worker_id, stop=lambda: bool(self.stop),
         )
+        self.emitter.spool = SpoolWriter.create(self.run_dir)  # kept until the ingest has all
         started: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
         try:
             config = parse_config(raw)
@@ -148,6 +187,12 @@ class RunProcess:
             )
             raise
         self.mode = telemetry_mode(config.telemetry, self.no_telemetry, os.environ)
+        self.tensorboard = ScalarLog(self.run_dir)
+        self.emitter.observe_metrics(self.tensorboard.add_rows)
+        # imported before run_started, so that the run's timing (run_started to run_completed)
+        # holds the training and not gymnasium's import
+        from gymbus.worker import training  # noqa: F401
+        self.train_clock = (time.monotonic(), time.process_time())
         self.emitter.lifecycle(
             LifecycleEvent.RUN_STARTED, config=config.to_dict(), env=config.env, algo=config.algo,
             telemetry=self.mode.value, seed=config.seed, **started,
@@ -163,12 +208,14 @@ class RunProcess:
         env = training.make_env(config)
         try:
             agent = training.make_agent(config, env, rng, emitter)
+            evaluation = training.make_evaluation(config, agent, emitter)
             emitter.configure_steps(vector_obs=training.has_vector_obs(env), labels=agent.has_labels)
             progress = training.LoopResult()
             try:
                 training.run_training(
                     env, agent, emitter, training.budget_of(config), seed=config.seed,
                     mode=mode, every=config.every, stop=self.stop, progress=progress,
+                    evaluation=evaluation,
                 )
             finally:  # how far it got, also when the loop raised
                 self.episodes, self.steps = progress.episodes, progress.steps
@@ -177,21 +224,25 @@ class RunProcess:
         finally:
             env.close()
 
-    def _save_artifacts(self, arrays: dict[str, np.ndarray], emitter: Emitter) -> None:
-        """Write each array as `artifacts/<name>.npy` and announce it with an artifact frame."""
-        if not arrays:
-            return
+    def _save_artifacts(self, artifacts: list[Artifact], emitter: Emitter) -> None:
+        """Write each artifact under `artifacts/` and announce it with an artifact frame."""
+        from gymbus.worker.agents.policies import write_artifact
+
         folder = self.run_dir / ARTIFACTS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, array in arrays.items():
-            path = folder / f"{name}.npy"
-            np.save(path, array)
-            emitter.artifact(name, path.relative_to(self.run_dir).as_posix(), "npy")
+        for artifact in artifacts:
+            path = write_artifact(folder, artifact)
+            emitter.artifact(artifact.name, path.relative_to(self.run_dir).as_posix(),
+                             artifact.format)
 
     def _finish_telemetry(self) -> int:
-        """Flush and send run_completed; a broken socket fails the run but not the report."""
+        """Complete the TensorBoard file, then flush and send run_completed.
+
+        TensorBoard comes first: it never waits on the network, so a cancelled run's events are
+        on disk even when the last sends block. A broken socket fails the run but not the report.
+        """
         if self.emitter is None:
             return 0
+        self._close_tensorboard(self.emitter)
         try:
             return self.emitter.finish(self.status.value, self.reason, self.episodes, self.steps)
         except Exception as exc:  # noqa: BLE001 - result.json must still be written
@@ -200,9 +251,24 @@ class RunProcess:
             self.reason = self.reason or f"{type(exc).__name__}: {exc}"
             return self.emitter.seq
 
+    def _close_tensorboard(self, emitter: Emitter) -> None:
+        """Hand the metrics not yet sent to TensorBoard, then flush and close its event file."""
+        if self.tensorboard is None:
+            return
+        try:
+            emitter.feed_observers()
+        except Exception:  # TensorBoard never fails a run, nor its report
+            log.exception("the last metrics could not be written to TensorBoard")
+        finally:
+            self.tensorboard.close()
+
     def _write_result(self, frames_emitted: int, code: RunExit) -> None:
         """Write result.json atomically, so the daemon never reads half of it."""
         stats = self.emitter.stats() if self.emitter is not None else {}
+        timing = {}
+        if self.train_clock is not None:  # from run_started to now, wall and CPU seconds
+            timing = {"train_s": round(time.monotonic() - self.train_clock[0], 4),
+                      "train_cpu_s": round(time.process_time() - self.train_clock[1], 4)}
         result = {
             **stats,
             "status": self.status.value,
@@ -214,6 +280,8 @@ class RunProcess:
             "telemetry": self.mode.value if self.mode is not None else None,
             "exit_code": int(code),
             "duration_s": round(time.monotonic() - self.started, 3),
+            **timing,
+            "tensorboard": self.tensorboard.stats() if self.tensorboard is not None else None,
             "pid": os.getpid(),
         }
         tmp = self.run_dir / (RESULT_FILE + ".tmp")
@@ -224,7 +292,7 @@ class RunProcess:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m gymbus.worker.child`; returns the exit code."""
     args = parse_args(argv)
-    stop = StopFlag().install()
+    stop = RunStop().install()
     logs.setup("run")
     return RunProcess(args, stop).run()
 

@@ -2,8 +2,9 @@
 
 One loop (`Worker.serve`), read top to bottom: poll the broker's socket with a timeout no longer
 than the heartbeat interval, dispatch each message through a table keyed by `Command`, then do
-the housekeeping on every pass: reap finished children, escalate cancels, heartbeat, and count
-the broker's liveness down (re-registering with a fresh socket when it runs out).
+the housekeeping on every pass: reap finished children, escalate cancels, heartbeat, count the
+broker's liveness down (re-registering with a fresh socket when it runs out), and repair: ask the
+ingest about spooled runs and replay what it misses (worker/repair.py, never blocking the loop).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from gymbus.shared.protocol import Command, RunState
 from gymbus.shared.runconfig import parse_config
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import StopFlag, connect, new_socket
+from gymbus.worker import spool
 from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE
+from gymbus.worker.repair import Repairer
 
 log = logging.getLogger("gymbus.worker")
 
@@ -43,6 +46,8 @@ SHUTDOWN_GRACE = 2.5
 REAP_INTERVAL = 0.1
 #: longest poll at all, so that a stop signal is seen promptly
 MAX_POLL = 0.25
+#: poll while frames wait to be replayed: the loop turns at once, replaying a batch per pass
+REPAIR_POLL = 0.002
 LINGER_MS = 500
 #: lines of run.log quoted as the reason of a run that left no result.json
 LOG_TAIL_LINES = 20
@@ -85,6 +90,8 @@ class Worker:
         self.next_heartbeat = 0.0
         #: final run_updates sent since the broker was last heard, re-sent after a reconnect
         self.unconfirmed: list[dict[str, Any]] = []
+        #: spooled runs: the ingest is asked what it misses, and it is replayed
+        self.repair = Repairer(settings, self.ctx, clock)
         self.handlers: dict[Command, Callable[[dict[str, Any]], None]] = {
             Command.RUN: self.on_run,
             Command.CANCEL: self.on_cancel,
@@ -98,6 +105,7 @@ class Worker:
         log.info("worker %s: %d slots, broker at %s", self.settings.worker_id,
                  self.settings.worker_slots, self.settings.broker_workers)
         self.connect_to_broker()
+        self.repair.scan()
         while not self.stop:
             sock = self.require_socket()
             if sock.poll(int(self.poll_timeout() * 1000), zmq.POLLIN):
@@ -105,6 +113,7 @@ class Worker:
             self.reap_children()
             self.escalate_cancels()
             self.heartbeat()
+            self.repair_spools()
         self.shutdown()
         return 0
 
@@ -114,7 +123,16 @@ class Worker:
         timeout = min(MAX_POLL, self.settings.heartbeat_interval, self.next_heartbeat - now)
         if self.children:
             timeout = min(timeout, REAP_INTERVAL)
+        if self.repair.busy():
+            timeout = min(timeout, REPAIR_POLL)
         return max(timeout, 0.0)
+
+    def repair_spools(self) -> None:
+        """One repair pass; a bug in it costs the pass, never the worker's heartbeats."""
+        try:
+            self.repair.tick()
+        except Exception:
+            log.exception("spool repair pass failed")
 
     def receive_all(self, sock: zmq.Socket[Any]) -> None:
         """Handle every message waiting on the socket; any message proves the broker alive."""
@@ -194,6 +212,7 @@ class Worker:
         run_dir = self.settings.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESULT_FILE).unlink(missing_ok=True)
+        spool.reset(run_dir)  # an earlier attempt's spool: the child starts a new one
         (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
         log_file = open(run_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed when the child is reaped
         cmd = [sys.executable, "-m", "gymbus.worker.child", "--run-dir", str(run_dir),
@@ -206,6 +225,7 @@ class Worker:
         except BaseException:
             log_file.close()
             raise
+        self.repair.track(run_id, run_dir, running=True)
         return Child(run_id, process, run_dir, log_file)
 
     def signal_child(self, child: Child, signum: int) -> None:
@@ -235,6 +255,7 @@ class Worker:
         """Send the final run_update of an exited child, from its result.json if it left one."""
         del self.children[child.run_id]
         child.log_file.close()
+        self.repair.run_ended(child.run_id)
         code = child.process.returncode
         result = read_result(child.run_dir / RESULT_FILE)
         if result is not None:
@@ -336,6 +357,7 @@ class Worker:
         self.send(Command.DISCONNECT, {})
         self.require_socket().close(linger=LINGER_MS)
         self.sock = None
+        self.repair.close()
         self.ctx.term()
 
 

@@ -6,16 +6,23 @@ PUB so that the emitter can wait for the first subscription before it publishes 
 problem), and so that with `XPUB_NODROP` a full queue pushes back on the run instead of losing
 frames.
 
-The per-step path (`step`) appends one row tuple to a list created once and cleared after each
-flush: no dict, no encoding, no send per step. At flush the rows become columns (`zip`), and
-numpy scalars from an environment are converted only if msgpack refuses the frame as it is.
+The hot paths (`step` per step, `episode` and `metric` per episode) are closures that append
+one row tuple to a list created once and cleared after each flush: no dict, no encoding, no
+send per call. At flush the rows become columns (`zip`), and numpy scalars from an environment
+are converted only if msgpack refuses the frame as it is. In fast mode the training loop never
+calls `step`, so no step frame is built at all.
+
+Metric observers (the run's TensorBoard log) get each batch of metric rows as it is taken, so
+TensorBoard costs the training loop nothing per value (see `gymbus.worker.tensorboard`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -25,6 +32,7 @@ from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import DecodeError, GymbusError
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
 from gymbus.shared.transport import connect, new_socket
+from gymbus.worker.spool import SpoolWriter
 
 log = logging.getLogger("gymbus.run.emitter")
 
@@ -52,11 +60,10 @@ class TelemetryError(GymbusError):
     """The telemetry socket failed (not a full queue: that blocks). The run fails with this reason."""
 
 
-def _bools(column: tuple[Any, ...]) -> Any:
-    """A bool column as is when it holds Python bools only (0/1 would pack as ints), else cast."""
-    if set(map(type, column)) == {bool}:
-        return column
-    return np.asarray(column, dtype=bool).tolist()
+def _bools(column: Sequence[Any]) -> list[bool]:
+    """A bool column as Python bools (numpy bools and 0/1 ints from an environment included:
+    msgpack would refuse the first and pack the second as integers). C-level, ~15 ns a row."""
+    return list(map(bool, column))
 
 
 def _normalized(body: dict[str, Any], n: int, vector_obs: bool) -> dict[str, Any]:
@@ -72,36 +79,63 @@ def _normalized(body: dict[str, Any], n: int, vector_obs: bool) -> dict[str, Any
     return out
 
 
+def _normalized_columns(body: dict[str, Any], kinds: dict[str, type]) -> dict[str, Any]:
+    """An episode or metric body with numpy scalars turned into Python numbers, by column type."""
+    out = dict(body)
+    for name, kind in kinds.items():
+        if kind is int:
+            out[name] = np.asarray(body[name], dtype=np.int64).tolist()
+        elif kind is float:
+            out[name] = np.asarray(body[name], dtype=np.float64).tolist()
+        elif kind is bool:
+            out[name] = np.asarray(body[name], dtype=bool).tolist()
+    return out
+
+
+_EPISODE_KINDS: dict[str, type] = {"episode": int, "return": float, "length": int,
+                                   "terminated": bool, "truncated": bool, "ts_ns": int}
+_METRIC_KINDS: dict[str, type] = {"name": str, "step": int, "value": float, "ts_ns": int}
+
+#: a buffered metric row: (name, step, value, ts_ns), as metric observers receive it
+MetricRow = tuple[str, int, float, int]
+_VALUE = itemgetter(2)
+
+
 class _Batch:
-    """Columns of episode or metric rows, flushed by count or by the time since the last flush."""
+    """Step, episode or metric rows, as tuples in one list; flushed by count or by age.
+
+    `deadline` is when the batch is due by time: FLUSH_INTERVAL after the last flush.
+    """
 
     def __init__(self, kind: FrameKind, names: tuple[str, ...], max_rows: int, now: float) -> None:
         self.kind = kind
         self.names = names
-        self.columns: list[list[Any]] = [[] for _ in names]
+        self.rows: list[tuple[Any, ...]] = []
+        self.append = self.rows.append
         self.max_rows = max_rows
-        self.rows = 0
-        self.last_flush = now
+        self.deadline = now + FLUSH_INTERVAL
 
-    def add(self, values: tuple[Any, ...]) -> None:
-        for column, value in zip(self.columns, values):
-            column.append(value)
-        self.rows += 1
+    def take(self, now: float) -> list[tuple[Any, ...]]:
+        """The buffered rows; the batch starts over, due again FLUSH_INTERVAL from `now`."""
+        rows = self.rows[:]
+        self.rows.clear()
+        self.deadline = now + FLUSH_INTERVAL
+        return rows
 
-    def due(self, now: float) -> bool:
-        return self.rows >= self.max_rows or now - self.last_flush >= FLUSH_INTERVAL
-
-    def take(self, now: float) -> dict[str, Any]:
-        body = {name: list(column) for name, column in zip(self.names, self.columns)}
-        for column in self.columns:
-            column.clear()
-        self.rows = 0
-        self.last_flush = now
+    def body(self, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+        """Rows as a columnar body (bool columns as Python bools)."""
+        body = dict(zip(self.names, map(list, zip(*rows))))
+        for name in ("terminated", "truncated"):
+            if name in body:
+                body[name] = _bools(body[name])
         return body
 
 
 class Emitter:
     """Frames of one run onto one socket. Build it with `Emitter.connect`, or around a socket."""
+
+    #: the run's spool (worker/spool.py): each frame is written to it before it is sent
+    spool: SpoolWriter | None = None
 
     def __init__(
         self,
@@ -124,20 +158,23 @@ class Emitter:
         self.rows = {kind.value: 0 for kind in FrameKind}
         self.blocked_sends = 0
         self.frames_dropped = 0
+        #: metric values dropped because they were NaN or infinite
+        self.metrics_dropped = 0
         self.subscribed = False
         now = clock()
         self._episodes = _Batch(FrameKind.EPISODE, _EPISODE_COLUMNS, EPISODE_BATCH_ROWS, now)
         self._metrics = _Batch(FrameKind.METRIC, _METRIC_COLUMNS, METRIC_BATCH_ROWS, now)
+        self._observers: list[Callable[[Sequence[MetricRow]], None]] = []
+        self._observed = 0  # buffered metric rows already handed to the observers
         # steps are buffered as row tuples in one list (created once, cleared after each flush)
         # and turned into columns at flush time by zip(): one append per step measures about
         # half the cost of eight per-column appends
-        self._rows: list[tuple[Any, ...]] = []
-        self._append_row = self._rows.append
-        self._n = 0
-        self._deadline = 0.0
+        self._steps = _Batch(FrameKind.STEP, (), STEP_BATCH_ROWS, now)
+        self._rows = self._steps.rows
         self._t0_ns = 0
         self._vector_obs = False
         self._labels = False
+        self._bind_hot_paths()
 
     @classmethod
     def connect(
@@ -180,56 +217,63 @@ class Emitter:
 
     def configure_steps(self, *, vector_obs: bool, labels: bool) -> None:
         """Observations as float vectors (Box) or integers (Discrete); with or without labels."""
-        if self._n:
-            self.flush_steps()
+        self.flush_steps()
         self._vector_obs = vector_obs
         self._labels = labels
-        if vector_obs:
-            self.step = self._step_vector  # type: ignore[method-assign]
-        else:
-            self.step = self._step_scalar  # type: ignore[method-assign]
+        self._bind_hot_paths()
 
-    # --- the per-step path --------------------------------------------------------------------
+    # --- the hot paths ------------------------------------------------------------------------
 
-    def step(
-        self,
-        episode: int,
-        step: int,
-        action: int,
-        obs: Any,
-        reward: float,
-        terminated: bool,
-        truncated: bool,
-        label: str | None = None,
-    ) -> None:
-        """Buffer one step; flushes at STEP_BATCH_ROWS rows or FLUSH_INTERVAL after the first.
+    def _bind_hot_paths(self) -> None:
+        """Build `step`, `episode` and `metric` as closures over the batches' lists.
 
-        For Discrete observations (the default); `configure_steps` switches to Box ones.
+        They run per step and per episode on the training thread: a closure reaches its state
+        through cells and calls no bound method, ~200 ns less per call than a method (measured:
+        475 -> 274 ns for `metric`), which is a third of what fast mode costs on FrozenLake.
         """
-        self._append_row((episode, step, action, obs, reward, terminated, truncated, label))
-        n = self._n + 1
-        self._n = n
-        if n == 1:
-            self._deadline = self._clock() + FLUSH_INTERVAL
-            self._t0_ns = time.time_ns()
-        elif n >= STEP_BATCH_ROWS or self._clock() >= self._deadline:
-            self.flush_steps()
+        steps, episodes, metrics = self._steps, self._episodes, self._metrics
+        step_rows, episode_rows, metric_rows = steps.rows, episodes.rows, metrics.rows
+        add_step, add_episode, add_metric = step_rows.append, episode_rows.append, metric_rows.append
+        clock, time_ns = self._clock, time.time_ns
+        flush_steps, flush, flush_metrics = self.flush_steps, self.flush, self._flush_metrics
+        vector_obs = self._vector_obs
 
-    _step_scalar = step
+        def step(episode: int, step: int, action: int, obs: Any, reward: float,
+                 terminated: bool, truncated: bool, label: str | None = None) -> None:
+            """Buffer one step; flushes at STEP_BATCH_ROWS rows or FLUSH_INTERVAL after the first.
 
-    def _step_vector(
-        self,
-        episode: int,
-        step: int,
-        action: int,
-        obs: Any,
-        reward: float,
-        terminated: bool,
-        truncated: bool,
-        label: str | None = None,
-    ) -> None:
-        """`step` for Box observations: copies the array (an env may reuse it) as a list."""
-        self._step_scalar(episode, step, action, obs.tolist(), reward, terminated, truncated, label)
+            A Box observation is copied as a list (an environment may reuse its array).
+            """
+            if vector_obs:
+                obs = obs.tolist()
+            if not step_rows:
+                self._t0_ns = time_ns()
+                steps.deadline = clock() + FLUSH_INTERVAL
+                add_step((episode, step, action, obs, reward, terminated, truncated, label))
+                return
+            add_step((episode, step, action, obs, reward, terminated, truncated, label))
+            if len(step_rows) >= STEP_BATCH_ROWS or clock() >= steps.deadline:
+                flush_steps()
+
+        def episode(episode: int, ret: float, length: int, terminated: bool,
+                    truncated: bool) -> None:
+            """Buffer one finished episode; a due episode batch flushes steps and metrics too.
+
+            One tuple per call: numbers are converted at flush, and only if msgpack refuses them.
+            """
+            add_episode((episode, ret, length, terminated, truncated, time_ns()))
+            if len(episode_rows) >= EPISODE_BATCH_ROWS or clock() >= episodes.deadline:
+                flush()
+
+        def metric(name: str, step: int, value: float) -> None:
+            """Buffer one metric value (the agents' MetricSink)."""
+            add_metric((name, step, value, time_ns()))
+            if len(metric_rows) >= METRIC_BATCH_ROWS or clock() >= metrics.deadline:
+                flush_metrics()
+
+        self.step: Callable[..., None] = step
+        self.episode: Callable[[int, float, int, bool, bool], None] = episode
+        self.metric: Callable[[str, int, float], None] = metric
 
     def flush_steps(self) -> None:
         """Send the buffered steps as one step frame (nothing if none are buffered).
@@ -237,12 +281,11 @@ class Emitter:
         The columns go to msgpack as they are; only when that fails (numpy scalars from an
         environment) are they converted, so the common case pays no per-row conversion.
         """
-        n = self._n
+        n = len(self._rows)
         if not n:
             return
         episode, step, action, obs_rows, reward, terminated, truncated, label = zip(*self._rows)
         self._rows.clear()
-        self._n = 0
         obs: Any = obs_rows
         if self._vector_obs and obs_rows[0] and isinstance(obs_rows[0][0], list):
             obs = np.asarray(obs_rows, dtype=np.float64).reshape(n, -1).tolist()  # a 2-D+ Box
@@ -266,32 +309,70 @@ class Emitter:
 
     # --- per episode and per metric -----------------------------------------------------------
 
-    def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool) -> None:
-        """Buffer one finished episode; a due episode batch flushes steps and metrics too."""
-        self._episodes.add(
-            (int(episode), float(ret), int(length), bool(terminated), bool(truncated), time.time_ns())
-        )
-        if self._episodes.due(self._clock()):
-            self.flush()
+    def observe_metrics(self, observer: Callable[[Sequence[MetricRow]], None]) -> None:
+        """Call `observer` with every batch of metric rows, before the batch is sent.
 
-    def metric(self, name: str, step: int, value: float) -> None:
-        """Buffer one metric value (the agents' MetricSink)."""
-        self._metrics.add((name, int(step), float(value), time.time_ns()))
-        now = self._clock()
-        if self._metrics.due(now):
-            self._send_batch(self._metrics, now)
+        Observers run on this thread (the run's TensorBoard log is one); a row reaches each
+        observer once, whether or not its frame is delivered.
+        """
+        self._observers.append(observer)
+
+    def feed_observers(self) -> None:
+        """Hand the metric rows buffered so far to the observers now, without sending them.
+
+        For the end of a run: its TensorBoard file can be completed before the last frames are
+        sent, which may block. The rows are still sent, once, by the next flush.
+        """
+        rows = self._metrics.rows
+        if len(rows) > self._observed:
+            fresh = rows[self._observed:]
+            self._observed = len(rows)
+            for observer in self._observers:
+                observer(fresh)
 
     def flush(self) -> None:
-        """Send everything buffered: steps first, then episodes, then metrics."""
+        """Send everything buffered: metrics are taken first (observers see them before any send
+        blocks), then steps, episodes and metrics are sent in that order."""
         now = self._clock()
+        metrics = self._take_metrics(now)
         self.flush_steps()
-        self._send_batch(self._episodes, now)
-        self._send_batch(self._metrics, now)
+        episodes = self._episodes
+        if episodes.rows:
+            rows = episodes.take(now)
+            self._send_columns(FrameKind.EPISODE, episodes.body(rows), len(rows), _EPISODE_KINDS)
+        self._send_metrics(metrics)
 
-    def _send_batch(self, batch: _Batch, now: float) -> None:
-        if batch.rows:
-            rows = batch.rows
-            self._send(batch.kind, batch.take(now), rows)
+    def _flush_metrics(self) -> None:
+        self._send_metrics(self._take_metrics(self._clock()))
+
+    def _take_metrics(self, now: float) -> list[MetricRow]:
+        """The buffered metric rows (observers get those they have not seen); the batch restarts."""
+        if not self._metrics.rows:
+            return []
+        self.feed_observers()
+        self._observed = 0
+        return self._metrics.take(now)
+
+    def _send_metrics(self, rows: list[MetricRow]) -> None:
+        """Send metric rows as one frame; non-finite values are dropped (and counted), since the
+        protocol refuses them and one NaN loss would turn the whole frame into a dead letter."""
+        if not rows:
+            return
+        if not all(map(math.isfinite, map(_VALUE, rows))):
+            kept = [r for r in rows if math.isfinite(r[2])]
+            self.metrics_dropped += len(rows) - len(kept)
+            rows = kept
+            if not rows:
+                return
+        self._send_columns(FrameKind.METRIC, self._metrics.body(rows), len(rows), _METRIC_KINDS)
+
+    def _send_columns(self, kind: FrameKind, body: dict[str, Any], rows: int,
+                      kinds: dict[str, type]) -> None:
+        try:
+            parts = self._encode(kind, body)
+        except DecodeError:  # numpy scalars somewhere: convert by column type, once
+            parts = self._encode(kind, _normalized_columns(body, kinds))
+        self._publish(kind, parts, rows)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -329,6 +410,7 @@ class Emitter:
             "rows": dict(self.rows),
             "blocked_sends": self.blocked_sends,
             "frames_dropped": self.frames_dropped,
+            "metrics_dropped": self.metrics_dropped,
             "subscribed": self.subscribed,
         }
 
@@ -355,6 +437,8 @@ class Emitter:
 
     def _publish(self, kind: FrameKind, parts: tuple[bytes, bytes], rows: int) -> None:
         """Deliver an encoded frame; its seq is spent whether or not it is delivered."""
+        if self.spool is not None:
+            self.spool.append(self.seq, parts)
         self.seq += 1
         if self._deliver(parts):
             self.frames[kind.value] += 1
