@@ -1,0 +1,449 @@
+"""What telemetry costs: gymbus fast and full mode against a bare loop and what users do instead.
+
+    python bench/telemetry_overhead.py [--steps 500000] [--rounds 5] [--envs FrozenLake-v1,...]
+
+The same agent code (gymbus.worker.agents via gymbus.worker.training), the same seed and the same
+step budget, per environment, in five ways that interleave round by round (1,2,3,4,5,1,2,...):
+
+  bare   the agent and environment alone, no gymbus (a subprocess of this script)
+  fast   gymbus fast mode through a real stack (ingest, broker, controller, worker)
+  full   gymbus full telemetry through the stack, timed until the ingest holds every step row
+  jsonl  one json.dumps + write + flush per step to a pipe that this script drains (the
+         approach gymbus replaces: the seeds' TelemetryEmitter)
+  tb     the bare loop logging reward, action, observation and epsilon per step with
+         torch.utils.tensorboard.SummaryWriter.add_scalar (capped at --tb-steps: at ~4k steps/s
+         the full budget would take minutes per run; its rate does not change along a run)
+
+Timed intervals: the baselines from building the environment to the end of the loop (writers
+closed); gymbus from its run_started frame to run_completed (fast) or to the moment the ingest
+reports every frame stored (full), so process start-up, which is the same for every run, is
+left out of both and reported apart. Besides wall-clock steps/s, the CPU steps/s of the training
+process (its own CPU time, threads included) are shown: they do not move when another process
+takes the CPU. Live latency: a SUB on the broker's telemetry output takes each step frame's age
+at arrival (now - t0_ns, the frame's first step: its oldest row), and estimates per-row ages by
+spreading rows evenly between t0_ns and the frame's build time. Ingest efficiency: step rows
+stored per CPU-second of the ingest process (/proc/<pid>/stat) during the full runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from gymbus.services.stack import Stack, free_endpoints
+from gymbus.shared import settings as settings_mod
+from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, LifecycleEvent
+from gymbus.shared.transport import Client
+
+ENVS = {"FrozenLake-v1": "q-learning", "Taxi-v4": "q-learning",
+        "CliffWalking-v1": "q-learning", "CartPole-v1": "random"}
+MODES = ("bare", "fast", "full", "jsonl", "tb")
+TARGETS = {"fast": 0.97, "full": 0.85}  # of the bare loop's steps/s
+FULL_OVER_JSONL, FULL_OVER_TB, LATENCY_P99_MS, INGEST_ROWS_PER_CPU_S = 1.35, 20.0, 250.0, 500_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- the baselines, each in a subprocess of its own -------------------------------------------------
+
+
+def build(env_id: str, algo: str, steps: int, seed: int) -> tuple[Any, Any]:
+    """The environment and agent exactly as a gymbus run builds them."""
+    from gymbus.shared.runconfig import parse_config
+    from gymbus.worker import training
+    from gymbus.worker.agents.base import NullSink
+
+    config = parse_config({"env": env_id, "algo": algo, "total_steps": steps, "seed": seed})
+    rng = training.seed_everything(config.seed)
+    env = training.make_env(config)
+    return env, training.make_agent(config, env, rng, NullSink())
+
+
+def loop(env: Any, agent: Any, steps: int, seed: int, on_step: Any = None,
+         on_episode: Any = None) -> int:
+    """run_training's loop without gymbus; returns the episodes. Hooks, if given, log."""
+    act, learn, env_step = agent.act, agent.learn, env.step
+    done = episode = 0
+    while done < steps:
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        agent.begin_episode(episode, done)
+        ret, t, left = 0.0, 0, steps - done
+        while True:
+            action = act(obs)
+            next_obs, raw_reward, terminated, truncated, _ = env_step(action)
+            reward = float(raw_reward)
+            learn(obs, action, reward, next_obs, terminated, truncated)
+            if on_step is not None:
+                on_step(episode, t, action, next_obs, reward, terminated, truncated, done + t)
+            ret += reward
+            t += 1
+            obs = next_obs
+            if terminated or truncated or t >= left:
+                break
+        done += t
+        if on_episode is not None:
+            on_episode(episode, ret, t, terminated, truncated)
+        agent.end_episode(episode, done, ret, t)
+        episode += 1
+    return episode
+
+
+def bare_loop(env: Any, agent: Any, steps: int, seed: int) -> int:
+    """The bare loop, written out without hooks (a hook test per step would cost ~1%)."""
+    act, learn, env_step = agent.act, agent.learn, env.step
+    done = episode = 0
+    while done < steps:
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        agent.begin_episode(episode, done)
+        ret, t, left = 0.0, 0, steps - done
+        while True:
+            action = act(obs)
+            next_obs, raw_reward, terminated, truncated, _ = env_step(action)
+            reward = float(raw_reward)
+            learn(obs, action, reward, next_obs, terminated, truncated)
+            ret += reward
+            t += 1
+            obs = next_obs
+            if terminated or truncated or t >= left:
+                break
+        done += t
+        agent.end_episode(episode, done, ret, t)
+        episode += 1
+    return episode
+
+
+class JsonLines:
+    """The seeds' TelemetryEmitter: one JSON object per event, written and flushed at once."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self.out = run_id, sys.stdout
+
+    def emit(self, event_type: str, **fields: Any) -> None:
+        ts_ns = time.time_ns()
+        payload = {"type": event_type,
+                   "ts": dt.datetime.fromtimestamp(ts_ns / 1e9, tz=dt.UTC).isoformat(),
+                   "ts_unix_ns": ts_ns, "run_id": self.run_id, **fields}
+        self.out.write(json.dumps(payload, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    def step(self, episode: int, t: int, action: int, obs: Any, reward: float, terminated: bool,
+             truncated: bool, global_step: int) -> None:
+        self.emit("step", episode=episode, step_index=t, action=int(action),
+                  observation=obs.tolist() if hasattr(obs, "tolist") else obs, reward=reward,
+                  terminated=bool(terminated), truncated=bool(truncated), agent_id="agent-0")
+
+    def episode(self, episode: int, ret: float, length: int, terminated: bool,
+                truncated: bool) -> None:
+        self.emit("episode", episode=episode, total_reward=ret, steps=length,
+                  terminated=bool(terminated), truncated=bool(truncated), agent_id="agent-0")
+
+
+def run_baseline(mode: str, env_id: str, algo: str, steps: int, seed: int) -> dict[str, Any]:
+    """One timed baseline run in this process; its numbers as a dict."""
+    writer: Any = None
+    if mode == "tb":
+        from torch.utils.tensorboard import SummaryWriter  # imported before the clock starts
+
+        writer = SummaryWriter(tempfile.mkdtemp(prefix="gymbus-bench-tb-"))
+    wall, cpu = time.perf_counter(), time.process_time()
+    env, agent = build(env_id, algo, steps, seed)
+    if mode == "bare":
+        episodes = bare_loop(env, agent, steps, seed)
+    elif mode == "jsonl":
+        log = JsonLines(str(uuid.uuid4()))
+        log.emit("run_started", config={"env": env_id, "algo": algo, "seed": seed})
+        episodes = loop(env, agent, steps, seed, log.step, log.episode)
+        log.emit("run_completed", status="completed", steps=steps, episodes=episodes)
+    else:
+        add = writer.add_scalar
+
+        def log_step(episode: int, t: int, action: int, obs: Any, reward: float,
+                     terminated: bool, truncated: bool, global_step: int) -> None:
+            add("step/reward", reward, global_step)
+            add("step/action", action, global_step)
+            add("step/observation", float(obs if np.ndim(obs) == 0 else obs[0]), global_step)
+            add("step/epsilon", getattr(agent, "epsilon", 1.0), global_step)
+
+        episodes = loop(env, agent, steps, seed, log_step)
+        writer.close()
+    env.close()
+    return {"steps": steps, "episodes": episodes, "seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu}
+
+
+def baseline_subprocess(mode: str, env_id: str, algo: str, steps: int, seed: int) -> dict[str, Any]:
+    """Run a baseline in a fresh interpreter (as a gymbus run is); JSON lines are drained here."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = Path(f.name)
+    cmd = [sys.executable, __file__, "--baseline", mode, "--envs", env_id, "--steps", str(steps),
+           "--seed", str(seed), "--result", str(result_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = sum(1 for _ in proc.stdout)  # type: ignore[union-attr]  # the reader that drains
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline {mode} {env_id} failed:\n{err.decode()[-2000:]}")
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    result_path.unlink()
+    if mode == "jsonl" and lines != steps + result["episodes"] + 2:
+        raise AssertionError(f"jsonl: {lines} lines read for {steps} steps: lines were lost")
+    return result
+
+
+# --- gymbus through the stack ---------------------------------------------------------------------
+
+
+class Watch:
+    """A SUB on the broker's telemetry output: lifecycle frames and step-frame latencies by run."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for kind in (FrameKind.STEP, FrameKind.LIFECYCLE):
+            self.sock.setsockopt(zmq.SUBSCRIBE, kind.value.encode())
+        self.sock.connect(endpoint)
+        self.started: dict[str, int] = {}
+        self.completed: dict[str, tuple[int, dict[str, Any]]] = {}
+        #: run id -> [(age of the oldest row, age of the newest row, rows)] in ns
+        self.ages: dict[str, list[tuple[int, int, int]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            topic, payload = self.sock.recv_multipart()
+            now = time.time_ns()
+            if topic.startswith(FrameKind.STEP.value.encode()):
+                run_id, ts_ns, t0_ns, rows = step_times(payload)
+                self.ages.setdefault(run_id, []).append((now - t0_ns, now - ts_ns, rows))
+                continue
+            frame = msgpack.unpackb(payload, raw=False)
+            body = frame["body"]
+            if body["event"] == LifecycleEvent.RUN_STARTED.value:
+                self.started[frame["run_id"]] = frame["ts_ns"]
+            elif body["event"] == LifecycleEvent.RUN_COMPLETED.value:
+                self.completed[frame["run_id"]] = (frame["ts_ns"], body)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+def step_times(payload: bytes) -> tuple[str, int, int, int]:
+    """run_id, ts_ns, t0_ns and rows of a step frame, skipping its columns unbuilt (the watcher
+    shares the machine with what it measures: a full decode costs ~5x more)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(payload)
+    head: dict[str, Any] = {}
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        if key != "body":
+            head[key] = unpacker.unpack()
+            continue
+        for _ in range(unpacker.read_map_header()):
+            name = unpacker.unpack()
+            if name == "t0_ns":
+                head["t0_ns"] = unpacker.unpack()
+            elif name == "step":
+                head["rows"] = unpacker.read_array_header()
+                for _ in range(head["rows"]):
+                    unpacker.skip()
+            else:
+                unpacker.skip()
+    return head["run_id"], head["ts_ns"], head["t0_ns"], head["rows"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_gymbus(stack: Stack, watch: Watch, mode: str, env_id: str, algo: str, steps: int,
+               seed: int) -> dict[str, Any]:
+    """Submit one run, wait for it, time it, and check that nothing was lost."""
+    s = stack.settings
+    ingest_pid = stack.services["ingest"].process.pid
+    config = {"env": env_id, "algo": algo, "total_steps": steps, "seed": seed, "telemetry": mode}
+    with Client(s.controller, "controller") as ctl, Client(s.ingest, "ingest") as ingest:
+        cpu0, submitted = cpu_seconds(ingest_pid), time.time_ns()
+        run_id = ctl.request(Command.SUBMIT, {"config": config,
+                                              "idempotency_key": uuid.uuid4().hex})["run_id"]
+        deadline = time.monotonic() + 600
+        while run_id not in watch.completed:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"run {run_id} did not complete; see {s.home / 'logs'}")
+            time.sleep(0.01)  # bench polling, bounded by the deadline
+        end_ns, body = watch.completed[run_id]
+        while True:  # the ingest flushes before answering run_stats
+            stats = ingest.request(Command.RUN_STATS, {"run_id": run_id})["runs"][0]
+            if stats["complete"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if mode == "full":
+            end_ns = time.time_ns()
+        cpu1 = cpu_seconds(ingest_pid)
+        while ctl.request(Command.GET_RUN, {"run_id": run_id})["run"]["state"] not in TERMINAL_STATES:
+            time.sleep(0.02)
+    if body["status"] != "completed" or not stats["complete"] or stats["gaps"]:
+        raise AssertionError(f"{mode} run {run_id}: {body['status']}, stats {stats}")
+    expected_rows = body["steps"] if mode == "full" else 0
+    if body["steps"] != steps or stats["steps"] != expected_rows:
+        raise AssertionError(f"{mode} run {run_id}: {stats['steps']} step rows stored for "
+                             f"{body['steps']} steps taken (expected {expected_rows})")
+    result = json.loads((s.run_dir(run_id) / "result.json").read_text())
+    seconds = (end_ns - watch.started[run_id]) / 1e9
+    return {"steps": steps, "episodes": body["episodes"], "seconds": seconds,
+            "cpu_seconds": result.get("train_cpu_s"), "run_id": run_id,
+            "startup_s": (watch.started[run_id] - submitted) / 1e9,
+            "ingest_cpu_s": cpu1 - cpu0, "step_rows": stats["steps"]}
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def percentiles(ages: list[tuple[int, int, int]]) -> dict[str, float]:
+    """p50/p99 of the oldest row per frame, and of every row (spread from oldest to newest)."""
+    if not ages:
+        return {}
+    oldest = np.array([a[0] for a in ages]) / 1e6
+    rows = np.concatenate([np.linspace(a[0], a[1], a[2]) for a in ages]) / 1e6
+    return {"frame_p50_ms": float(np.percentile(oldest, 50)),
+            "frame_p99_ms": float(np.percentile(oldest, 99)),
+            "row_p50_ms": float(np.percentile(rows, 50)),
+            "row_p99_ms": float(np.percentile(rows, 99)), "frames": len(ages)}
+
+
+def summarize(env_id: str, runs: dict[str, list[dict[str, Any]]],
+              watch: Watch) -> dict[str, Any]:
+    rate = {m: statistics.median(r["steps"] / r["seconds"] for r in rs) for m, rs in runs.items()}
+    cpu_rate = {m: statistics.median(r["steps"] / r["cpu_seconds"] for r in rs
+                                     if r.get("cpu_seconds")) for m, rs in runs.items()}
+    ages = [a for r in runs["full"] for a in watch.ages.get(r["run_id"], [])]
+    ingest = [r["step_rows"] / r["ingest_cpu_s"] for r in runs["full"] if r["ingest_cpu_s"] > 0]
+    return {"env": env_id, "steps_per_s": rate, "cpu_steps_per_s": cpu_rate,
+            "ratio": {m: rate[m] / rate["bare"] for m in rate},
+            "cpu_ratio": {m: cpu_rate[m] / cpu_rate["bare"] for m in cpu_rate},
+            "latency": percentiles(ages),
+            "ingest_rows_per_cpu_s": statistics.median(ingest) if ingest else None,
+            "startup_s": statistics.median(r["startup_s"] for r in runs["fast"] + runs["full"]),
+            "episodes": {m: sorted({r["episodes"] for r in rs}) for m, rs in runs.items()},
+            "runs": runs}
+
+
+def print_summary(s: dict[str, Any]) -> list[str]:
+    """Print one environment's table; returns the targets it misses."""
+    print(f"\n{s['env']}  (median of {len(s['runs']['bare'])} rounds; startup of a gymbus run "
+          f"{s['startup_s']:.2f} s, not timed)")
+    print(f"  {'mode':6} {'steps/s':>10} {'x bare':>7} {'cpu steps/s':>12} {'x bare':>7}")
+    for m in MODES:
+        print(f"  {m:6} {s['steps_per_s'][m]:10.0f} {s['ratio'][m]:7.3f} "
+              f"{s['cpu_steps_per_s'][m]:12.0f} {s['cpu_ratio'][m]:7.3f}")
+    lat, rate = s["latency"], s["steps_per_s"]
+    print(f"  live latency: oldest row per frame p50 {lat['frame_p50_ms']:.1f} ms, p99 "
+          f"{lat['frame_p99_ms']:.1f} ms; per row p50 {lat['row_p50_ms']:.1f} ms, p99 "
+          f"{lat['row_p99_ms']:.1f} ms ({lat['frames']} frames)")
+    print(f"  ingest: {s['ingest_rows_per_cpu_s']:,.0f} step rows per CPU-second; full is "
+          f"{rate['full'] / rate['jsonl']:.2f}x jsonl, {rate['full'] / rate['tb']:.1f}x tb")
+    checks = [(s["ratio"]["fast"] >= TARGETS["fast"], f"fast {s['ratio']['fast']:.3f} < 0.97"),
+              (s["ratio"]["full"] >= TARGETS["full"], f"full {s['ratio']['full']:.3f} < 0.85"),
+              (rate["full"] >= FULL_OVER_JSONL * rate["jsonl"], "full < 1.35x jsonl"),
+              (rate["full"] >= FULL_OVER_TB * rate["tb"], "full < 20x tb"),
+              (lat["frame_p99_ms"] <= LATENCY_P99_MS, "latency p99 > 250 ms"),
+              ((s["ingest_rows_per_cpu_s"] or 0) >= INGEST_ROWS_PER_CPU_S, "ingest < 500k rows/CPU-s")]
+    missed = [f"{s['env']}: {text}" for ok, text in checks if not ok]
+    print("  targets: " + ("all met" if not missed else "MISSED " + "; ".join(missed)))
+    return missed
+
+
+def stack_env(home: Path) -> dict[str, str]:
+    """Free loopback ports for every endpoint setting, one run slot."""
+    import socket
+
+    env = {**free_endpoints(home), "GYMBUS_WORKER_SLOTS": "1"}
+    for name, default in settings_mod.DEFAULTS.items():
+        var = settings_mod.PREFIX + name.upper()
+        if isinstance(default, str) and default.startswith("tcp://") and var not in env:
+            with socket.socket() as s:  # an endpoint free_endpoints does not know (yet)
+                s.bind(("127.0.0.1", 0))
+                env[var] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return env
+
+
+def bench(args: argparse.Namespace) -> int:
+    envs = args.envs.split(",")
+    home = Path(tempfile.mkdtemp(prefix="gymbus-bench-"))
+    stack = Stack(stack_env(home / "home"))
+    runs = {e: {m: [] for m in MODES} for e in envs}
+    print(f"telemetry overhead: {args.steps} steps per run ({args.tb_steps} for tb), "
+          f"{args.rounds} rounds, {os.cpu_count()} CPUs, stack in {home}", flush=True)
+    try:
+        stack.start()
+        watch = Watch(stack.settings.telemetry_out)
+        for rnd in range(args.rounds):
+            for env_id in envs:
+                algo = ENVS[env_id]
+                for mode in MODES:
+                    steps = args.tb_steps if mode == "tb" else args.steps
+                    if mode in ("fast", "full"):
+                        r = run_gymbus(stack, watch, mode, env_id, algo, steps, args.seed)
+                    else:
+                        r = baseline_subprocess(mode, env_id, algo, steps, args.seed)
+                    runs[env_id][mode].append(r)
+                    print(f"  round {rnd + 1} {env_id:16} {mode:5} {steps / r['seconds']:9.0f} "
+                          f"steps/s ({r['seconds']:.2f} s)", flush=True)
+        summaries = [summarize(e, runs[e], watch) for e in envs]
+        watch.close()
+    finally:
+        stack.stop()
+    missed = [m for s in summaries for m in print_summary(s)]
+    for s in summaries:  # the same work: every mode ran the same episodes
+        same = {m: s["episodes"][m] for m in ("bare", "fast", "full", "jsonl")}
+        if len({tuple(v) for v in same.values()}) != 1:
+            print(f"warning: {s['env']}: episodes differ between modes: {same}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summaries, indent=2, default=str))
+    return 1 if (missed and args.strict) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=500_000)
+    parser.add_argument("--tb-steps", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--envs", default=",".join(ENVS))
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--baseline", choices=("bare", "jsonl", "tb"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline:
+        result = run_baseline(args.baseline, args.envs, ENVS[args.envs], args.steps, args.seed)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
