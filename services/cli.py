@@ -18,7 +18,7 @@ from gymbus.services import cli_output as out
 from gymbus.services.cli_context import Context, fail, json_option
 from gymbus.shared.errors import ConfigError, ExitCode, GymbusError, RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
-from gymbus.shared.runconfig import parse_config
+from gymbus.shared.runconfig import POLICY_FILES, guess_policy_algo, parse_config
 from gymbus.shared.settings import Settings
 
 POLL_SECONDS = 0.25
@@ -79,7 +79,7 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @cli.command()
 @click.argument("run_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--env", help="Gymnasium environment id, e.g. FrozenLake-v1.")
-@click.option("--algo", help="q-learning or random.")
+@click.option("--algo", help="q-learning, bdi, dqn or random (an evaluation run: from its policy).")
 @click.option("--episodes", type=int, help="Episode budget.")
 @click.option("--total-steps", type=int, help="Environment-step budget.")
 @click.option("--seed", type=int, help="Seed of the run (default 0).")
@@ -94,6 +94,13 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
               help="Hyperparameter (repeatable), e.g. learning_rate=0.2.")
 @click.option("--name", help="A label for people.")
 @click.option("--agent-id", help="Agent id in telemetry (default agent-0).")
+@click.option("--eval-from", metavar="RUN",
+              help="Evaluate the policy saved by run RUN: greedy episodes, nothing trained or saved.")
+@click.option("--policy", metavar="PATH",
+              help="Evaluate the policy at PATH (q_table.npy, q_network.pt, or their folder).")
+@click.option("--eval-every", type=int,
+              help="While training, evaluate the greedy policy every N episodes (eval/* metrics).")
+@click.option("--eval-episodes", type=int, help="Episodes per --eval-every evaluation (100).")
 @click.option("--idempotency-key", help="Resubmitting with the same key makes one run.")
 @click.option("--wait", is_flag=True, help="Wait for the end; exit 0 only if it completed.")
 @json_option
@@ -113,6 +120,8 @@ def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[st
     if agent_args:
         config["agent"] = {**config.get("agent", {}),
                            **parse_assignments(agent_args, "--agent-arg")}
+    config = complete_evaluation(obj, config)
+    absolute_plans(config)
     parse_config(config)  # types and ranges, before any service is asked
     body = {"config": config, "idempotency_key": idempotency_key or str(ULID())}
     try:
@@ -137,6 +146,60 @@ def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[st
         reason = f": {run['reason']}" if run.get("reason") else ""
         click.echo(f"error: run {run_id} ended {run['state']}{reason}", err=True)
         sys.exit(ExitCode.RUN_NOT_COMPLETED)
+
+
+#: what an evaluation run takes from the run it evaluates, unless given
+INHERITED_FIELDS = ("env", "algo", "env_kwargs", "max_episode_steps", "agent")
+
+
+def complete_evaluation(obj: Context, config: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation run's config, completed from its source and checked against it.
+
+    `eval_from`: the run must be a completed training run; its env, algo, env_kwargs,
+    max_episode_steps and agent settings fill what the config leaves out, and the algo must
+    load the same policy file. `policy`: the path becomes absolute (the worker reads it), must
+    exist, and gives the algo when none is given.
+    """
+    policy, eval_from = config.get("policy"), config.get("eval_from")
+    if isinstance(policy, str) and policy:
+        path = Path(policy).expanduser().resolve()
+        if not path.exists():
+            raise ConfigError("policy", f"no such file or folder: {policy}")
+        config["policy"] = str(path)
+        if "algo" not in config:
+            algo = guess_policy_algo(path)
+            if algo is None:
+                raise ConfigError("policy", f"{policy} holds no policy gymbus knows "
+                                            f"({', '.join(sorted(set(POLICY_FILES.values())))})")
+            config["algo"] = algo
+    if isinstance(eval_from, str) and eval_from:
+        source = obj.controller.request(Command.GET_RUN, {"run_id": eval_from})["run"]
+        trained = source.get("config") or {}
+        if trained.get("eval_from") or trained.get("policy"):
+            raise ConfigError("eval_from", f"run {eval_from} is an evaluation run and saved no "
+                                           "policy; name the training run it evaluated")
+        if source["state"] != RunState.COMPLETED:
+            raise ConfigError("eval_from", f"run {eval_from} is {source['state']}: only a "
+                                           "completed training run has a policy to evaluate")
+        for key in INHERITED_FIELDS:
+            if key not in config and trained.get(key) is not None:
+                config[key] = trained[key]
+        algo, source_algo = config.get("algo"), trained.get("algo")
+        if POLICY_FILES.get(str(algo)) != POLICY_FILES.get(str(source_algo)):
+            raise ConfigError("algo", f"run {eval_from} trained {source_algo}; its policy "
+                                      f"cannot be evaluated by {algo}")
+    return config
+
+
+def absolute_plans(config: dict[str, Any]) -> None:
+    """A BDI plan file that exists here becomes an absolute path (the worker reads it); other
+    names are those of shipped plan files."""
+    agent = config.get("agent")
+    plans = agent.get("plans") if isinstance(agent, dict) else None
+    if isinstance(agent, dict) and isinstance(plans, str) and plans:
+        path = Path(plans).expanduser()
+        if path.is_file():
+            agent["plans"] = str(path.resolve())
 
 
 def wait_for_end(obj: Context, run_id: str) -> dict[str, Any]:
@@ -332,6 +395,21 @@ def config(obj: Context, as_json: bool) -> None:
 
 # --- commands defined in their own modules (cli_*.py), one line each -------------------------
 # (imported here, at the end, because they import nothing from this module)
+
+from gymbus.services.cli_view import replay, viewer, watch
+
+cli.add_command(watch)
+cli.add_command(viewer)
+cli.add_command(replay)
+
+from gymbus.services.cli_tb import import_tb, tensorboard
+
+cli.add_command(tensorboard)
+cli.add_command(import_tb)
+
+from gymbus.services.cli_keys import keys
+
+cli.add_command(keys)
 
 
 def main() -> None:

@@ -7,8 +7,11 @@ to check that it exists here and suits the algorithm. Both raise ConfigError nam
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from gymbus.shared.errors import ConfigError
@@ -20,15 +23,59 @@ class QLearningParams:
     """Tabular Q-learning with an epsilon-greedy behaviour policy."""
 
     learning_rate: float = 0.1
-    """step size of the temporal-difference update"""
+    """step size of the temporal-difference update at the first episode"""
+    learning_rate_end: float = 0.01
+    """step size at the end of the budget: it falls linearly from learning_rate (equal: constant)"""
     gamma: float = 0.99
     """discount factor"""
     epsilon_start: float = 1.0
     """exploration rate at the first episode"""
-    epsilon_end: float = 0.05
+    epsilon_end: float = 0.01
     """exploration rate once the decay is over"""
     epsilon_decay: float = 0.5
     """fraction of the episode budget over which epsilon falls linearly from start to end"""
+
+
+@dataclass(frozen=True)
+class BdiParams(QLearningParams):
+    """A BDI agent: AgentSpeak plans choose between a cached route and its Q-learner (the fields
+    above are the Q-learner's)."""
+
+    plans: str = ""
+    """AgentSpeak plan file: empty for the shipped grid.asl, a shipped file's name, or an
+    absolute path to your own"""
+
+
+@dataclass(frozen=True)
+class DqnParams:
+    """A deep Q-network in CleanRL's shape: replay buffer, target network, linear epsilon."""
+
+    learning_rate: float = 1e-3
+    """Adam's step size"""
+    buffer_size: int = 50_000
+    """transitions the replay buffer holds"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 1.0
+    """target-network update rate (1.0: a hard copy)"""
+    target_network_frequency: int = 500
+    """environment steps between target-network updates"""
+    batch_size: int = 64
+    """transitions per gradient step"""
+    epsilon_start: float = 1.0
+    """exploration rate at the first step"""
+    epsilon_end: float = 0.02
+    """exploration rate once the decay is over"""
+    exploration_fraction: float = 0.2
+    """fraction of total_steps over which epsilon falls linearly from start to end"""
+    learning_starts: int = 1000
+    """environment steps before learning starts (the buffer fills with random actions)"""
+    train_frequency: int = 4
+    """environment steps between two training phases"""
+    gradient_steps: int = 1
+    """gradient steps per training phase"""
+    hidden_sizes: tuple[int, ...] = (120, 84)
+    """widths of the Q-network's hidden layers"""
 
 
 @dataclass(frozen=True)
@@ -36,14 +83,27 @@ class RandomParams:
     """Uniformly random actions: a baseline, and a policy that leaves the env and telemetry alone."""
 
 
-ALGO_PARAMS: dict[str, type] = {"q-learning": QLearningParams, "random": RandomParams}
+ALGO_PARAMS: dict[str, type] = {
+    "q-learning": QLearningParams, "bdi": BdiParams, "dqn": DqnParams, "random": RandomParams,
+}
 #: algo -> the observation-space kinds it accepts ("discrete" or "box")
 ALGO_OBSERVATIONS: dict[str, frozenset[str]] = {
     "q-learning": frozenset({"discrete"}),
+    "bdi": frozenset({"discrete"}),
+    "dqn": frozenset({"box"}),
     "random": frozenset({"discrete", "box"}),
 }
+#: algo -> the environment families (ids without their version) it is limited to
+ALGO_FAMILIES: dict[str, frozenset[str]] = {
+    "bdi": frozenset({"FrozenLake", "FrozenLake8x8", "CliffWalking"}),
+}
+#: algo -> the file (in a run's artifacts folder) that holds its policy
+POLICY_FILES: dict[str, str] = {"q-learning": "q_table.npy", "bdi": "q_table.npy",
+                                "dqn": "q_network.pt"}
+ARTIFACTS_DIR = "artifacts"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -53,7 +113,7 @@ class RunConfig:
     env: str
     """Gymnasium environment id, e.g. FrozenLake-v1"""
     algo: str
-    """q-learning or random"""
+    """q-learning, bdi, dqn or random"""
     episodes: int | None = None
     """episode budget"""
     total_steps: int | None = None
@@ -74,6 +134,19 @@ class RunConfig:
     """names the agent in telemetry (viewers open one tab per agent)"""
     name: str = ""
     """a label for people; not unique"""
+    eval_from: str | None = None
+    """evaluate the policy saved by this run (a run id): greedy episodes, nothing trained or saved"""
+    policy: str | None = None
+    """evaluate the policy at this absolute path (a q_table.npy, a q_network.pt or a folder)"""
+    eval_every: int | None = None
+    """while training, evaluate the greedy policy every N episodes (metrics eval/*)"""
+    eval_episodes: int = 100
+    """episodes of each evaluation made by eval_every"""
+
+    @property
+    def evaluates(self) -> bool:
+        """An evaluation run: it loads a policy (eval_from or policy) instead of training one."""
+        return self.eval_from is not None or self.policy is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -82,7 +155,8 @@ class RunConfig:
 
     def params(self) -> Any:
         """The algorithm's hyperparameters as its params dataclass."""
-        return ALGO_PARAMS[self.algo](**self.agent)
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.agent.items()}
+        return ALGO_PARAMS[self.algo](**values)
 
 
 _FIELDS = {f.name: f for f in fields(RunConfig)}
@@ -125,6 +199,7 @@ def parse_config(raw: Any) -> RunConfig:
     agent_id = _string(values, "agent_id", "agent-0")
     if not _NAME_RE.match(agent_id):
         raise ConfigError("agent_id", "use 1 to 64 letters, digits, and . _ : -")
+    eval_from, policy, eval_every = _check_evaluation(values, algo, total_steps)
     return RunConfig(
         env=env,
         algo=algo,
@@ -138,7 +213,34 @@ def parse_config(raw: Any) -> RunConfig:
         agent=agent,
         agent_id=agent_id,
         name=_string(values, "name", ""),
+        eval_from=eval_from,
+        policy=policy,
+        eval_every=eval_every,
+        eval_episodes=_positive_int(values, "eval_episodes") or 100,
     )
+
+
+def _check_evaluation(
+    values: dict[str, Any], algo: str, total_steps: int | None
+) -> tuple[str | None, str | None, int | None]:
+    """eval_from, policy and eval_every: at most one policy source; no in-run evaluation there."""
+    eval_from = _string(values, "eval_from") if "eval_from" in values else None
+    policy = _string(values, "policy") if "policy" in values else None
+    eval_every = _positive_int(values, "eval_every")
+    if eval_from is not None and not _RUN_ID_RE.match(eval_from):
+        raise ConfigError("eval_from", f"expected a run id, got {eval_from!r}")
+    if policy is not None and not os.path.isabs(policy):
+        raise ConfigError("policy", f"give an absolute path (the worker reads it), got {policy!r}")
+    if eval_from is not None and policy is not None:
+        raise ConfigError("policy", "give eval_from or policy, not both")
+    evaluates = eval_from is not None or policy is not None
+    if evaluates and algo == "random":
+        raise ConfigError("algo", "random has no policy to evaluate")
+    if evaluates and eval_every is not None:
+        raise ConfigError("eval_every", "only applies to training runs, not to evaluation")
+    if algo == "dqn" and not evaluates and total_steps is None:
+        raise ConfigError("total_steps", "dqn trains for a number of environment steps: give it")
+    return eval_from, policy, eval_every
 
 
 def _string(values: dict[str, Any], name: str, default: str | None = None) -> str:
@@ -172,43 +274,88 @@ def _table(values: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _check_params(algo: str, agent: dict[str, Any]) -> None:
+    """Each hyperparameter by its default's type: numbers in [0, 1], counts > 0, layer widths."""
     params_cls = ALGO_PARAMS[algo]
     known = {f.name: f for f in fields(params_cls)}
     for key, value in agent.items():
+        name = f"agent.{key}"
         if key not in known:
             names = ", ".join(known) or "none"
-            raise ConfigError(f"agent.{key}", f"unknown hyperparameter for {algo} (known: {names})")
+            raise ConfigError(name, f"unknown hyperparameter for {algo} (known: {names})")
         default = known[key].default
         if isinstance(default, float):
             if type(value) not in (int, float):
-                raise ConfigError(f"agent.{key}", f"expected a number, got {value!r}")
+                raise ConfigError(name, f"expected a number, got {value!r}")
             if not 0.0 <= float(value) <= 1.0:
-                raise ConfigError(f"agent.{key}", f"must be between 0 and 1, got {value}")
+                raise ConfigError(name, f"must be between 0 and 1, got {value}")
             agent[key] = float(value)
+        elif isinstance(default, tuple):
+            if (not isinstance(value, list | tuple) or not value
+                    or any(type(v) is not int or v <= 0 for v in value)):
+                raise ConfigError(name, f"expected a list of positive integers, got {value!r}")
+            agent[key] = list(value)
         elif type(value) is not type(default):
-            raise ConfigError(f"agent.{key}", f"expected {type(default).__name__}, got {value!r}")
+            raise ConfigError(name, f"expected {type(default).__name__}, got {value!r}")
+        elif isinstance(value, int) and value < (0 if key in _MAY_BE_ZERO else 1):
+            raise ConfigError(name, f"must be >= {0 if key in _MAY_BE_ZERO else 1}, got {value}")
+        elif isinstance(value, str) and value and key == "plans" and not _PLAN_RE.match(
+                value) and not (os.path.isabs(value) and value.endswith(".asl")):
+            raise ConfigError(name, "give a shipped plan file's name (e.g. grid.asl) or an "
+                              f"absolute path to an .asl file, got {value!r}")
+
+
+_MAY_BE_ZERO = frozenset({"learning_starts"})
+_PLAN_RE = re.compile(r"^[A-Za-z0-9_.-]+\.asl$")
 
 
 # --- the environment ------------------------------------------------------------------------
 
 
-def check_environment(config: RunConfig) -> str:
+def check_environment(config: RunConfig, runs_dir: Path | None = None) -> str:
     """Build the environment once; return its observation kind ("discrete" or "box").
 
     Raises ConfigError for an id this Gymnasium lacks (naming the current version when only
-    the version is off), bad env_kwargs, or spaces the algorithm cannot handle.
+    the version is off), bad env_kwargs, spaces or an environment the algorithm cannot handle,
+    and, for an evaluation run, a policy that is missing or does not fit the environment
+    (looked for under `runs_dir`, by default the settings' runs folder).
     """
     import gymnasium as gym
 
     if config.env not in gym.envs.registry:
         raise ConfigError("env", _unknown_env_message(config.env, tuple(gym.envs.registry)))
+    families = ALGO_FAMILIES.get(config.algo)
+    if families is not None and _family(config.env) not in families:
+        raise ConfigError("algo", f"{config.algo} needs a grid world ({', '.join(sorted(families))}"
+                                  f"); {config.env} is not one")
     key = (config.env, repr(sorted(config.env_kwargs.items())), config.algo)
-    if key not in _KIND_CACHE:
-        _KIND_CACHE[key] = _spaces_kind(config.env, config.env_kwargs, config.algo)
-    return _KIND_CACHE[key]
+    if key not in _SPACES_CACHE:
+        _SPACES_CACHE[key] = _spaces(config.env, config.env_kwargs, config.algo)
+    found = _SPACES_CACHE[key]
+    plans = config.agent.get("plans", "")
+    if plans and os.path.isabs(plans) and not os.path.isfile(plans):
+        raise ConfigError("agent.plans", f"no such file: {plans}")
+    if config.evaluates:
+        if runs_dir is None:
+            from gymbus.shared import settings as settings_mod
+
+            runs_dir = settings_mod.load().runs_dir
+        _check_policy_fits(config, policy_path(config, runs_dir), found)
+    return found.kind
 
 
-_KIND_CACHE: dict[tuple[str, str, str], str] = {}
+@dataclass(frozen=True)
+class _Spaces:
+    kind: str
+    #: states of a Discrete observation space, or the length of a Box observation
+    n_obs: int
+    n_actions: int
+
+
+_SPACES_CACHE: dict[tuple[str, str, str], _Spaces] = {}
+
+
+def _family(env_id: str) -> str:
+    return env_id.split(":")[-1].rsplit("-v", 1)[0]
 
 
 def _unknown_env_message(env_id: str, known: tuple[str, ...]) -> str:
@@ -219,7 +366,7 @@ def _unknown_env_message(env_id: str, known: tuple[str, ...]) -> str:
     return f"unknown environment {env_id!r}"
 
 
-def _spaces_kind(env_id: str, kwargs: dict[str, Any], algo: str) -> str:
+def _spaces(env_id: str, kwargs: dict[str, Any], algo: str) -> _Spaces:
     import gymnasium as gym
     from gymnasium import spaces
 
@@ -233,14 +380,99 @@ def _spaces_kind(env_id: str, kwargs: dict[str, Any], algo: str) -> str:
                               f"{algo} needs a discrete one")
         obs_space = env.observation_space
         if isinstance(obs_space, spaces.Discrete):
-            kind = "discrete"
+            kind, n_obs = "discrete", int(obs_space.n)
         elif isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 1:
-            kind = "box"
+            kind, n_obs = "box", int(obs_space.shape[0])
         else:
-            kind = "other"
+            kind, n_obs = "other", 0
         if kind not in ALGO_OBSERVATIONS[algo]:
             raise ConfigError("algo", f"{algo} cannot learn {env_id}: its observations are "
                               f"{obs_space}, and {algo} needs {' or '.join(ALGO_OBSERVATIONS[algo])}")
-        return kind
+        return _Spaces(kind, n_obs, int(env.action_space.n))
     finally:
         env.close()
+
+
+# --- policies for evaluation runs ---------------------------------------------------------------
+
+
+def policy_path(config: RunConfig, runs_dir: Path) -> Path:
+    """The file an evaluation run loads its policy from; ConfigError naming the field if none.
+
+    `eval_from` names a run whose `artifacts/` folder holds the algorithm's file; `policy` is
+    that file itself, an artifacts folder, or a run folder.
+    """
+    field_name = "eval_from" if config.eval_from is not None else "policy"
+    want = POLICY_FILES[config.algo]
+    if config.eval_from is not None:
+        where = runs_dir / config.eval_from / ARTIFACTS_DIR
+        if not where.is_dir():
+            raise ConfigError("eval_from", f"run {config.eval_from} saved no policy ({where} is "
+                                           "missing): is it a finished training run of this home?")
+    else:
+        where = Path(str(config.policy))
+        if not where.exists():
+            raise ConfigError("policy", f"no such file or folder: {where}")
+        if (where / ARTIFACTS_DIR).is_dir():
+            where = where / ARTIFACTS_DIR
+    if where.is_dir():
+        if not (where / want).is_file():
+            held = ", ".join(sorted(p.name for p in where.iterdir())) or "nothing"
+            raise ConfigError(field_name, f"{config.algo} loads {want}, and {where} holds {held}")
+        return where / want
+    if where.suffix != Path(want).suffix:
+        raise ConfigError(field_name, f"{where.name} is not a {config.algo} policy: "
+                                      f"{config.algo} loads a {Path(want).suffix} file ({want})")
+    return where
+
+
+def guess_policy_algo(path: Path) -> str | None:
+    """The algorithm whose policy `path` holds (a file, an artifacts folder or a run folder)."""
+    if (path / ARTIFACTS_DIR).is_dir():
+        path = path / ARTIFACTS_DIR
+    folder, suffix = (path, "") if path.is_dir() else (path.parent, path.suffix)
+    if suffix == ".pt" or (not suffix and (folder / POLICY_FILES["dqn"]).is_file()):
+        return "dqn"
+    if suffix == ".npy" or (not suffix and (folder / POLICY_FILES["q-learning"]).is_file()):
+        return "bdi" if (folder / BDI_MEMORY_FILE).is_file() else "q-learning"
+    return None
+
+
+#: beside a BDI run's Q-table: what its plans remember (route, holes found, routes dropped)
+BDI_MEMORY_FILE = "bdi_memory.json"
+
+
+def _check_policy_fits(config: RunConfig, path: Path, env: _Spaces) -> None:
+    """The saved Q-table's shape, or the network's input and output sizes, match the env's."""
+    field_name = "eval_from" if config.eval_from is not None else "policy"
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            shape = tuple(np.load(path, mmap_mode="r").shape)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(field_name, f"cannot read the Q-table {path}: {exc}") from None
+        if shape != (env.n_obs, env.n_actions):
+            raise ConfigError(field_name, f"the Q-table {path.name} is {shape}, but {config.env} "
+                              f"has {env.n_obs} states and {env.n_actions} actions")
+        return
+    meta = read_network_meta(path, field_name)
+    if (meta.get("obs_size"), meta.get("n_actions")) != (env.n_obs, env.n_actions):
+        raise ConfigError(field_name, f"the network {path.name} takes {meta.get('obs_size')} "
+                          f"inputs and has {meta.get('n_actions')} actions, but {config.env} "
+                          f"has {env.n_obs} and {env.n_actions}")
+
+
+def read_network_meta(weights: Path, field_name: str = "policy") -> dict[str, Any]:
+    """The JSON beside a network's weights (`q_network.pt` -> `q_network.json`)."""
+    meta_path = weights.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(field_name, f"{meta_path.name}, the network's shape, is missing "
+                                      f"beside {weights.name}") from None
+    except ValueError as exc:
+        raise ConfigError(field_name, f"{meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(field_name, f"{meta_path} should hold a JSON object")
+    return meta

@@ -43,7 +43,8 @@ def train(config: dict[str, Any]) -> tuple[Any, gym.Env[Any, Any], Recorder, tra
     rec = Recorder()
     agent = training.make_agent(cfg, env, rng, rec)
     result = training.run_training(env, agent, rec, training.budget_of(cfg), seed=cfg.seed,
-                                   mode=cfg.telemetry, every=cfg.every)
+                                   mode=cfg.telemetry, every=cfg.every,
+                                   evaluation=training.make_evaluation(cfg, agent, rec))
     return agent, env, rec, result
 
 
@@ -66,7 +67,9 @@ def test_qlearning_solves_frozenlake_non_slippery(seed: int) -> None:
     assert result.episodes == 300 and result.steps == sum(rec.lengths)
     assert greedy_return(agent, env) == 1.0  # the greedy policy reaches the goal
     assert sum(rec.returns[-50:]) > sum(rec.returns[:50])  # and the behaviour policy improved
-    table = agent.artifacts()["q_table"]
+    (artifact,) = agent.artifacts()
+    assert (artifact.name, artifact.filename, artifact.format) == ("q_table", "q_table.npy", "npy")
+    table = artifact.data
     assert table.shape == (16, 4) and table.dtype == np.float64 and table.max() > 0
 
 
@@ -84,7 +87,7 @@ def test_qlearning_runs_on_toy_text(env_id: str, shape: tuple[int, int]) -> None
     agent, _, rec, result = train({"env": env_id, "algo": "q-learning", "episodes": 200,
                                    "max_episode_steps": 200, "seed": 3})
     assert result.episodes == 200 and len(rec.returns) == 200
-    assert agent.artifacts()["q_table"].shape == shape
+    assert agent.artifacts()[0].data.shape == shape
     # it learns: late episodes are shorter or better than early ones
     early, late = np.mean(rec.returns[:20]), np.mean(rec.returns[-20:])
     assert late > early
@@ -122,6 +125,8 @@ def test_epsilon_decays_linearly_over_episodes_or_steps() -> None:
     for episode, expected in [(0, 1.0), (25, 0.55), (50, 0.1), (90, 0.1)]:
         by_episode.begin_episode(episode, 0)
         assert by_episode.epsilon == pytest.approx(expected)
+        # the learning rate falls over the whole budget, from 0.1 to 0.01
+        assert by_episode.learning_rate == pytest.approx(0.1 - 0.09 * episode / 100)
     by_step = QLearningAgent(params, space(4), space(2), Budget(total_steps=1000),
                              np.random.default_rng(0), NullSink())
     for _ in range(251):
@@ -168,3 +173,42 @@ def test_qlearning_emits_epsilon_per_episode_and_loop_metrics() -> None:
 def test_qlearning_refuses_box_observations() -> None:
     with pytest.raises(ValueError, match="Discrete observation"):
         train({"env": "CartPole-v1", "algo": "q-learning", "episodes": 1})
+
+
+def test_every_agent_publishes_epsilon_per_episode() -> None:
+    _, _, rec, _ = train({"env": "CartPole-v1", "algo": "random", "episodes": 4, "seed": 2})
+    assert [v for n, _, v in rec.metrics if n == "charts/epsilon"] == [1.0] * 4
+
+
+def test_periodic_evaluation_tracks_the_greedy_policy() -> None:
+    agent, _, rec, _ = train({"env": "FrozenLake-v1", "algo": "q-learning", "episodes": 300,
+                              "seed": 1, "env_kwargs": {"is_slippery": False},
+                              "eval_every": 100, "eval_episodes": 5})
+    evals = [(step, v) for n, step, v in rec.metrics if n == "eval/mean_return"]
+    assert len(evals) == 3 and evals[-1][1] == 1.0  # solved: every greedy episode succeeds
+    assert [s for s, _ in evals] == sorted(s for s, _ in evals)
+    lengths = [v for n, _, v in rec.metrics if n == "eval/mean_length"]
+    assert lengths[-1] == 6.0  # the shortest path on the 4x4 map
+    greedy = agent.evaluator()
+    assert greedy.artifacts() == [] and greedy.label == "greedy"
+    assert greedy.act(0) == agent.greedy_action(0)
+
+
+def test_greedy_episodes_get_a_step_limit_where_the_env_has_none() -> None:
+    config = parse_config({"env": "CliffWalking-v1", "algo": "q-learning", "episodes": 1})
+    assert training.make_env(config).spec.max_episode_steps is None  # type: ignore[union-attr]
+    limited = training.make_env(config, greedy=True)
+    assert limited.spec.max_episode_steps == training.GREEDY_STEP_LIMIT  # type: ignore[union-attr]
+    evaluation = parse_config({"env": "CliffWalking-v1", "algo": "q-learning", "episodes": 1,
+                               "eval_from": "01TRAINED"})
+    limited = training.make_env(evaluation)  # an evaluation run's own environment
+    assert limited.spec.max_episode_steps == training.GREEDY_STEP_LIMIT  # type: ignore[union-attr]
+
+
+def test_a_q_table_of_another_shape_is_refused() -> None:
+    agent = QLearningAgent(QLearningParams(), space(16), space(4), Budget(episodes=1),
+                           np.random.default_rng(0), NullSink())
+    with pytest.raises(ValueError, match=r"\(64, 4\).*16 states and 4 actions"):
+        agent.load_table(np.zeros((64, 4)))
+    agent.load_table(np.arange(64, dtype=np.float64).reshape(16, 4))
+    assert agent.greedy_action(1) == 3 and agent.table()[15, 3] == 63.0

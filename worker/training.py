@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -17,13 +18,16 @@ import numpy as np
 from gymnasium import spaces
 
 from gymbus.shared.protocol import TelemetryMode
-from gymbus.shared.runconfig import QLearningParams, RandomParams, RunConfig
+from gymbus.shared.runconfig import RunConfig
 from gymbus.worker.agents.base import Agent, Budget, MetricSink
-from gymbus.worker.agents.qlearning import QLearningAgent
-from gymbus.worker.agents.random_agent import RandomAgent
 
 #: seconds between two `charts/SPS` metrics (checked at episode ends)
 SPS_INTERVAL = 1.0
+#: greedy episodes on an environment without a time limit are cut here (a greedy policy may
+#: walk in circles forever where an exploring one would not)
+GREEDY_STEP_LIMIT = 1000
+#: the evaluation environment's seed is the run's seed plus this (other episodes than training's)
+EVAL_SEED_OFFSET = 1_000_003
 
 
 class Telemetry(MetricSink, Protocol):
@@ -82,12 +86,18 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def make_env(config: RunConfig) -> gym.Env[Any, Any]:
-    """`gymnasium.make` with the config's kwargs and episode limit; the action space seeded."""
+def make_env(config: RunConfig, greedy: bool = False) -> gym.Env[Any, Any]:
+    """`gymnasium.make` with the config's kwargs and episode limit; the action space seeded.
+
+    A `greedy` environment (in-training evaluation, and every evaluation run) gets
+    GREEDY_STEP_LIMIT when neither the config nor the environment sets a limit.
+    """
     kwargs = dict(config.env_kwargs)
     if config.max_episode_steps is not None:
         kwargs["max_episode_steps"] = config.max_episode_steps
     env = gym.make(config.env, **kwargs)
+    if (greedy or config.evaluates) and (env.spec is None or env.spec.max_episode_steps is None):
+        env = gym.wrappers.TimeLimit(env, GREEDY_STEP_LIMIT)
     env.action_space.seed(config.seed)
     return env
 
@@ -97,17 +107,22 @@ def budget_of(config: RunConfig) -> Budget:
 
 
 def make_agent(
-    config: RunConfig, env: gym.Env[Any, Any], rng: np.random.Generator, sink: MetricSink
+    config: RunConfig,
+    env: gym.Env[Any, Any],
+    rng: np.random.Generator,
+    sink: MetricSink,
+    runs_dir: Path | None = None,
 ) -> Agent:
-    """The agent named by `config.algo`, with its params dataclass, for this env's spaces."""
-    params = config.params()
-    if isinstance(params, QLearningParams):
-        return QLearningAgent(
-            params, env.observation_space, env.action_space, budget_of(config), rng, sink
-        )
-    if isinstance(params, RandomParams):
-        return RandomAgent(params, env.action_space, sink)
-    raise ValueError(f"no agent for algo {config.algo!r}")
+    """The agent named by `config.algo`, with its params dataclass, for this env's spaces.
+
+    For an evaluation run, the learner is built, loaded with the saved policy (found under
+    `runs_dir`, by default the settings' runs folder) and its greedy `evaluator()` returned.
+    """
+    from gymbus.worker.agents import policies
+
+    if config.evaluates:
+        return policies.load_evaluator(config, env, rng, sink, runs_dir)
+    return policies.build_learner(config, env, rng, sink)
 
 
 def has_vector_obs(env: gym.Env[Any, Any]) -> bool:
@@ -140,12 +155,14 @@ def run_training(
     every: int | None = None,
     stop: StopSignal | None = None,
     progress: LoopResult | None = None,
+    evaluation: PeriodicEvaluation | None = None,
 ) -> LoopResult:
     """Train until the budget is spent or `stop` turns true (checked before every step).
 
     In an episode whose steps are not recorded the inner loop makes no telemetry call at all.
     An episode cut short by the step budget, by `stop` or by an exception still gets its
-    episode frame, so that step rows always add up to the episode lengths.
+    episode frame, so that step rows always add up to the episode lengths. `evaluation`, if
+    given, runs after every finished episode (it decides itself when it is due).
     """
     act, learn, env_step = agent.act, agent.learn, env.step
     record_step = telemetry.step
@@ -190,6 +207,8 @@ def run_training(
             _end_episode(telemetry, agent, progress, episode, ret, t, terminated, truncated)
             episode += 1
             sps.tick(progress.steps)
+            if evaluation is not None:
+                evaluation.after_episode(episode, progress.steps)
         if progress.stopped:
             break
     return progress
@@ -219,3 +238,63 @@ class _SpsMeter:
         if now - self.since >= SPS_INTERVAL:
             self.telemetry.metric("charts/SPS", steps, (steps - self.steps) / (now - self.since))
             self.since, self.steps = now, steps
+
+
+class PeriodicEvaluation:
+    """Greedy evaluation during training: every `every` episodes, `episodes` episodes of the
+    agent's `evaluator()` on an environment of its own, published as `eval/mean_return` and
+    `eval/mean_length` at the current global step.
+
+    Each evaluation starts from the same seed, so successive ones compare policies, not luck.
+    The training environment, the agent's random generator and its learning are untouched
+    (an evaluator's `learn` only perceives; its `end_episode` is not called, so that it
+    publishes nothing but the two metrics).
+    """
+
+    def __init__(self, config: RunConfig, agent: Agent, telemetry: MetricSink) -> None:
+        self.config = config
+        self.every = config.eval_every or 0
+        self.episodes = config.eval_episodes
+        self.telemetry = telemetry
+        self._agent = agent
+        self._greedy: Agent | None = None
+
+    def after_episode(self, episodes_done: int, global_step: int) -> None:
+        if self.every and episodes_done % self.every == 0:
+            mean_return, mean_length = self.evaluate()
+            self.telemetry.metric("eval/mean_return", global_step, mean_return)
+            self.telemetry.metric("eval/mean_length", global_step, mean_length)
+
+    def evaluate(self) -> tuple[float, float]:
+        """Mean return and length of `episodes` greedy episodes of the current policy."""
+        if self._greedy is None:
+            self._greedy = self._agent.evaluator()
+        greedy = self._greedy
+        env = make_env(self.config, greedy=True)
+        returns, lengths = [], []
+        try:
+            for episode in range(self.episodes):
+                seed = self.config.seed + EVAL_SEED_OFFSET if episode == 0 else None
+                obs, _ = env.reset(seed=seed)
+                greedy.begin_episode(episode, 0)
+                ret, t, done = 0.0, 0, False
+                while not done:
+                    action = greedy.act(obs)
+                    next_obs, reward, terminated, truncated, _ = env.step(action)
+                    greedy.learn(obs, action, float(reward), next_obs, terminated, truncated)
+                    obs = next_obs
+                    ret += float(reward)
+                    t += 1
+                    done = terminated or truncated
+                returns.append(ret)
+                lengths.append(t)
+        finally:
+            env.close()
+        return float(np.mean(returns)), float(np.mean(lengths))
+
+
+def make_evaluation(config: RunConfig, agent: Agent, telemetry: MetricSink) -> PeriodicEvaluation | None:
+    """The in-training evaluation that `config.eval_every` asks for, or None."""
+    if config.eval_every is None or config.evaluates:
+        return None
+    return PeriodicEvaluation(config, agent, telemetry)

@@ -3,15 +3,13 @@
 The training loop (`gymbus.worker.training`) drives an agent one step at a time: `begin_episode`,
 then `act` / `learn` per step, then `end_episode`. Agents never open sockets or files: metrics go
 through the injected `MetricSink`, and what should be saved is returned by `artifacts()` for the
-run process to write.
+run process to write (`gymbus.worker.agents.policies.write_artifact`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-import numpy as np
 
 
 class MetricSink(Protocol):
@@ -26,6 +24,19 @@ class NullSink:
 
     def metric(self, name: str, step: int, value: float) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file of a saved policy, as data; the run process writes it under `artifacts/`."""
+
+    #: names it in the artifact lifecycle frame, e.g. "q_table"
+    name: str
+    #: the file's name in the artifacts folder, e.g. "q_table.npy"
+    filename: str
+    #: how it is written: "npy" (numpy array), "json" (a JSON object) or "torch" (a state_dict)
+    format: str
+    data: Any
 
 
 @dataclass(frozen=True)
@@ -64,5 +75,10 @@ class Agent(Protocol):
     def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
         """Called after the last step of each episode; may publish metrics."""
 
-    def artifacts(self) -> dict[str, np.ndarray]:
-        """Arrays to save at the end of the run, by artifact name (saved as `<name>.npy`)."""
+    def artifacts(self) -> list[Artifact]:
+        """The files of the learned policy, saved at the end of the run in this order (none for
+        evaluation and for agents that learn nothing)."""
+
+    def evaluator(self) -> Agent:
+        """A greedy view of the current policy that learns nothing and saves nothing; it shares
+        the learner's parameters (evaluation runs, and `eval_every` during training)."""

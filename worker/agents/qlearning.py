@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from gymbus.shared.runconfig import QLearningParams
-from gymbus.worker.agents.base import Budget, MetricSink
+from gymbus.shared.runconfig import POLICY_FILES, QLearningParams
+from gymbus.worker.agents.base import Agent, Artifact, Budget, MetricSink
 
 EXPLORE = "explore"
 EXPLOIT = "exploit"
+GREEDY = "greedy"
 
 
 class QLearningAgent:
@@ -24,8 +25,10 @@ class QLearningAgent:
 
     Epsilon falls linearly from `epsilon_start` to `epsilon_end` over `epsilon_decay` times the
     episode budget (per episode), or, when the run only has a step budget, over that fraction of
-    the steps (per step). The TD target does not bootstrap from a terminal state, and does
-    bootstrap when the episode was only truncated (a time limit is not a terminal state).
+    the steps (per step); the learning rate falls linearly from `learning_rate` to
+    `learning_rate_end` over the whole budget, so that the final greedy policy does not hang
+    on the last few noisy updates. The TD target does not bootstrap from a terminal state, and
+    does bootstrap when the episode was only truncated (a time limit is not a terminal state).
     """
 
     has_labels = True
@@ -57,8 +60,10 @@ class QLearningAgent:
         self._per_step = budget.episodes is None
         horizon = budget.total_steps if self._per_step else budget.episodes
         self._decay_span = max(params.epsilon_decay * float(horizon or 0), 1e-9)
+        self._horizon = max(float(horizon or 0), 1.0)
         self._steps = 0
         self.epsilon = params.epsilon_start
+        self.learning_rate = params.learning_rate
         self.label: str | None = None
 
     def epsilon_at(self, t: float) -> float:
@@ -67,14 +72,28 @@ class QLearningAgent:
         frac = min(t / self._decay_span, 1.0)
         return p.epsilon_start + (p.epsilon_end - p.epsilon_start) * frac
 
+    def learning_rate_at(self, t: float) -> float:
+        """The learning rate after `t` episodes (or steps, with a step budget only)."""
+        p = self.params
+        frac = min(t / self._horizon, 1.0)
+        return p.learning_rate + (p.learning_rate_end - p.learning_rate) * frac
+
+    def _schedule(self, t: float) -> None:
+        """Set epsilon and the learning rate for episode (or step) `t`."""
+        p = self.params
+        self.epsilon = p.epsilon_start + (p.epsilon_end - p.epsilon_start) * min(
+            t / self._decay_span, 1.0)
+        self.learning_rate = p.learning_rate + (p.learning_rate_end - p.learning_rate) * min(
+            t / self._horizon, 1.0)
+
     def begin_episode(self, episode: int, global_step: int) -> None:
         if not self._per_step:
-            self.epsilon = self.epsilon_at(episode)
+            self._schedule(episode)
 
     def act(self, obs: Any) -> int:
         """Epsilon-greedy; ties among the best actions are broken uniformly at random."""
         if self._per_step:
-            self.epsilon = self.epsilon_at(self._steps)
+            self._schedule(self._steps)
             self._steps += 1
         rand = self._random
         if rand() < self.epsilon:
@@ -93,7 +112,7 @@ class QLearningAgent:
     ) -> None:
         row = self.q[obs]
         target = reward if terminated else reward + self.params.gamma * max(self.q[next_obs])
-        row[action] += self.params.learning_rate * (target - row[action])
+        row[action] += self.learning_rate * (target - row[action])
 
     def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
         self._sink.metric("charts/epsilon", global_step, self.epsilon)
@@ -107,5 +126,52 @@ class QLearningAgent:
         """The Q-table as float64, shape [n_states, n_actions]."""
         return np.array(self.q, dtype=np.float64).reshape(self.n_states, self.n_actions)
 
-    def artifacts(self) -> dict[str, np.ndarray]:
-        return {"q_table": self.table()}
+    def load_table(self, table: np.ndarray) -> None:
+        """Replace the Q-table (a saved policy); its shape must be [n_states, n_actions]."""
+        if table.shape != (self.n_states, self.n_actions):
+            raise ValueError(f"the Q-table is {table.shape}, but the environment has "
+                             f"{self.n_states} states and {self.n_actions} actions")
+        self.q = np.asarray(table, dtype=np.float64).tolist()
+
+    def artifacts(self) -> list[Artifact]:
+        """The Q-table as `q_table.npy` (float64, [n_states, n_actions])."""
+        return [Artifact("q_table", POLICY_FILES["q-learning"], "npy", self.table())]
+
+    def evaluator(self) -> Agent:
+        return GreedyQ(self.q, self._sink)
+
+
+class GreedyQ:
+    """The greedy policy of a Q-table (shared with its learner, not copied); learns nothing.
+
+    Ties go to the lowest action index, so that evaluation is deterministic. Publishes
+    `charts/epsilon` = 0 per episode, like every agent.
+    """
+
+    has_labels = True
+    label: str | None = GREEDY
+
+    def __init__(self, q: list[list[float]], sink: MetricSink) -> None:
+        self.q = q
+        self._sink = sink
+
+    def begin_episode(self, episode: int, global_step: int) -> None:
+        return None
+
+    def act(self, obs: Any) -> int:
+        row = self.q[obs]
+        return row.index(max(row))
+
+    def learn(
+        self, obs: Any, action: int, reward: float, next_obs: Any, terminated: bool, truncated: bool
+    ) -> None:
+        return None
+
+    def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
+        self._sink.metric("charts/epsilon", global_step, 0.0)
+
+    def artifacts(self) -> list[Artifact]:
+        return []
+
+    def evaluator(self) -> Agent:
+        return self

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from gymnasium import spaces
 
 from gymbus.shared.runconfig import RandomParams
-from gymbus.worker.agents.base import MetricSink
+from gymbus.worker.agents.base import Agent, Artifact, MetricSink
 
 
 class RandomAgent:
@@ -26,6 +25,7 @@ class RandomAgent:
             raise TypeError(f"random agent needs a Discrete action space, got {action_space}")
         self.params = params
         self._sample = action_space.sample
+        self._sink = sink
 
     def begin_episode(self, episode: int, global_step: int) -> None:
         return None
@@ -39,7 +39,10 @@ class RandomAgent:
         return None
 
     def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
-        return None
+        self._sink.metric("charts/epsilon", global_step, 1.0)  # every action is exploration
 
-    def artifacts(self) -> dict[str, np.ndarray]:
-        return {}
+    def artifacts(self) -> list[Artifact]:
+        return []
+
+    def evaluator(self) -> Agent:
+        return self
