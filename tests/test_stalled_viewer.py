@@ -120,7 +120,7 @@ class Probe:
         run = [rss_mb(self.run)]
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.2)  # the sampling period, until the window's deadline
             broker.append(rss_mb(self.broker))
             run.append(rss_mb(self.run))
         return {"start_ns": start_ns, "end_ns": time.time_ns(), "broker_start": broker[0],
@@ -141,7 +141,7 @@ def stalled_viewer(stack: Stack, run_id: str, probe: Probe) -> dict[str, Any]:
         os.kill(viewer.pid, signal.SIGCONT)
         probe.window(RESUME_GUARD)  # it catches up
         viewer.send_signal(signal.SIGINT)
-        out, err = viewer.communicate(timeout=30)
+        out, err = viewer.communicate(timeout=120)  # a loaded machine: it first catches up
         assert viewer.returncode == 0, err
         return {**window, "seen": json.loads(out)["runs"][0]}
     finally:
