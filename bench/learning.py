@@ -12,8 +12,9 @@ of issue #4. Wall times are the controller's, from the run's start to its end.
 
 The comparison: bdi and q-learning train with `eval_every` (greedy checkpoints of 1000
 episodes, 10 on the deterministic map) on FrozenLake maps, five seeds each; for each run, the
-episodes trained when a checkpoint first reached the target success rate, and the episodes
-from which every later checkpoint stayed there ("held from"). Same budgets and
+episodes trained when a checkpoint first reached the target success rate, the episodes
+from which every later checkpoint stayed there ("held from"), and the first training episode
+that reached the goal ("first success"). Same budgets and
 hyperparameters for both. Wall times include the checkpoints' greedy episodes.
 
 `--quick` cuts every budget (a smoke test of the script, not of the agents).
@@ -69,6 +70,8 @@ class Curve:
     reached_at: int | None = None
     #: episodes from which every later checkpoint stayed at or above the target
     held_from: int | None = None
+    #: the first training episode that reached the goal (0-based)
+    first_success: int | None = None
     checkpoints: list[float] = field(default_factory=list)
     final: float | None = None
     wall: float = 0.0
@@ -243,6 +246,9 @@ def _read_curve(bench: Bench, curve: Curve, run: dict[str, Any]) -> None:
     below = [i for i, v in enumerate(values) if v < SUCCESS_TARGET]
     if values and values[-1] >= SUCCESS_TARGET:
         curve.held_from = (below[-1] + 2 if below else 1) * every
+    rows = bench.query(f"SELECT min(episode) AS first FROM episodes WHERE run_id = "
+                       f"'{curve.run_id}' AND \"return\" > 0")
+    curve.first_success = rows[0]["first"]
     if curve.config["algo"] == "bdi":
         curve.decisions = bench.mean_metric(curve.run_id, "bdi/decisions")
 
@@ -279,7 +285,8 @@ def print_table(rows: list[Row]) -> bool:
 
 def print_comparison(runs: list[Curve]) -> None:
     header = ("map", "algo", "budget", "reached", "episodes to 0.70 (mean)", "per seed",
-              "held from (mean)", "final success", "wall s (mean)", "decisions/episode")
+              "held from (mean)", "first success (mean)", "final success", "wall s (mean)",
+              "decisions/episode")
     lines = [header]
     for map_label in dict.fromkeys(c.map_label for c in runs):
         for algo in ("q-learning", "bdi"):
@@ -287,12 +294,14 @@ def print_comparison(runs: list[Curve]) -> None:
             reached = [c.reached_at for c in group if c.reached_at is not None]
             held = [c.held_from for c in group if c.held_from is not None]
             finals = [c.final for c in group if c.final is not None]
+            firsts = [c.first_success for c in group if c.first_success is not None]
             decisions = [c.decisions for c in group if c.decisions is not None]
             lines.append((
                 map_label, algo, budget_of(group[0].config), f"{len(reached)}/{len(group)}",
                 f"{statistics.mean(reached):.0f}" if reached else "-",
                 " ".join(str(c.reached_at or "-") for c in group),
                 f"{statistics.mean(held):.0f} ({len(held)}/{len(group)})" if held else "-",
+                f"{statistics.mean(firsts):.0f}" if firsts else "-",
                 f"{statistics.mean(finals):.3f}" if finals else "-",
                 f"{statistics.mean(c.wall for c in group):.1f}",
                 f"{statistics.mean(decisions):.2f}" if decisions else "",

@@ -1,7 +1,9 @@
 """The run-config schema: what a researcher submits, validated field by field.
 
 `parse_config` checks names, types and ranges; `check_environment` builds the environment once
-to check that it exists here and suits the algorithm. Both raise ConfigError naming the field.
+to check that it exists here and suits the algorithm, and finds an evaluation run's saved
+policy and checks that it fits. Both raise ConfigError naming the field. The names of the
+policy files live here too, so that the controller, the CLI and the run process agree on them.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run. Field names are the keys of a run file and of `gymbus submit`."""
+    """One run: training, or the evaluation of a saved policy (`eval_from` or `policy`).
+    Field names are the keys of a run file and of `gymbus submit`."""
 
     env: str
     """Gymnasium environment id, e.g. FrozenLake-v1"""

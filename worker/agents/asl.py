@@ -25,7 +25,7 @@ from gymbus.shared.errors import GymbusError
 #: the folder of the plan files shipped with gymbus
 SHIPPED_PLANS = Path(__file__).parent / "plans"
 DEFAULT_PLANS = "grid.asl"
-#: errors reported per plan file before giving up
+#: errors reported per plan file before giving up (and interpreter messages kept)
 MAX_ERRORS = 10
 
 
@@ -57,6 +57,13 @@ class _Capture(logging.Handler):
         loc = getattr(record, "loc", None)
         where = f"{loc.filename}:{loc.lineno}:{loc.startcol + 1}: " if loc else ""
         self.messages.append(where + record.getMessage())
+        del self.messages[:-MAX_ERRORS]
+
+
+#: the interpreter's own messages (building agents, running plans), kept for PlanError reasons;
+#: they also reach stderr, that is the run's log, through agentspeak's own handler
+_RUNTIME = _Capture()
+logging.getLogger("agentspeak.runtime").addHandler(_RUNTIME)
 
 
 @dataclass
@@ -69,13 +76,11 @@ class PlanLibrary:
     labels: dict[int, str]
     #: the triggers the file has plans for, e.g. {"+!decide/0", "+!goal_reached/0"}
     triggers: frozenset[str]
-    #: collects the interpreter's messages while the agent runs (for PlanError reasons)
-    capture: _Capture
 
     def errors(self) -> str:
-        """The interpreter's messages so far, joined (and forgotten)."""
-        text = "; ".join(self.capture.messages)
-        self.capture.messages.clear()
+        """The interpreter's messages since the last call, joined (for PlanError reasons)."""
+        text = "; ".join(_RUNTIME.messages)
+        _RUNTIME.messages.clear()
         return text
 
 
@@ -103,20 +108,13 @@ def load_plans(
         if not any(p.event.signature() == trigger and p.context is None for p in ast.plans):
             raise PlanError(f"{path}: no plan for {trigger.rsplit('/', 1)[0]} without a context; "
                             "add one that always applies (the agent posts this goal itself)")
-    runtime_log = logging.getLogger("agentspeak.runtime")
-    runtime_log.addHandler(capture)
+    _RUNTIME.messages.clear()
     try:
         _, agent = agentspeak.runtime.Environment().build_agent_from_ast(source, ast, actions)
     except (agentspeak.AggregatedError, agentspeak.AslError) as exc:
-        runtime_log.removeHandler(capture)
-        detail = "; ".join(capture.messages) or str(exc)
+        detail = "; ".join(_RUNTIME.messages) or str(exc)
         raise PlanError(f"{path}: {detail}") from None
-    return PlanLibrary(path, agent, _plan_labels(agent), triggers, capture)
-
-
-def release(library: PlanLibrary) -> None:
-    """Stop collecting the interpreter's messages for this library."""
-    logging.getLogger("agentspeak.runtime").removeHandler(library.capture)
+    return PlanLibrary(path, agent, _plan_labels(agent), triggers)
 
 
 def _logger(capture: _Capture) -> logging.Logger:
