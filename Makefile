@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint up clean
+.PHONY: setup demo test test-slow bench lint up clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the minute-long measurements (the stalled-viewer test), on a quiet machine
+test-slow: setup
+	$(BIN)/python -m pytest -m slow -s
 
 # the whole stack in the foreground from the Procfile; Ctrl-C stops every process
 up: setup

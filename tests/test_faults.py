@@ -437,7 +437,7 @@ def test_8_a_damaged_wal_is_reported_loudly_and_the_spools_refill(stack: Stack, 
         assert re.search(r" WARNING .*\.wal \(\d+ bytes\) was left by an ingest that did not "
                          r"stop cleanly; replayed it", text)
     wait_until(lambda: bus.stats(run_id).get("last_seq", -1) >= bus.spooled(run_id) - 1
-               and bus.stats(run_id)["gaps"] == 0, 30, "the spool to refill the lost frames")
+               and bus.stats(run_id)["gaps"] == 0, 90, "the spool to refill the lost frames")
     bus.cancel(run_id)
     wait_until(lambda: bus.state(run_id) == RunState.CANCELLED.value, 10, "the run to end")
     assert_stored_exactly_once(bus, run_id, result_steps(bus, run_id))

@@ -34,7 +34,7 @@ from gymbus.services.telemetry_proxy import LIVE_HWM
 from gymbus.shared.protocol import TERMINAL_STATES, Command
 from gymbus.shared.transport import Client
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 STALL_SECONDS = 10.0
 FREE_SECONDS = 6.0
