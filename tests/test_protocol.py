@@ -15,6 +15,7 @@ from gymbus.shared.codec import (
     encode_frame,
     encode_message,
     encode_reply,
+    typed_array,
 )
 from gymbus.shared.errors import DecodeError
 from gymbus.shared.protocol import (
@@ -81,6 +82,56 @@ def test_vector_observations_decode_as_a_float_matrix() -> None:
     frame = decode_frame(list(encode_frame(FrameKind.STEP, RUN, 0, body)))
     assert frame.body["obs"].shape == (3, 2)
     assert frame.body["obs"].dtype == np.float64
+
+
+def test_typed_array_columns_decode_like_lists() -> None:
+    obs32 = np.array([[0.5, -1.25], [2.0, 3.5], [1e-3, 4.0]], np.float32)
+    body = {**STEP_BODY, "obs": typed_array(obs32),
+            "episode": typed_array(np.array(STEP_BODY["episode"], np.int32)),
+            "terminated": typed_array(np.array(STEP_BODY["terminated"])),
+            "reward": typed_array(np.array(STEP_BODY["reward"], np.float64))}
+    frame = decode_frame(list(encode_frame(FrameKind.STEP, RUN, 0, body)))
+    assert frame.body["obs"].dtype == np.float64 and frame.body["obs"].tolist() == obs32.tolist()
+    assert frame.body["episode"].dtype == np.int64
+    assert frame.body["episode"].tolist() == STEP_BODY["episode"]
+    assert frame.body["terminated"].tolist() == STEP_BODY["terminated"]
+    assert frame.body["reward"].tolist() == [0.0, 1.0, -1.5]
+    assert frame.rows == 3
+
+
+def _typed(**changes: Any) -> dict[str, Any]:
+    return {**typed_array(np.array([1.0, 2.0, 3.0])), **changes}
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("reward", _typed(dtype=">f8"), "typed-array dtype '>f8' is not one of"),
+        ("reward", _typed(dtype="<c16"), "typed-array dtype '<c16' is not one of"),
+        ("reward", _typed(shape=[3, 1, 1]), "shape must be 1 or 2 non-negative integers"),
+        ("reward", _typed(shape=[-3]), "shape must be 1 or 2 non-negative integers"),
+        ("reward", _typed(shape=[True, 3]), "shape must be 1 or 2 non-negative integers"),
+        ("reward", _typed(data=b"\0" * 23), "data has 23 bytes, shape [3] of <f8 needs 24"),
+        ("reward", _typed(data="abc"), "typed-array data must be bytes, got str"),
+        ("reward", {"dtype": "<f8", "shape": [3]}, "exactly the keys dtype, shape and data"),
+        ("reward", _typed(extra=1), "exactly the keys dtype, shape and data"),
+        ("reward", typed_array(np.array([1.0, np.nan, 3.0])), "holds NaN or infinity"),
+        ("reward", typed_array(np.array([1.0, 2.0])), "has 2 rows, expected 3"),
+        ("episode", typed_array(np.array([0.0, 0.5, 1.0])), "must hold 64-bit integers"),
+        ("episode", typed_array(np.array([0, 1, 2], np.uint64)), "typed-array dtype '<u8'"),
+        ("terminated", {"dtype": "|b1", "shape": [3], "data": b"\x00\x02\x01"},
+         "booleans must be bytes 0 or 1"),
+        ("terminated", typed_array(np.array([0, 1, 0], np.int8)), "must hold booleans"),
+        ("label", typed_array(np.array([1, 2, 3])), "must be a list, got dict"),
+        ("obs", typed_array(np.zeros((3, 2), np.bool_)), "must hold integers or equal-length"),
+        ("obs", typed_array(np.zeros(0, np.int64)), "frame has no rows"),
+    ],
+)
+def test_bad_typed_arrays_are_rejected_with_a_reason(column: str, value: Any, reason: str) -> None:
+    body = {**STEP_BODY, column: value}
+    with pytest.raises(DecodeError) as info:
+        decode_frame(list(encode_frame(FrameKind.STEP, RUN, 0, body)))
+    assert reason in info.value.reason
 
 
 def test_topic_prefixes_filter_by_kind_then_run() -> None:
