@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -42,6 +43,8 @@ class FrameSink:
         self.sock.bind(self.endpoint)
         self.sock.send(b"\x01")  # subscribe to every topic; XSUB replays it to each new publisher
         self.frames: list[Frame] = []
+        #: every message as received, [topic, payload]
+        self.raw: list[list[bytes]] = []
         self.errors: list[Exception] = []
         self._reading = threading.Event()
         if not paused:
@@ -56,8 +59,10 @@ class FrameSink:
                 self.sock.getsockopt(zmq.EVENTS)  # processes pending commands (new publishers)
                 self._reading.wait(0.02)
             elif self.sock.poll(20, zmq.POLLIN):
+                parts = self.sock.recv_multipart()
+                self.raw.append(parts)
                 try:
-                    self.frames.append(decode_frame(self.sock.recv_multipart()))
+                    self.frames.append(decode_frame(parts))
                 except Exception as exc:  # noqa: BLE001 - surfaced to the tests by drain()
                     self.errors.append(exc)
 
@@ -214,7 +219,7 @@ def run_loop(emitter: Emitter, config: dict[str, Any], spy: Any = None) -> train
     rng = training.seed_everything(cfg.seed)
     env = training.make_env(cfg)
     agent = training.make_agent(cfg, env, rng, emitter)
-    emitter.configure_steps(vector_obs=training.has_vector_obs(env), labels=agent.has_labels)
+    training.configure_steps(emitter, env, agent)
     if spy is not None:
         emitter.step = spy  # type: ignore[method-assign]
     return training.run_training(env, agent, emitter, training.budget_of(cfg), seed=cfg.seed,
@@ -261,6 +266,37 @@ def test_box_observations_are_float_vectors(ctx: zmq.Context[Any], sink: FrameSi
     obs = np.concatenate([f.body["obs"] for f in steps])
     assert obs.shape == (result.steps, 4) and obs.dtype == np.float64
     assert "label" not in steps[0].body  # the random agent gives no labels
+    emitter.close(0)
+
+
+def test_box_observations_travel_as_one_typed_array_with_every_value(
+        ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    """CartPole's float32 observations are sent as raw bytes and decode to exactly the values
+    the environment returned; one of another dtype is converted to the space's dtype."""
+    emitter = connect(ctx, sink)
+    emitter.configure_steps(vector_obs=True, labels=False, obs_dtype=np.float32)
+    seen = [np.array([0.1, -2.5, 3.0, 1e-3], np.float32), np.array([1.0, 2.0, 3.0, 4.0], np.float64),
+            np.array([7.0, 8.0, 9.0, 10.0], np.float32)]
+    for i, obs in enumerate(seen):
+        emitter.step(0, i, 1, obs, 1.0, False, False)
+    emitter.flush_steps()
+    wait_until(lambda: sink.of(FrameKind.STEP), what="the step frame")
+    (frame,) = sink.of(FrameKind.STEP)
+    assert frame.body["obs"].tolist() == [o.astype(np.float32).tolist() for o in seen]
+    (payload,) = [msgpack.unpackb(p, raw=False) for t, p in sink.raw if t.startswith(b"step")]
+    wire = payload["body"]["obs"]
+    assert (wire["dtype"], wire["shape"], len(wire["data"])) == ("<f4", [3, 4], 3 * 4 * 4)
+    emitter.close(0)
+
+
+def test_an_observation_that_changes_size_fails_with_a_reason(ctx: zmq.Context[Any],
+                                                               sink: FrameSink) -> None:
+    emitter = connect(ctx, sink)
+    emitter.configure_steps(vector_obs=True, labels=False, obs_dtype=np.float32)
+    emitter.step(0, 0, 1, np.zeros(4, np.float32), 1.0, False, False)
+    emitter.step(0, 1, 1, np.zeros(5, np.float32), 1.0, False, False)
+    with pytest.raises(ValueError, match=r"observations changed size within a run: \[4, 5\]"):
+        emitter.flush_steps()
     emitter.close(0)
 
 

@@ -225,7 +225,7 @@ class RunProcess:
         try:
             agent = training.make_agent(config, env, rng, emitter)
             evaluation = training.make_evaluation(config, agent, emitter)
-            emitter.configure_steps(vector_obs=training.has_vector_obs(env), labels=agent.has_labels)
+            training.configure_steps(emitter, env, agent)
             progress = training.LoopResult()
             try:
                 training.run_training(

@@ -135,6 +135,13 @@ def has_vector_obs(env: gym.Env[Any, Any]) -> bool:
     raise ValueError(f"telemetry supports Discrete or Box observations, not {space}")
 
 
+def configure_steps(emitter: Any, env: gym.Env[Any, Any], agent: Agent) -> None:
+    """Tell the emitter how this run's steps look: the observations (ints, or vectors of the
+    observation space's dtype) and whether the agent labels its actions."""
+    emitter.configure_steps(vector_obs=has_vector_obs(env), labels=agent.has_labels,
+                            obs_dtype=env.observation_space.dtype)
+
+
 def records_steps(mode: TelemetryMode, every: int | None, episode: int) -> bool:
     """Whether the steps of `episode` go into step frames under this telemetry mode."""
     if mode is TelemetryMode.FULL:
