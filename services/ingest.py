@@ -258,7 +258,7 @@ def open_sockets(
     return router, sub
 
 
-def open_store(path: Path) -> Store:
+def open_store(path: Path, threads: int | None = None) -> Store:
     """Open the DuckDB file, recovering from a write-ahead log that DuckDB cannot replay.
 
     Such a WAL is moved aside (`<file>.wal.corrupt-<time>-<pid>`, kept, never deleted) and the
@@ -269,7 +269,7 @@ def open_store(path: Path) -> Store:
     wal = wal_path(path)
     left = wal.stat().st_size if wal.exists() else 0
     try:
-        store = Store(path)
+        store = Store(path, threads=threads)
     except duckdb.Error as exc:
         if not wal.exists() or "WAL" not in str(exc):
             raise
@@ -282,7 +282,7 @@ def open_store(path: Path) -> Store:
     aside = wal.with_name(f"{wal.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     os.replace(wal, aside)
     try:
-        store = Store(path)
+        store = Store(path, threads=threads)
     except duckdb.Error:
         os.replace(aside, wal)
         raise
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     stop = StopFlag().install()
     try:
-        store = open_store(settings.db_path)  # warms Arrow up before anything is subscribed
+        store = open_store(settings.db_path, settings.ingest_threads)  # warms Arrow up before anything is subscribed
     except duckdb.Error as exc:
         log.error("cannot open %s: %s. Nothing was changed or deleted. If another ingest holds "
                   "the file, stop it; if the file itself is damaged, move it aside to start a new "

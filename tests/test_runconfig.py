@@ -99,7 +99,8 @@ def test_settings_come_from_prefixed_variables(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize(("var", "value"), [("GYMBUS_WORKER_SLOTS", "many"),
-                                            ("GYMBUS_HEARTBEAT_INTERVAL", "0")])
+                                            ("GYMBUS_HEARTBEAT_INTERVAL", "0"),
+                                            ("GYMBUS_INGEST_THREADS", "0")])
 def test_bad_settings_name_the_variable(var: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         settings_mod.load({var: value})
