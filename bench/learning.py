@@ -7,8 +7,8 @@ every run to its controller, in fast mode (episodes and metrics stored, no step 
 
 The table: each algorithm trains with its budget, then an evaluation run (`eval_from`) plays
 the saved policy greedily; the result is read back from the ingest (mean return of the
-evaluation's episodes; on FrozenLake that is the success rate) and checked against the target
-of issue #4. Wall times are the controller's, from the run's start to its end.
+evaluation's episodes; on FrozenLake that is the success rate) and checked against its target
+(docs/agents.md). Wall times are the controller's, from the run's start to its end.
 
 The comparison: bdi and q-learning train with `eval_every` (greedy checkpoints of 1000
 episodes, 10 on the deterministic map) on FrozenLake maps, five seeds each; for each run, the
@@ -80,7 +80,7 @@ class Curve:
 
 
 def table_rows(quick: bool) -> list[Row]:
-    """The runs of the issue's table: env, algo, budget, target."""
+    """The runs of the learning table: env, algo, budget, target."""
     cut = 10 if quick else 1
     lake = {"env": "FrozenLake-v1", "seed": 1}
     episodes = 1000 // cut

@@ -262,10 +262,9 @@ def step_times(payload: bytes) -> tuple[str, int, int, int]:
             name = unpacker.unpack()
             if name == "t0_ns":
                 head["t0_ns"] = unpacker.unpack()
-            elif name == "step":
-                head["rows"] = unpacker.read_array_header()
-                for _ in range(head["rows"]):
-                    unpacker.skip()
+            elif name == "step":  # a typed array (docs/protocol.md), or a list
+                column = unpacker.unpack()
+                head["rows"] = column["shape"][0] if isinstance(column, dict) else len(column)
             else:
                 unpacker.skip()
     return head["run_id"], head["ts_ns"], head["t0_ns"], head["rows"]

@@ -1,6 +1,6 @@
-"""Fault tests of the issue "no frame lost, no run stuck" (#6), with real processes on loopback.
+"""Fault tests, "no frame lost, no run stuck", with real processes on loopback.
 
-Each test injects one fault into a running stack and asserts the issue's pass criterion: every
+Each test injects one fault into a running stack and asserts the pass criterion: every
 frame a run emitted is stored exactly once (the spools repair what the fault cost), and no run
 stays `running`. Measured numbers are printed as `MEASURED ...` lines (`pytest -s` shows them).
 """
@@ -144,7 +144,7 @@ def steps_stored(bus: Bus, run_id: str) -> int:
 
 
 def assert_stored_exactly_once(bus: Bus, run_id: str, steps: int | None = None) -> dict[str, Any]:
-    """The issue's criterion: step rows = steps emitted, none twice, every seq exactly once."""
+    """The criterion: step rows = steps emitted, none twice, every seq exactly once."""
     stats = wait_until(lambda: (st := bus.stats(run_id)).get("complete") and st, 30,
                        f"run {run_id} complete in the ingest")
     emitted = stats["frames_emitted"]

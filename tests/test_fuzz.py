@@ -380,7 +380,7 @@ def run_processes(run_id: str) -> list[int]:
 
 
 def test_cancel_for_a_run_whose_worker_is_gone_answers_at_once(tmp_path: Path) -> None:
-    """Issue #6. tests/test_controller.py checks `worker_gone` against a fake broker; here the
+    """Cancel never hangs. tests/test_controller.py checks `worker_gone` against a fake broker; here the
     worker really dies, first under a live broker, then together with it."""
     runs: list[str] = []
     with Stack(stack_env(tmp_path / "home")) as stack, \

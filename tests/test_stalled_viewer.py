@@ -42,7 +42,7 @@ STALLS = 2
 #: seconds left out after the viewer starts (its imports and snapshot) and after it resumes
 START_GUARD = 1.5
 RESUME_GUARD = 2.5
-#: the drop in steps/s the issue allows
+#: the drop in steps/s a stalled viewer may cause at most
 MAX_SLOWDOWN = 0.05
 #: the broker's growth while a viewer is stalled: LIVE_HWM frames of ~25 KB, and slack
 BROKER_GROWTH_LIMIT_MB = 48.0
