@@ -115,17 +115,25 @@ def load_episode(reader: StoreReader, run_id: str, episode: int) -> Replay:
 
 def fallback_metrics(reader: StoreReader, run_id: str) -> list[dict[str, Any]]:
     """Every metric of the run: name, count, min, max, last value, and a curve of CURVE_POINTS
-    bucket means (what a fast-mode run stored instead of steps)."""
+    bucket means (what a fast-mode run stored instead of steps). `charts/episodic_return` and
+    `charts/episodic_length` come from the episode rows (at the global step of each episode's
+    end), unless the run's metrics hold them (a run imported from TensorBoard files)."""
     run = sql_str(run_id)
+    series = (
+        f"(SELECT name, step, seq, value FROM metrics WHERE run_id = {run} UNION ALL "
+        "SELECT unnest(['charts/episodic_return', 'charts/episodic_length']) AS name, "
+        "sum(length) OVER (ORDER BY episode) AS step, seq, "
+        "unnest([\"return\", length::DOUBLE]) AS value "
+        f"FROM episodes WHERE run_id = {run} AND NOT EXISTS (SELECT 1 FROM metrics "
+        f"WHERE run_id = {run} AND name = 'charts/episodic_return'))")
     summary = reader.rows(
         "SELECT name, count(*) AS n, min(value) AS lo, max(value) AS hi, "
-        f"arg_max(value, step) AS last FROM metrics WHERE run_id = {run} GROUP BY name "
-        "ORDER BY name")
+        f"arg_max(value, step) AS last FROM {series} GROUP BY name ORDER BY name")
     curves: dict[str, list[float]] = {}
     for row in reader.rows(
             f"SELECT name, bucket, avg(value) AS v FROM (SELECT name, value, ntile({CURVE_POINTS}) "
-            f"OVER (PARTITION BY name ORDER BY step, seq) AS bucket FROM metrics "
-            f"WHERE run_id = {run}) GROUP BY name, bucket ORDER BY name, bucket"):
+            f"OVER (PARTITION BY name ORDER BY step, seq) AS bucket FROM {series}) "
+            "GROUP BY name, bucket ORDER BY name, bucket"):
         curves.setdefault(row["name"], []).append(float(row["v"]))
     return [{**row, "curve": curves.get(row["name"], [])} for row in summary]
 

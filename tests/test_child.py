@@ -217,7 +217,7 @@ def test_fast_mode_sends_no_step_frames(start: Any, sink: FrameSink, how: str) -
     frames = sink.drain()
     check_complete(frames)
     assert rows(frames, FrameKind.STEP) == 0
-    assert rows(frames, FrameKind.EPISODE) == 300 and rows(frames, FrameKind.METRIC) >= 900
+    assert rows(frames, FrameKind.EPISODE) == 300 and rows(frames, FrameKind.METRIC) >= 300
     assert frames[0].body["telemetry"] == "fast"
     assert last.body["steps"] == episode_lengths(frames) > 0
     assert run.result()["telemetry"] == "fast"

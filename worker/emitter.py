@@ -192,6 +192,8 @@ class Emitter:
         self._metrics = _Batch(_METRIC_COLUMNS, now)
         self._observers: list[Callable[[Sequence[MetricRow]], None]] = []
         self._observed = 0  # buffered metric rows already handed to the observers
+        self._episodes_observed = 0  # and buffered episode rows
+        self._episode_steps = 0  # the global step at the end of the last observed episode
         # steps are buffered as row tuples in one list (created once, cleared after each flush)
         # and turned into columns at flush time by zip(): one append per step measures about
         # half the cost of eight per-column appends
@@ -389,7 +391,8 @@ class Emitter:
     # --- per episode and per metric -----------------------------------------------------------
 
     def observe_metrics(self, observer: Callable[[Sequence[MetricRow]], None]) -> None:
-        """Call `observer` with every batch of metric rows, before the batch is sent.
+        """Call `observer` with every batch of metric rows, before the batch is sent, and with
+        `charts/episodic_return` and `charts/episodic_length` rows made from the episode rows.
 
         Observers run on this thread (the run's TensorBoard log is one); a row reaches each
         observer once, whether or not its frame is delivered.
@@ -408,6 +411,29 @@ class Emitter:
             self._observed = len(rows)
             for observer in self._observers:
                 observer(fresh)
+        self._feed_episodes()
+
+    def _feed_episodes(self) -> None:
+        """Hand the observers `charts/episodic_return` and `charts/episodic_length` of the
+        episode rows they have not seen, at the global step of each episode's end (the sum of
+        the lengths so far: every episode of a run has its row)."""
+        rows = self._episodes.rows
+        if len(rows) <= self._episodes_observed:
+            return
+        fresh = rows[self._episodes_observed:]
+        self._episodes_observed = len(rows)
+        if not self._observers:
+            self._episode_steps += sum(row[2] for row in fresh)
+            return
+        derived: list[MetricRow] = []
+        steps = self._episode_steps
+        for _, ret, length, _, _, ts_ns in fresh:
+            steps += length
+            derived.append(("charts/episodic_return", steps, ret, ts_ns))
+            derived.append(("charts/episodic_length", steps, length, ts_ns))
+        self._episode_steps = steps
+        for observer in self._observers:
+            observer(derived)
 
     def flush(self) -> None:
         """Send everything buffered: metrics are taken first (observers see them before any send
@@ -417,6 +443,8 @@ class Emitter:
         self.flush_steps()
         episodes = self._episodes
         if episodes.rows:
+            self._feed_episodes()
+            self._episodes_observed = 0
             rows = episodes.take(now)
             self._send_columns(FrameKind.EPISODE, episodes.body(rows, _EPISODE_KINDS), len(rows),
                                _EPISODE_KINDS)

@@ -1,8 +1,9 @@
 """TensorBoard event files of a run: its metrics as scalars, written from the emitter's batches.
 
 Every run writes `events.out.tfevents.*` into its run folder, in every telemetry mode. The data
-come from the emitter's metric batches (`charts/episodic_return`, `charts/episodic_length`,
-`charts/epsilon`, `charts/SPS`, the agent's losses), handed over when a batch is taken, so the
+come from the emitter's metric batches (`charts/epsilon`, `charts/SPS`, the agent's losses) and
+its episode rows (`charts/episodic_return`, `charts/episodic_length`), handed over when a batch
+is taken, so the
 training loop pays nothing per value for TensorBoard.
 
 The writer is TensorBoard's file format and nothing more: TFRecord framing (length, masked

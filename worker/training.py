@@ -223,12 +223,12 @@ def run_training(
 
 def _end_episode(telemetry: Telemetry, agent: Agent, progress: LoopResult, episode: int,
                  ret: float, length: int, terminated: bool, truncated: bool) -> None:
-    """Count the episode and publish its frame row and per-episode metrics."""
+    """Count the episode and publish its row (the emitter derives the TensorBoard curves
+    `charts/episodic_return` and `charts/episodic_length` from episode rows: sending them as
+    metric rows as well measured 4% of a fast-mode FrozenLake run)."""
     progress.episodes = episode + 1
     progress.steps += length
     telemetry.episode(episode, ret, length, terminated, truncated)
-    telemetry.metric("charts/episodic_return", progress.steps, ret)
-    telemetry.metric("charts/episodic_length", progress.steps, length)
     agent.end_episode(episode, progress.steps, ret, length)
 
 
