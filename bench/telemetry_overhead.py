@@ -22,7 +22,8 @@ process (its own CPU time, threads included) are shown: they do not move when an
 takes the CPU. Live latency: a SUB on the broker's telemetry output takes each step frame's age
 at arrival (now - t0_ns, the frame's first step: its oldest row), and estimates per-row ages by
 spreading rows evenly between t0_ns and the frame's build time. Ingest efficiency: step rows
-stored per CPU-second of the ingest process (/proc/<pid>/stat) during the full runs.
+stored per CPU-second of the ingest process (/proc/<pid>/stat), from a full run's submission
+until the ingest confirms its spool (the run's checkpoint included); runs do not overlap.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from gymbus.services.stack import Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, LifecycleEvent
 from gymbus.shared.transport import Client
+from gymbus.worker import spool
 
 ENVS = {"FrozenLake-v1": "q-learning", "Taxi-v4": "q-learning",
         "CliffWalking-v1": "q-learning", "CartPole-v1": "random"}
@@ -299,9 +301,14 @@ def run_gymbus(stack: Stack, watch: Watch, mode: str, env_id: str, algo: str, st
             time.sleep(0.01)
         if mode == "full":
             end_ns = time.time_ns()
-        cpu1 = cpu_seconds(ingest_pid)
         while ctl.request(Command.GET_RUN, {"run_id": run_id})["run"]["state"] not in TERMINAL_STATES:
             time.sleep(0.02)
+        # the ingest's work for a run ends when it confirms the run's spool, after the checkpoint
+        # that moves the run from the write-ahead log into the file: wait for it, so that the
+        # ingest's CPU time holds all of this run's work and none of the next run's
+        while not spool.is_confirmed(s.run_dir(run_id)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cpu1 = cpu_seconds(ingest_pid)
     if body["status"] != "completed" or not stats["complete"] or stats["gaps"]:
         raise AssertionError(f"{mode} run {run_id}: {body['status']}, stats {stats}")
     expected_rows = body["steps"] if mode == "full" else 0
