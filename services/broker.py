@@ -10,7 +10,6 @@ Run it with `python -m gymbus.services.broker`.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import math
@@ -20,12 +19,11 @@ from typing import Any
 
 import zmq
 
+from gymbus.services.service import run_until_stopped
 from gymbus.services.telemetry_proxy import TelemetryProxy
 from gymbus.services.worker_table import WorkerTable
-from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import encode_message
 from gymbus.shared.errors import DecodeError
-from gymbus.shared.logs import setup
 from gymbus.shared.protocol import CONTROLLER_IDENTITY, Command, RunState
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
@@ -338,20 +336,8 @@ class Broker:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the broker until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gymbus.services.broker",
-        description="Route runs to workers and fan telemetry out. Configured by GYMBUS_* variables.",
-    )
-    parser.parse_args(argv)
-    setup("broker")
-    settings = settings_mod.load()
-    stop = StopFlag().install()
-    broker = Broker(settings)
-    try:
-        broker.mediate(stop)
-    finally:
-        broker.close()
-    return 0
+    return run_until_stopped("broker", "Route runs to workers and fan telemetry out.", argv,
+                             Broker, Broker.mediate)
 
 
 if __name__ == "__main__":

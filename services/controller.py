@@ -10,7 +10,6 @@ Run it with `python -m gymbus.services.controller`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -21,10 +20,9 @@ import zmq
 
 from gymbus.services.registry import Registry, Run
 from gymbus.services.scheduler import Scheduler, parse_workers
-from gymbus.shared import settings as settings_mod
+from gymbus.services.service import run_until_stopped
 from gymbus.shared.codec import decode_message, encode_message
 from gymbus.shared.errors import DecodeError, GymbusError, RequestError
-from gymbus.shared.logs import setup
 from gymbus.shared.protocol import (
     CONTROLLER_IDENTITY,
     TERMINAL_STATES,
@@ -396,20 +394,8 @@ class Controller:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the controller until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gymbus.services.controller",
-        description="Validate, store and schedule runs. Configured by GYMBUS_* variables.",
-    )
-    parser.parse_args(argv)
-    setup("controller")
-    settings = settings_mod.load()
-    stop = StopFlag().install()
-    controller = Controller(settings)
-    try:
-        controller.serve(stop)
-    finally:
-        controller.close()
-    return 0
+    return run_until_stopped("controller", "Validate, store and schedule runs.", argv,
+                             Controller, Controller.serve)
 
 
 if __name__ == "__main__":
