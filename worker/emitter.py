@@ -114,8 +114,8 @@ def _normalized(body: dict[str, Any], kinds: dict[str, type]) -> dict[str, Any]:
     (typed-array columns are left as they are)."""
     out = dict(body)
     for name, kind in kinds.items():
-        if kind in (int, float, bool) and not isinstance(body.get(name), dict):
-            dtype = {int: np.int64, float: np.float64, bool: np.bool_}[kind]
+        dtype = _TYPED_DTYPES.get(kind)
+        if dtype is not None and not isinstance(body.get(name), dict):
             out[name] = np.asarray(body[name], dtype=dtype).tolist()
     return out
 
