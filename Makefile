@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m gymbus.services.demo
+	$(BIN)/python -m gymbus.services.stack.demo
 
 test: setup
 	$(BIN)/python -m pytest
@@ -33,11 +33,12 @@ bench: setup
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff mypy
 	$(BIN)/ruff check shared services worker tests
-	@# mypy cannot follow the editable install's folder mapping: give it a symlinked view
+	@# mypy cannot follow the editable install's folder mapping (gymbus.shared is shared/, and so
+	@# on: an import hook, not a folder): it reads the same files through a view of links
 	@mkdir -p build/typecheck/gymbus
 	@for d in shared services worker; do ln -sfn "$(CURDIR)/$$d" build/typecheck/gymbus/$$d; done
 	cd build/typecheck && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
-		-p gymbus.shared -p gymbus.services
+		-p gymbus.shared -p gymbus.services -p gymbus.worker
 
 clean:
 	rm -rf $(VENV) build *.egg-info

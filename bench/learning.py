@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gymbus.services.stack import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
 from gymbus.shared.transport import Client

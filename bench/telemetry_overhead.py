@@ -45,11 +45,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from gymbus.services.stack import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, LifecycleEvent
 from gymbus.shared.transport import Client
-from gymbus.worker import spool
+from gymbus.worker.telemetry import spool
 
 ENVS = {"FrozenLake-v1": "q-learning", "Taxi-v4": "q-learning",
         "CliffWalking-v1": "q-learning", "CartPole-v1": "random"}

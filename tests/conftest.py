@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 
-from gymbus.services.stack import free_endpoints
+from gymbus.services.stack.launcher import free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.settings import Settings
 

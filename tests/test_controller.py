@@ -18,7 +18,7 @@ import pytest
 import zmq
 from conftest import wait_until
 
-from gymbus.services.scheduler import Scheduler, WorkerView, parse_workers
+from gymbus.services.controller.scheduler import Scheduler, WorkerView, parse_workers
 from gymbus.shared.codec import Message, decode_message, encode_message
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import Command, ErrorCode, RunState

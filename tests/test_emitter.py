@@ -16,7 +16,7 @@ from gymbus.shared.codec import Frame, decode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent, TelemetryMode
 from gymbus.shared.runconfig import parse_config
 from gymbus.worker import training
-from gymbus.worker.emitter import (
+from gymbus.worker.telemetry.emitter import (
     EPISODE_BATCH_ROWS,
     FLUSH_INTERVAL,
     METRIC_BATCH_ROWS,

@@ -14,7 +14,7 @@ from test_child import check_complete, sink, start  # noqa: F401 - fixtures
 from test_emitter import FrameSink
 from test_integration import gymbus, gymbus_json, make_stack, query
 
-from gymbus.services.stack import Stack
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
 from gymbus.shared.runconfig import (
@@ -211,7 +211,7 @@ def test_submit_eval_from_through_the_stack(stack: Stack) -> None:
 
 def test_the_cli_makes_paths_absolute_and_names_the_algo(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from gymbus.services.cli import absolute_plans, complete_evaluation
+    from gymbus.services.cli.main import absolute_plans, complete_evaluation
 
     save_trained(tmp_path / "runs", "01QL")
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ import zmq
 from test_emitter import FrameSink, connect, run_loop
 from test_tensorboard import query, read_tensorboard, run_to_end, stack_env
 
-from gymbus.services.stack import Stack
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared.codec import Frame
 from gymbus.shared.protocol import FrameKind, TelemetryMode
 from gymbus.worker.child import telemetry_mode

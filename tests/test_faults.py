@@ -26,12 +26,12 @@ import zmq
 from conftest import free_endpoint, wait_until
 from test_integration import child_pids
 
-from gymbus.services.stack import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared.errors import RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import Command, RunState
 from gymbus.shared.transport import Client
-from gymbus.worker import spool
-from gymbus.worker.spool import SpoolReader
+from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.spool import SpoolReader
 
 pytestmark = pytest.mark.integration
 

@@ -43,7 +43,7 @@ from fuzz_strategies import (
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from gymbus.services.stack import SERVICES, Stack, free_endpoints
+from gymbus.services.stack.launcher import SERVICES, Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import (
     COLUMNS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 
-from gymbus.services.grid import (
+from gymbus.services.viewers.grid import (
     TAXI_STANDS,
     GridWorld,
     action_name,

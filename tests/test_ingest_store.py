@@ -11,7 +11,7 @@ import duckdb
 import msgpack
 import pytest
 
-from gymbus.services.ingest_store import DEAD_LETTER_PAYLOAD_BYTES, FLUSH_ROWS, Store
+from gymbus.services.ingest.store import DEAD_LETTER_PAYLOAD_BYTES, FLUSH_ROWS, Store
 from gymbus.shared.codec import Frame, decode_frame, encode_frame
 from gymbus.shared.errors import DecodeError
 from gymbus.shared.protocol import FrameKind, topic

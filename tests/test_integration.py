@@ -20,7 +20,7 @@ import pytest
 import zmq
 from conftest import wait_until
 
-from gymbus.services.stack import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
 

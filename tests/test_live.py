@@ -11,9 +11,9 @@ import pytest
 import zmq
 from conftest import free_endpoint, wait_until
 
-from gymbus.services.live import Live, LiveFeed
-from gymbus.services.live_runs import SeqTracker
-from gymbus.services.stack import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.services.viewers.live import Live, LiveFeed
+from gymbus.services.viewers.live_runs import SeqTracker
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix

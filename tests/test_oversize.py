@@ -16,7 +16,7 @@ import zmq
 from conftest import wait_until
 from test_fuzz import BrokerLog, dealer, publisher, receive, sql, stack_env
 
-from gymbus.services.stack import SERVICES, Stack
+from gymbus.services.stack.launcher import SERVICES, Stack
 from gymbus.shared import security
 from gymbus.shared.codec import encode_frame, encode_message
 from gymbus.shared.protocol import MAX_FRAME_BYTES, Command, ErrorCode, FrameKind

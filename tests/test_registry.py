@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gymbus.services.registry import MAX_DISPATCH_ATTEMPTS, Registry, Run
+from gymbus.services.controller.registry import MAX_DISPATCH_ATTEMPTS, Registry, Run
 from gymbus.shared.protocol import TERMINAL_STATES, RunState
 from gymbus.shared.runconfig import RunConfig, parse_config
 
@@ -99,7 +99,7 @@ def test_submit_stores_a_queued_run(registry: Registry, clock: FakeClock) -> Non
 
 
 def test_the_transition_table_is_what_the_protocol_says() -> None:
-    from gymbus.services.registry import TRANSITIONS
+    from gymbus.services.controller.registry import TRANSITIONS
 
     assert {src: set(dsts) for src, dsts in TRANSITIONS.items()} == LEGAL
     assert all(not TRANSITIONS[state] for state in TERMINAL_STATES)

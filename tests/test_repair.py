@@ -17,14 +17,14 @@ from conftest import wait_until
 from test_faults import private_endpoints
 from test_ingest_service import Ingest, answers, subscribed
 
-from gymbus.services.ingest_runs import RunAccount
-from gymbus.services.stack import Stack
+from gymbus.services.ingest.runs import RunAccount
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import Command, ErrorCode, FrameKind
 from gymbus.shared.transport import Client
-from gymbus.worker import spool
-from gymbus.worker.spool import SpoolWriter
+from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.spool import SpoolWriter
 
 RUN = "01REPAIRRUN000000000000000"
 FAST_HEARTBEATS = {"GYMBUS_HEARTBEAT_INTERVAL": "0.25", "GYMBUS_HEARTBEAT_LIVENESS": "3"}

@@ -12,8 +12,8 @@ import pytest
 from conftest import wait_until
 from test_live import stored, submit, viewer_stack
 
-from gymbus.services.grid import GridWorld
-from gymbus.services.stack import Stack
+from gymbus.services.stack.launcher import Stack
+from gymbus.services.viewers.grid import GridWorld
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from conftest import wait_until
 from test_fuzz import sql, stack_env
 
-from gymbus.services.cli_context import Context
-from gymbus.services.cli_keys import keys, make_keys
-from gymbus.services.stack import SERVICES, Stack
+from gymbus.services.cli.context import Context
+from gymbus.services.cli.keys import keys, make_keys
+from gymbus.services.stack.launcher import SERVICES, Stack
 from gymbus.shared import security
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import RemoteError, ServiceUnavailable

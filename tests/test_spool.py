@@ -16,9 +16,9 @@ from conftest import wait_until
 
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
-from gymbus.worker import spool
-from gymbus.worker.emitter import Emitter
-from gymbus.worker.spool import HEADER, MAGIC, SpoolError, SpoolReader, SpoolWriter
+from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.emitter import Emitter
+from gymbus.worker.telemetry.spool import HEADER, MAGIC, SpoolError, SpoolReader, SpoolWriter
 
 RUN = "01SPOOLTEST"
 
@@ -124,7 +124,7 @@ import sys
 from pathlib import Path
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.protocol import FrameKind
-from gymbus.worker.spool import SpoolWriter
+from gymbus.worker.telemetry.spool import SpoolWriter
 writer = SpoolWriter.create(Path(sys.argv[1]))
 seq = 0
 while True:

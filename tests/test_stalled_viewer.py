@@ -28,9 +28,9 @@ import pytest
 from conftest import wait_until
 from test_live import run_state, stored, viewer_stack
 
-from gymbus.services.live import StoreReader
-from gymbus.services.stack import Stack
-from gymbus.services.telemetry_proxy import LIVE_HWM
+from gymbus.services.broker.telemetry_proxy import LIVE_HWM
+from gymbus.services.stack.launcher import Stack
+from gymbus.services.viewers.live import StoreReader
 from gymbus.shared.protocol import TERMINAL_STATES, Command
 from gymbus.shared.transport import Client
 

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from conftest import free_endpoint, wait_until
 
-from gymbus.services.stack import Stack, free_endpoints
-from gymbus.services.tbimport import RUN_ID_PREFIX
+from gymbus.services.cli.tbimport import RUN_ID_PREFIX
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.protocol import Command
 from gymbus.shared.transport import Client
-from gymbus.worker.tensorboard import (
+from gymbus.worker.telemetry.tensorboard import (
     FILE_SUFFIX,
     EventFileWriter,
     ScalarLog,

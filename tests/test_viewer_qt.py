@@ -18,10 +18,10 @@ pytest.importorskip("pyqtgraph", reason="the Qt viewer is an optional extra: pip
 from conftest import wait_until
 from test_live import run_state, stored, submit, viewer_stack
 
-from gymbus.services import viewer_qt
-from gymbus.services.grid import GridWorld
-from gymbus.services.live import StoreReader
-from gymbus.services.stack import Stack
+from gymbus.services.stack.launcher import Stack
+from gymbus.services.viewers.grid import GridWorld
+from gymbus.services.viewers.live import StoreReader
+from gymbus.services.viewers.qt import window as viewer_qt
 from gymbus.shared.protocol import TERMINAL_STATES
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ import pytest
 from conftest import wait_until
 from test_live import stored, submit, viewer_stack
 
-from gymbus.services.stack import Stack
-from gymbus.services.watch import curve_lines
+from gymbus.services.stack.launcher import Stack
+from gymbus.services.viewers.watch import curve_lines
 
 pytestmark = pytest.mark.integration
 

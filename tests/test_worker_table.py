@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from gymbus.services.worker_table import LostWorker, WorkerTable
+from gymbus.services.broker.worker_table import LostWorker, WorkerTable
 
 INTERVAL = 0.25
 LIVENESS = 3

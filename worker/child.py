@@ -13,7 +13,7 @@ Reads `DIR/config.json` (written by the worker daemon), trains, saves artifacts 
 then `DISABLE_TELEMETRY` in {1, true, yes} (any case), force fast mode, which builds no step frames;
 otherwise the config's `telemetry` (full, fast, or sampled with `every`). Both switches can only
 turn per-step telemetry off, never on. Every run, in every mode, writes TensorBoard event files
-into its folder (`gymbus.worker.tensorboard`), complete before `run_completed` is sent.
+into its folder (`gymbus.worker.telemetry.tensorboard`), complete before `run_completed` is sent.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from gymbus.shared import settings as settings_mod
 from gymbus.shared.protocol import LifecycleEvent, RunState, TelemetryMode
 from gymbus.shared.runconfig import RunConfig, parse_config
 from gymbus.worker.agents.base import Artifact
-from gymbus.worker.emitter import CLOSE_LINGER_MS, Emitter
-from gymbus.worker.spool import SpoolWriter
-from gymbus.worker.tensorboard import ScalarLog
+from gymbus.worker.telemetry.emitter import CLOSE_LINGER_MS, Emitter
+from gymbus.worker.telemetry.spool import SpoolWriter
+from gymbus.worker.telemetry.tensorboard import ScalarLog
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"

@@ -4,7 +4,7 @@ One loop (`Worker.serve`), read top to bottom: poll the broker's socket with a t
 than the heartbeat interval, dispatch each message through a table keyed by `Command`, then do
 the housekeeping on every pass: reap finished children, escalate cancels, heartbeat, count the
 broker's liveness down (re-registering with a fresh socket when it runs out), and repair: ask the
-ingest about spooled runs and replay what it misses (worker/repair.py, never blocking the loop).
+ingest about spooled runs and replay what it misses (worker/telemetry/repair.py, never blocking the loop).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from gymbus.shared.protocol import Command, RunState
 from gymbus.shared.runconfig import parse_config
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import StopFlag, connect, new_socket
-from gymbus.worker import spool
 from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE
-from gymbus.worker.repair import Repairer
+from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.repair import Repairer
 
 log = logging.getLogger("gymbus.worker")
 

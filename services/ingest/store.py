@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from gymbus.services.ingest_runs import Gap, RunAccount
+from gymbus.services.ingest.runs import Gap, RunAccount
 from gymbus.shared.codec import Frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
 

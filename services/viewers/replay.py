@@ -17,9 +17,9 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from gymbus.services.cli_output import sparkline
-from gymbus.services.grid import GridWorld, Scene, action_name, to_rich
-from gymbus.services.live import StoreReader, sql_str
+from gymbus.services.cli.output import sparkline
+from gymbus.services.viewers.grid import GridWorld, Scene, action_name, to_rich
+from gymbus.services.viewers.live import StoreReader, sql_str
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import ErrorCode, TelemetryMode
 

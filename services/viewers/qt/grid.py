@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from gymbus.services.grid import Scene
+from gymbus.services.viewers.grid import Scene
 
 #: fill of each kind of cell (grid.KINDS)
 CELL_COLOURS = {

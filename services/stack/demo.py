@@ -10,8 +10,8 @@ import sys
 import time
 from typing import Any
 
-from gymbus.services import cli_output as out
-from gymbus.services.stack import Stack, free_endpoints
+from gymbus.services.cli import output as out
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState

@@ -14,11 +14,11 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
-from gymbus.services.grid import action_name
-from gymbus.services.live import StoreReader
-from gymbus.services.live_runs import RunView
-from gymbus.services.replay import Replay, fallback_metrics, load_episode
-from gymbus.services.viewer_qt_grid import GridWidget
+from gymbus.services.viewers.grid import action_name
+from gymbus.services.viewers.live import StoreReader
+from gymbus.services.viewers.live_runs import RunView
+from gymbus.services.viewers.qt.grid import GridWidget
+from gymbus.services.viewers.replay import Replay, fallback_metrics, load_episode
 from gymbus.shared.errors import GymbusError
 from gymbus.shared.settings import Settings
 

@@ -11,8 +11,8 @@ import sys
 import click
 from rich.console import Console
 
-from gymbus.services import cli_output as out
-from gymbus.services.cli_context import Context, json_option
+from gymbus.services.cli import output as out
+from gymbus.services.cli.context import Context, json_option
 from gymbus.shared.errors import ExitCode
 from gymbus.shared.protocol import Command
 
@@ -38,9 +38,9 @@ def watch(obj: Context, run_ids: tuple[str, ...], once: bool, until_done: bool,
 
     Keys: n / p select the next / previous run, q (or Ctrl-C) quits. With --json, prints the
     numbers instead of drawing: once, at the end with --until-done, or where it stood at Ctrl-C."""
-    from gymbus.services.live import Live
-    from gymbus.services.watch import Dashboard
-    from gymbus.services.watch import watch as follow
+    from gymbus.services.viewers.live import Live
+    from gymbus.services.viewers.watch import Dashboard
+    from gymbus.services.viewers.watch import watch as follow
 
     _check_runs(obj, run_ids)
     console = Console(width=width) if width else Console()
@@ -65,7 +65,7 @@ def viewer(obj: Context, run_ids: tuple[str, ...]) -> None:
     """Open the desktop viewer: a tab per agent with its grid world, curves and episodes, replay
     of stored episodes, and a runs panel to submit and cancel (needs `pip install 'gymbus[qt]'`)."""
     try:
-        from gymbus.services import viewer_qt
+        from gymbus.services.viewers.qt import window as viewer_qt
     except ImportError as exc:
         click.echo(f"error: the Qt viewer needs the qt extra (pip install 'gymbus[qt]'): {exc}",
                    err=True)
@@ -84,8 +84,8 @@ def replay(obj: Context, run_id: str, episode: int, delay: float, as_json: bool)
     """Replay a stored episode step by step: the board of grid worlds, the action, the reward and
     what chose it (the BDI agent's intention). A fast-mode run stored no steps: shows the
     episode's return and length and the run's metric curves instead."""
-    from gymbus.services import replay as rp
-    from gymbus.services.live import StoreReader
+    from gymbus.services.viewers import replay as rp
+    from gymbus.services.viewers.live import StoreReader
 
     reader = StoreReader(obj.settings)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from gymbus.services.live_runs import MAX_EPISODES, SPS_METRIC, RunView
+from gymbus.services.viewers.live_runs import MAX_EPISODES, SPS_METRIC, RunView
 from gymbus.shared.codec import Frame, decode_frame
 from gymbus.shared.errors import DecodeError, GymbusError, RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix
@@ -68,7 +68,7 @@ class StoreReader:
     def _query_file(self, sql: str, max_rows: int) -> dict[str, Any]:
         import duckdb
 
-        from gymbus.services.ingest_query import run_query
+        from gymbus.services.ingest.query import run_query
 
         s = self.settings
         if not s.db_path.exists():

@@ -17,9 +17,9 @@ from typing import IO
 
 import click
 
-from gymbus.services import cli_output as out
-from gymbus.services import tbimport
-from gymbus.services.cli_context import Context, json_option
+from gymbus.services.cli import output as out
+from gymbus.services.cli import tbimport
+from gymbus.services.cli.context import Context, json_option
 from gymbus.shared.errors import ExitCode, GymbusError
 from gymbus.shared.protocol import Command
 

@@ -13,7 +13,7 @@ are converted only if msgpack refuses the frame as it is. In fast mode the train
 calls `step`, so no step frame is built at all.
 
 Metric observers (the run's TensorBoard log) get each batch of metric rows as it is taken, so
-TensorBoard costs the training loop nothing per value (see `gymbus.worker.tensorboard`).
+TensorBoard costs the training loop nothing per value (see `gymbus.worker.telemetry.tensorboard`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gymbus.shared.codec import TYPED_ARRAY_DTYPES, encode_frame, typed_array_of
 from gymbus.shared.errors import DecodeError, GymbusError
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
 from gymbus.shared.transport import connect, new_socket
-from gymbus.worker.spool import SpoolWriter
+from gymbus.worker.telemetry.spool import SpoolWriter
 
 log = logging.getLogger("gymbus.run.emitter")
 
@@ -160,7 +160,7 @@ class _Batch:
 class Emitter:
     """Frames of one run onto one socket. Build it with `Emitter.connect`, or around a socket."""
 
-    #: the run's spool (worker/spool.py): each frame is written to it before it is sent
+    #: the run's spool (worker/telemetry/spool.py): each frame is written to it before it is sent
     spool: SpoolWriter | None = None
 
     def __init__(

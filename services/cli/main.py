@@ -14,8 +14,8 @@ from typing import Any
 import click
 from ulid import ULID
 
-from gymbus.services import cli_output as out
-from gymbus.services.cli_context import Context, fail, json_option
+from gymbus.services.cli import output as out
+from gymbus.services.cli.context import Context, fail, json_option
 from gymbus.shared.errors import ConfigError, ExitCode, GymbusError, RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
 from gymbus.shared.runconfig import POLICY_FILES, guess_policy_algo, parse_config
@@ -366,7 +366,7 @@ def query_file(settings: Settings, sql: str, max_rows: int) -> dict[str, Any]:
     """Answer a query from the DuckDB file itself, read-only (only when no ingest runs)."""
     import duckdb
 
-    from gymbus.services.ingest_query import run_query
+    from gymbus.services.ingest.query import run_query
 
     if not settings.db_path.exists():
         raise ServiceUnavailable("ingest", settings.ingest, settings.request_timeout)
@@ -396,18 +396,18 @@ def config(obj: Context, as_json: bool) -> None:
 # --- commands defined in their own modules (cli_*.py), one line each -------------------------
 # (imported here, at the end, because they import nothing from this module)
 
-from gymbus.services.cli_view import replay, viewer, watch
+from gymbus.services.cli.view import replay, viewer, watch
 
 cli.add_command(watch)
 cli.add_command(viewer)
 cli.add_command(replay)
 
-from gymbus.services.cli_tb import import_tb, tensorboard
+from gymbus.services.cli.tensorboard import import_tb, tensorboard
 
 cli.add_command(tensorboard)
 cli.add_command(import_tb)
 
-from gymbus.services.cli_keys import keys
+from gymbus.services.cli.keys import keys
 
 cli.add_command(keys)
 

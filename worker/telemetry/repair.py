@@ -36,10 +36,10 @@ from gymbus.shared.errors import DecodeError
 from gymbus.shared.protocol import Command
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import connect, new_socket
-from gymbus.worker import spool
-from gymbus.worker.spool import SpoolError, SpoolReader
+from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.spool import SpoolError, SpoolReader
 
-log = logging.getLogger("gymbus.worker.repair")
+log = logging.getLogger("gymbus.worker.telemetry.repair")
 
 #: seconds an unanswered spool_status waits before the socket is recreated and the run re-asked
 ASK_TIMEOUT = 2.0

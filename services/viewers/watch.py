@@ -22,9 +22,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gymbus.services.grid import action_name, to_rich
-from gymbus.services.live import Live
-from gymbus.services.live_runs import RunView
+from gymbus.services.viewers.grid import action_name, to_rich
+from gymbus.services.viewers.live import Live
+from gymbus.services.viewers.live_runs import RunView
 
 FRAMES_PER_SECOND = 4
 REFRESH_SECONDS = 1.0

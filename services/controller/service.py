@@ -18,9 +18,8 @@ from typing import Any
 
 import zmq
 
-from gymbus.services.registry import Registry, Run
-from gymbus.services.scheduler import Scheduler, parse_workers
-from gymbus.services.service import run_until_stopped
+from gymbus.services.controller.registry import Registry, Run
+from gymbus.services.controller.scheduler import Scheduler, parse_workers
 from gymbus.shared.codec import decode_message, encode_message
 from gymbus.shared.errors import DecodeError, GymbusError, RequestError
 from gymbus.shared.protocol import (
@@ -31,6 +30,7 @@ from gymbus.shared.protocol import (
     RunState,
 )
 from gymbus.shared.runconfig import check_environment, parse_config
+from gymbus.shared.service import run_until_stopped
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
     LINGER_MS,
@@ -39,7 +39,6 @@ from gymbus.shared.transport import (
     connect,
     new_socket,
     recv_request,
-    run_service,
     send_error,
     send_reply,
 )
@@ -397,6 +396,3 @@ def main(argv: list[str] | None = None) -> int:
     return run_until_stopped("controller", "Validate, store and schedule runs.", argv,
                              Controller, Controller.serve)
 
-
-if __name__ == "__main__":
-    run_service(main)

@@ -19,12 +19,12 @@ from typing import Any
 
 import zmq
 
-from gymbus.services.service import run_until_stopped
-from gymbus.services.telemetry_proxy import TelemetryProxy
-from gymbus.services.worker_table import WorkerTable
+from gymbus.services.broker.telemetry_proxy import TelemetryProxy
+from gymbus.services.broker.worker_table import WorkerTable
 from gymbus.shared.codec import encode_message
 from gymbus.shared.errors import DecodeError
 from gymbus.shared.protocol import CONTROLLER_IDENTITY, Command, RunState
+from gymbus.shared.service import run_until_stopped
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
     LINGER_MS,
@@ -32,7 +32,6 @@ from gymbus.shared.transport import (
     bind,
     new_socket,
     recv_request,
-    run_service,
     send_to,
 )
 
@@ -339,6 +338,3 @@ def main(argv: list[str] | None = None) -> int:
     return run_until_stopped("broker", "Route runs to workers and fan telemetry out.", argv,
                              Broker, Broker.mediate)
 
-
-if __name__ == "__main__":
-    run_service(main)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gymbus.services.grid import GridWorld, Scene
+from gymbus.services.viewers.grid import GridWorld, Scene
 from gymbus.shared.codec import Frame
 from gymbus.shared.protocol import TERMINAL_STATES, FrameKind, LifecycleEvent
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import zmq.auth
 
-from gymbus.services.cli_context import Context, fail, json_option
+from gymbus.services.cli.context import Context, fail, json_option
 from gymbus.shared.errors import GymbusError
 from gymbus.shared.security import SecurityError
 

@@ -19,9 +19,9 @@ from typing import Any
 import duckdb
 import zmq
 
-from gymbus.services.ingest_query import DEFAULT_MAX_ROWS, MAX_ROWS_LIMIT, run_query
-from gymbus.services.ingest_runs import RunAccount
-from gymbus.services.ingest_store import Store, wal_path
+from gymbus.services.ingest.query import DEFAULT_MAX_ROWS, MAX_ROWS_LIMIT, run_query
+from gymbus.services.ingest.runs import RunAccount
+from gymbus.services.ingest.store import Store, wal_path
 from gymbus.shared import logs
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import decode_frame
@@ -35,7 +35,6 @@ from gymbus.shared.transport import (
     connect,
     new_socket,
     recv_request,
-    run_service,
     send_error,
     send_reply,
 )
@@ -333,6 +332,3 @@ def main(argv: list[str] | None = None) -> int:
              stats["duplicates"], stats["dead_letters"], stats["frames_lost"])
     return 0
 
-
-if __name__ == "__main__":
-    run_service(main)

@@ -1,0 +1,1 @@
+"""The controller process: validates and stores runs, schedules them, tracks their states."""

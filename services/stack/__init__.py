@@ -1,0 +1,1 @@
+"""A whole gymbus stack on one machine: the launcher (demo, tests, benchmarks) and `make demo`."""

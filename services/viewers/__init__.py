@@ -1,0 +1,2 @@
+"""What shows runs: the live model both viewers share, the terminal dashboard, the Qt viewer,
+grid-world drawing and episode replay."""

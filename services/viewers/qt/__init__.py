@@ -1,0 +1,1 @@
+"""The Qt desktop viewer (`gymbus viewer`), an optional extra (`gymbus[qt]`)."""

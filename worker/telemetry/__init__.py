@@ -1,0 +1,1 @@
+"""A run's telemetry: the emitter's batches, their delivery, the spool and its repair."""
