@@ -28,17 +28,19 @@ up: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BIN)/honcho start
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run_all.py
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff mypy
-	$(BIN)/ruff check shared services worker tests
-	@# mypy cannot follow the editable install's folder mapping (gymbus.shared is shared/, and so
-	@# on: an import hook, not a folder): it reads the same files through a view of links
-	@mkdir -p build/typecheck/gymbus
+	$(BIN)/ruff check api shared services worker tests bench examples
+	@# mypy cannot follow the editable install's folder mapping (gymbus is api/, gymbus.shared is
+	@# shared/, and so on: an import hook, not a folder): it reads the same files through links
+	@rm -rf build/typecheck && mkdir -p build/typecheck/gymbus
+	@for f in api/*; do ln -sfn "$(CURDIR)/$$f" build/typecheck/gymbus/; done
 	@for d in shared services worker; do ln -sfn "$(CURDIR)/$$d" build/typecheck/gymbus/$$d; done
 	cd build/typecheck && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
-		-p gymbus.shared -p gymbus.services -p gymbus.worker
+		-p gymbus
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,8 +2,8 @@
 
     python bench/run_all.py
 
-Runs bench/telemetry_overhead.py, then bench/learning.py if it exists, each with its defaults
-(run one directly for its options). Exits 1 if any failed.
+Runs bench/telemetry_overhead.py, bench/recording_overhead.py, then bench/learning.py, each
+that exists, with its defaults (run one directly for its options). Exits 1 if any failed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("telemetry_overhead.py", "learning.py")
+BENCHMARKS = ("telemetry_overhead.py", "recording_overhead.py", "learning.py")
 
 
 def main() -> int:

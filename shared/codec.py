@@ -1,7 +1,8 @@
 """Encode and decode telemetry frames and control messages (msgpack), checking version and types.
 
-Telemetry frame bodies are columnar; `decode_frame` checks every column and returns numpy
-arrays (strings stay lists), so that the ingest can hand them to Arrow without another pass.
+Telemetry frame bodies are columnar; `decode_frame` checks every column against the column
+schema (`gymbus.shared.schema`) and returns numpy arrays (strings stay lists), so that the ingest
+can hand them to Arrow without another pass.
 """
 
 from __future__ import annotations
@@ -24,40 +25,22 @@ from gymbus.shared.protocol import (
     LifecycleEvent,
     topic,
 )
+from gymbus.shared.schema import FRAME_COLUMNS, FRAME_SCALARS, Type
 
-# Column types of the columnar frame kinds: name -> type, and which columns may be absent.
-INT, FLOAT, BOOL, STR, OBS = "int", "float", "bool", "str", "obs"
-COLUMNS: dict[FrameKind, dict[str, str]] = {
-    FrameKind.STEP: {
-        "episode": INT,
-        "step": INT,
-        "action": INT,
-        "obs": OBS,
-        "reward": FLOAT,
-        "terminated": BOOL,
-        "truncated": BOOL,
-        "label": STR,
-    },
-    FrameKind.EPISODE: {
-        "episode": INT,
-        "return": FLOAT,
-        "length": INT,
-        "terminated": BOOL,
-        "truncated": BOOL,
-        "ts_ns": INT,
-    },
-    FrameKind.METRIC: {"name": STR, "step": INT, "value": FLOAT, "ts_ns": INT},
+# The columnar frame kinds' checks, from the schema: name -> type of each kind's columns (in
+# order), which of them a frame may leave out, and the scalar fields a body may carry. A TIME
+# column is nanoseconds on the wire and is checked as an integer.
+INT, FLOAT, BOOL, STR, OBS = Type.INT, Type.FLOAT, Type.BOOL, Type.STR, Type.OBS
+_CHECKED_AS: dict[Type, Type] = {Type.TIME: Type.INT}
+COLUMNS: dict[FrameKind, dict[str, Type]] = {
+    kind: {c.name: _CHECKED_AS.get(c.type, c.type) for c in columns}
+    for kind, columns in FRAME_COLUMNS.items()
 }
 OPTIONAL_COLUMNS: dict[FrameKind, frozenset[str]] = {
-    FrameKind.STEP: frozenset({"label"}),
-    FrameKind.EPISODE: frozenset(),
-    FrameKind.METRIC: frozenset(),
+    kind: frozenset(c.name for c in columns if c.optional) for kind, columns in FRAME_COLUMNS.items()
 }
-#: Scalar (non-column) fields a columnar body may carry, with their types.
-SCALARS: dict[FrameKind, dict[str, str]] = {
-    FrameKind.STEP: {"t0_ns": INT},
-    FrameKind.EPISODE: {},
-    FrameKind.METRIC: {},
+SCALARS: dict[FrameKind, dict[str, Type]] = {
+    kind: dict.fromkeys(names, Type.INT) for kind, names in FRAME_SCALARS.items()
 }
 #: Required fields of each lifecycle event beyond `event`.
 LIFECYCLE_FIELDS: dict[LifecycleEvent, dict[str, type]] = {
@@ -283,7 +266,7 @@ def _from_typed_array(where: str, value: dict[Any, Any]) -> np.ndarray[Any, Any]
     return arr
 
 
-def _check_column(kind: FrameKind, name: str, typ: str, values: Any) -> Any:
+def _check_column(kind: FrameKind, name: str, typ: Type, values: Any) -> Any:
     where = f"{kind.value} column {name!r}"
     if isinstance(values, dict) and typ != STR:
         arr = _from_typed_array(where, values)

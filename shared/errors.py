@@ -79,6 +79,21 @@ class ServiceUnavailable(GymbusError):
         self.endpoint = endpoint
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """Stored telemetry could not be read: the ingest did not answer, and its DuckDB file could
+    not be opened read-only either (there is none yet, or the ingest holds it while busy). Start
+    the stack (`honcho start`), check GYMBUS_HOME, or ask again once the ingest is less busy."""
+
+    def __init__(self, endpoint: str, timeout: float, db_path: str, why: str) -> None:
+        # its own message, naming both places it tried, instead of ServiceUnavailable's
+        GymbusError.__init__(
+            self, f"the ingest at {endpoint} did not answer within {timeout:g} s, and the DuckDB "
+                  f"file {db_path} {why} (is the stack running? start it with `honcho start`)")
+        self.service = "ingest"
+        self.endpoint = endpoint
+        self.db_path = db_path
+
+
 #: the exit code of the CLI for each error code a service may answer with
 EXIT_CODES = {
     ErrorCode.INVALID_CONFIG: ExitCode.BAD_INPUT,

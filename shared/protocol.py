@@ -80,6 +80,10 @@ class Command(StrEnum):
     GET_RUN = "get_run"
     CANCEL = "cancel"
     LIST_WORKERS = "list_workers"
+    # a recorded script (`gymbus.run`) -> controller: its own run, opened, alive, closed
+    OPEN_RUN = "open_run"
+    RUN_ALIVE = "run_alive"
+    CLOSE_RUN = "close_run"
     # CLI and viewers -> ingest
     QUERY = "query"
     RUN_STATS = "run_stats"

@@ -1,19 +1,17 @@
 """The run-config schema: what a researcher submits, validated field by field.
 
-`parse_config` checks names, types and ranges; `check_environment` builds the environment once
-to check that it exists here and suits the algorithm, and finds an evaluation run's saved
-policy and checks that it fits. Both raise ConfigError naming the field. The names of the
-policy files live here too, so that the controller, the CLI and the run process agree on them.
+`parse_config` checks names, types and ranges, from the config alone, and raises ConfigError
+naming the field. Whether the environment exists and the policy of an evaluation run fits is
+the controller's check (services/controller/validation.py); where policies are saved is
+shared/policy_files.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from gymbus.shared.errors import ConfigError
@@ -99,11 +97,6 @@ ALGO_OBSERVATIONS: dict[str, frozenset[str]] = {
 ALGO_FAMILIES: dict[str, frozenset[str]] = {
     "bdi": frozenset({"FrozenLake", "FrozenLake8x8", "CliffWalking"}),
 }
-#: algo -> the file (in a run's artifacts folder) that holds its policy
-POLICY_FILES: dict[str, str] = {"q-learning": "q_table.npy", "bdi": "q_table.npy",
-                                "dqn": "q_network.pt"}
-ARTIFACTS_DIR = "artifacts"
-
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -310,172 +303,3 @@ def _check_params(algo: str, agent: dict[str, Any]) -> None:
 _MAY_BE_ZERO = frozenset({"learning_starts"})
 _PLAN_RE = re.compile(r"^[A-Za-z0-9_.-]+\.asl$")
 
-
-# --- the environment ------------------------------------------------------------------------
-
-
-def check_environment(config: RunConfig, runs_dir: Path | None = None) -> str:
-    """Build the environment once; return its observation kind ("discrete" or "box").
-
-    Raises ConfigError for an id this Gymnasium lacks (naming the current version when only
-    the version is off), bad env_kwargs, spaces or an environment the algorithm cannot handle,
-    and, for an evaluation run, a policy that is missing or does not fit the environment
-    (looked for under `runs_dir`, by default the settings' runs folder).
-    """
-    import gymnasium as gym
-
-    if config.env not in gym.envs.registry:
-        raise ConfigError("env", _unknown_env_message(config.env, tuple(gym.envs.registry)))
-    families = ALGO_FAMILIES.get(config.algo)
-    if families is not None and _family(config.env) not in families:
-        raise ConfigError("algo", f"{config.algo} needs a grid world ({', '.join(sorted(families))}"
-                                  f"); {config.env} is not one")
-    key = (config.env, repr(sorted(config.env_kwargs.items())), config.algo)
-    if key not in _SPACES_CACHE:
-        _SPACES_CACHE[key] = _spaces(config.env, config.env_kwargs, config.algo)
-    found = _SPACES_CACHE[key]
-    plans = config.agent.get("plans", "")
-    if plans and os.path.isabs(plans) and not os.path.isfile(plans):
-        raise ConfigError("agent.plans", f"no such file: {plans}")
-    if config.evaluates:
-        if runs_dir is None:
-            from gymbus.shared import settings as settings_mod
-
-            runs_dir = settings_mod.load().runs_dir
-        _check_policy_fits(config, policy_path(config, runs_dir), found)
-    return found.kind
-
-
-@dataclass(frozen=True)
-class _Spaces:
-    kind: str
-    #: states of a Discrete observation space, or the length of a Box observation
-    n_obs: int
-    n_actions: int
-
-
-_SPACES_CACHE: dict[tuple[str, str, str], _Spaces] = {}
-
-
-def _family(env_id: str) -> str:
-    return env_id.split(":")[-1].rsplit("-v", 1)[0]
-
-
-def _unknown_env_message(env_id: str, known: tuple[str, ...]) -> str:
-    base = env_id.rsplit("-v", 1)[0]
-    same_base = sorted(k for k in known if k.rsplit("-v", 1)[0] == base)
-    if same_base:
-        return f"{env_id!r} is not in this Gymnasium; use {same_base[-1]!r}"
-    return f"unknown environment {env_id!r}"
-
-
-def _spaces(env_id: str, kwargs: dict[str, Any], algo: str) -> _Spaces:
-    import gymnasium as gym
-    from gymnasium import spaces
-
-    try:
-        env = gym.make(env_id, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - an environment may raise anything for bad kwargs
-        raise ConfigError("env_kwargs", f"{env_id} refused them: {exc}") from None
-    try:
-        if not isinstance(env.action_space, spaces.Discrete):
-            raise ConfigError("env", f"{env_id} has a {env.action_space} action space; "
-                              f"{algo} needs a discrete one")
-        obs_space = env.observation_space
-        if isinstance(obs_space, spaces.Discrete):
-            kind, n_obs = "discrete", int(obs_space.n)
-        elif isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 1:
-            kind, n_obs = "box", int(obs_space.shape[0])
-        else:
-            kind, n_obs = "other", 0
-        if kind not in ALGO_OBSERVATIONS[algo]:
-            raise ConfigError("algo", f"{algo} cannot learn {env_id}: its observations are "
-                              f"{obs_space}, and {algo} needs {' or '.join(ALGO_OBSERVATIONS[algo])}")
-        return _Spaces(kind, n_obs, int(env.action_space.n))
-    finally:
-        env.close()
-
-
-# --- policies for evaluation runs ---------------------------------------------------------------
-
-
-def policy_path(config: RunConfig, runs_dir: Path) -> Path:
-    """The file an evaluation run loads its policy from; ConfigError naming the field if none.
-
-    `eval_from` names a run whose `artifacts/` folder holds the algorithm's file; `policy` is
-    that file itself, an artifacts folder, or a run folder.
-    """
-    field_name = "eval_from" if config.eval_from is not None else "policy"
-    want = POLICY_FILES[config.algo]
-    if config.eval_from is not None:
-        where = runs_dir / config.eval_from / ARTIFACTS_DIR
-        if not where.is_dir():
-            raise ConfigError("eval_from", f"run {config.eval_from} saved no policy ({where} is "
-                                           "missing): is it a finished training run of this home?")
-    else:
-        where = Path(str(config.policy))
-        if not where.exists():
-            raise ConfigError("policy", f"no such file or folder: {where}")
-        if (where / ARTIFACTS_DIR).is_dir():
-            where = where / ARTIFACTS_DIR
-    if where.is_dir():
-        if not (where / want).is_file():
-            held = ", ".join(sorted(p.name for p in where.iterdir())) or "nothing"
-            raise ConfigError(field_name, f"{config.algo} loads {want}, and {where} holds {held}")
-        return where / want
-    if where.suffix != Path(want).suffix:
-        raise ConfigError(field_name, f"{where.name} is not a {config.algo} policy: "
-                                      f"{config.algo} loads a {Path(want).suffix} file ({want})")
-    return where
-
-
-def guess_policy_algo(path: Path) -> str | None:
-    """The algorithm whose policy `path` holds (a file, an artifacts folder or a run folder)."""
-    if (path / ARTIFACTS_DIR).is_dir():
-        path = path / ARTIFACTS_DIR
-    folder, suffix = (path, "") if path.is_dir() else (path.parent, path.suffix)
-    if suffix == ".pt" or (not suffix and (folder / POLICY_FILES["dqn"]).is_file()):
-        return "dqn"
-    if suffix == ".npy" or (not suffix and (folder / POLICY_FILES["q-learning"]).is_file()):
-        return "bdi" if (folder / BDI_MEMORY_FILE).is_file() else "q-learning"
-    return None
-
-
-#: beside a BDI run's Q-table: what its plans remember (route, holes found, routes dropped)
-BDI_MEMORY_FILE = "bdi_memory.json"
-
-
-def _check_policy_fits(config: RunConfig, path: Path, env: _Spaces) -> None:
-    """The saved Q-table's shape, or the network's input and output sizes, match the env's."""
-    field_name = "eval_from" if config.eval_from is not None else "policy"
-    if path.suffix == ".npy":
-        import numpy as np
-
-        try:
-            shape = tuple(np.load(path, mmap_mode="r").shape)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(field_name, f"cannot read the Q-table {path}: {exc}") from None
-        if shape != (env.n_obs, env.n_actions):
-            raise ConfigError(field_name, f"the Q-table {path.name} is {shape}, but {config.env} "
-                              f"has {env.n_obs} states and {env.n_actions} actions")
-        return
-    meta = read_network_meta(path, field_name)
-    if (meta.get("obs_size"), meta.get("n_actions")) != (env.n_obs, env.n_actions):
-        raise ConfigError(field_name, f"the network {path.name} takes {meta.get('obs_size')} "
-                          f"inputs and has {meta.get('n_actions')} actions, but {config.env} "
-                          f"has {env.n_obs} and {env.n_actions}")
-
-
-def read_network_meta(weights: Path, field_name: str = "policy") -> dict[str, Any]:
-    """The JSON beside a network's weights (`q_network.pt` -> `q_network.json`)."""
-    meta_path = weights.with_suffix(".json")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except OSError:
-        raise ConfigError(field_name, f"{meta_path.name}, the network's shape, is missing "
-                                      f"beside {weights.name}") from None
-    except ValueError as exc:
-        raise ConfigError(field_name, f"{meta_path} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(field_name, f"{meta_path} should hold a JSON object")
-    return meta

@@ -4,7 +4,8 @@ A frame kind's columns are declared here as `Column`s (name, wire type, whether 
 leave it out); the codec's checks (`gymbus.shared.codec`), the emitter's column conversion
 (`gymbus.worker.telemetry.columns`) and the store's tables (`gymbus.services.ingest.store`:
 DuckDB DDL and Arrow types) are all derived from them. Adding a column to a frame kind is one
-line in `FRAME_COLUMNS`: its table gets the matching SQL column.
+line in `FRAME_COLUMNS`: its table gets the matching SQL column, in new files and, when the
+ingest opens it, in an existing one (`ALTER TABLE ... ADD COLUMN`; rows are inserted by name).
 
 A frame kind's table holds, in order, the header columns (`FRAME_HEADER`), then the frame's
 columns, where a `TIME` column (nanoseconds on the wire) becomes a TIMESTAMP named without its
@@ -44,13 +45,16 @@ class Column:
 FRAME_COLUMNS: dict[FrameKind, tuple[Column, ...]] = {
     FrameKind.STEP: (
         Column("episode", Type.INT),
-        Column("step", Type.INT),
-        Column("action", Type.INT),
-        Column("obs", Type.OBS),
+        Column("step", Type.INT),  # within the episode, from 0
+        # an int (Discrete) or a row of numbers (every other space); NULL when not stored
+        Column("action", Type.OBS, optional=True),
+        Column("obs", Type.OBS, optional=True),  # the observation the step led to
         Column("reward", Type.FLOAT),
         Column("terminated", Type.BOOL),
         Column("truncated", Type.BOOL),
         Column("label", Type.STR, optional=True),
+        Column("env_index", Type.INT, optional=True),  # the sub-environment of a vector env
+        Column("info", Type.STR, optional=True),  # the info keys a recorded run names, as JSON
     ),
     FrameKind.EPISODE: (
         Column("episode", Type.INT),
@@ -59,6 +63,10 @@ FRAME_COLUMNS: dict[FrameKind, tuple[Column, ...]] = {
         Column("terminated", Type.BOOL),
         Column("truncated", Type.BOOL),
         Column("ts_ns", Type.TIME),
+        Column("env_index", Type.INT, optional=True),
+        Column("seed", Type.INT, optional=True),  # the seed of the reset that started it
+        Column("reset_obs", Type.OBS, optional=True),  # the observation it started from
+        Column("reset_info", Type.STR, optional=True),  # the named keys of the reset info
     ),
     FrameKind.METRIC: (
         Column("name", Type.STR),
@@ -99,6 +107,9 @@ OTHER_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("frames_stored", "BIGINT"), ("last_seq", "BIGINT"), ("gaps", "BIGINT"),
         ("duplicates", "BIGINT"), ("complete", "BOOLEAN"), ("episodes", "BIGINT"),
         ("steps", "BIGINT"), ("metrics", "BIGINT"),
+        # from run_started: what made the run (gymbus, sb3, cleanrl, custom) and its labels
+        ("name", "VARCHAR"), ("backend", "VARCHAR"), ("policy_label", "VARCHAR"),
+        ("render_hint", "VARCHAR"),
     ),
     "frames": (
         ("run_id", "VARCHAR"), ("seq", "BIGINT"), ("kind", "VARCHAR"), ("ts_ns", "BIGINT"),

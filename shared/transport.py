@@ -1,6 +1,7 @@
 """Socket helpers: bounded linger, request/reply with timeouts, and ZeroMQ errors translated.
 
-Services use `bind`, `recv_request` and `send_reply`/`send_error` on their ROUTER sockets;
+Services use `bind`, `recv_request` and `send_reply`/`send_error` on their ROUTER sockets (their
+handler tables, shared/service.py, do the receiving and answering);
 clients use `Client`, which reconnects by closing and recreating its DEALER after a timeout.
 `bind` and `connect` apply the process's security policy (shared/security.py): CURVE keys when
 configured, the loopback rule when not, and a size limit on what a bound socket accepts.
@@ -9,11 +10,7 @@ configured, the loopback rule when not, and a size limit on what a bound socket 
 from __future__ import annotations
 
 import itertools
-import signal
-import threading
 import time
-from collections.abc import Callable
-from types import FrameType
 from typing import Any, Self
 
 import zmq
@@ -98,19 +95,20 @@ def recv_request(
 
 
 def send_reply(router: zmq.Socket[Any], identity: bytes, req: int, body: dict[str, Any]) -> None:
-    _send(router, identity, encode_reply(req, body))
+    send_payload(router, identity, encode_reply(req, body))
 
 
 def send_error(router: zmq.Socket[Any], identity: bytes, req: int, error: GymbusError) -> None:
-    _send(router, identity, encode_error(req, error.to_wire()))
+    send_payload(router, identity, encode_error(req, error.to_wire()))
 
 
 def send_to(router: zmq.Socket[Any], identity: bytes, cmd: Command, body: dict[str, Any]) -> None:
     """Send a command to one peer of a ROUTER (dropped if the peer is gone)."""
-    _send(router, identity, encode_message(cmd, body))
+    send_payload(router, identity, encode_message(cmd, body))
 
 
-def _send(router: zmq.Socket[Any], identity: bytes, payload: bytes) -> None:
+def send_payload(router: zmq.Socket[Any], identity: bytes, payload: bytes) -> None:
+    """Send an encoded message to one peer of a ROUTER, without blocking."""
     try:
         router.send_multipart([identity, payload], flags=zmq.NOBLOCK)
     except zmq.Again:
@@ -180,47 +178,3 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --- shutdown -----------------------------------------------------------------------------------
-
-
-class StopFlag:
-    """Set by SIGTERM or SIGINT; service loops check it once per pass.
-
-    `signal_number` keeps which signal arrived, so that the process can exit 143 or 130.
-    """
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.signal_number = 0
-
-    def install(self) -> StopFlag:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_number = signum
-        self._event.set()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def __bool__(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
-
-def run_service(main: Callable[[], int]) -> None:
-    """Run a service's main function, turning a GymbusError into one line on stderr and exit 1."""
-    import sys
-
-    try:
-        code = main()
-    except GymbusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 1
-    sys.exit(code)

@@ -1,8 +1,12 @@
-"""Fixtures shared by the whole suite: a temporary GYMBUS_HOME, free loopback endpoints, polling."""
+"""Fixtures shared by the whole suite: a temporary GYMBUS_HOME, free loopback endpoints, polling,
+private stacks of real processes and the real `gymbus` command."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,11 +15,18 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 
-from gymbus.services.stack.launcher import free_endpoints
+from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.settings import Settings
 
 T = TypeVar("T")
+
+#: heartbeats fast enough that a silent peer is noticed within a second
+HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS = 0.25, 3
+FAST_HEARTBEATS = {"GYMBUS_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
+                   "GYMBUS_HEARTBEAT_LIVENESS": str(HEARTBEAT_LIVENESS)}
+#: what most private stacks run with: fast heartbeats and two run slots a worker
+STACK_ENV = {**FAST_HEARTBEATS, "GYMBUS_WORKER_SLOTS": "2"}
 
 
 def free_endpoint() -> str:
@@ -51,8 +62,7 @@ def gymbus_env(tmp_path: Path) -> dict[str, str]:
     """GYMBUS_* variables for a private stack: temp home, free ports, fast heartbeats."""
     return {
         **free_endpoints(tmp_path / "home"),
-        "GYMBUS_HEARTBEAT_INTERVAL": "0.25",
-        "GYMBUS_HEARTBEAT_LIVENESS": "3",
+        **FAST_HEARTBEATS,
         "GYMBUS_REQUEST_TIMEOUT": "5",
     }
 
@@ -63,3 +73,44 @@ def gymbus_settings(gymbus_env: dict[str, str]) -> Iterator[Settings]:
     s = settings_mod.load(gymbus_env)
     s.home.mkdir(parents=True, exist_ok=True)
     yield s
+
+
+# --- a whole stack of real processes, and the real `gymbus` command --------------------------------
+
+
+def make_stack(home: Path, **env: str) -> Stack:
+    """A stack (not started yet) on free loopback ports under `home`, with `env`'s GYMBUS_*
+    variables on top: `make_stack(home, **STACK_ENV)`, `make_stack(home, GYMBUS_WORKER_SLOTS="1")`."""
+    return Stack({**free_endpoints(home), **env})
+
+
+def stack_fixture(folder: str, *, start: Callable[[Stack], object] = Stack.start,
+                  **env: str) -> Any:
+    """A module-scoped `stack` fixture: `make_stack(<a temporary folder>/home, **env)`, started by
+    `start` (the whole stack by default) and stopped after the module's last test.
+
+    A test module takes it with one assignment: `stack = stack_fixture("watch", **env)`.
+    """
+
+    @pytest.fixture(scope="module", name="stack")
+    def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+        with make_stack(tmp_path_factory.mktemp(folder) / "home", **env) as s:
+            start(s)
+            yield s
+
+    return stack
+
+
+def gymbus_cli(env: dict[str, str], *args: str,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real `gymbus` command with `env` as its whole environment (usually a stack's
+    `process_env()`); the exit code is the caller's to check."""
+    return subprocess.run([sys.executable, "-m", "gymbus.services.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def gymbus_cli_json(env: dict[str, str], *args: str, timeout: float = 60) -> Any:
+    """What `gymbus ... --json` prints, parsed; the command must exit 0."""
+    result = gymbus_cli(env, *args, "--json", timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -11,9 +11,10 @@ from test_agents import Recorder
 from test_child import ChildRun, check_complete, sink, start  # noqa: F401 - fixtures
 from test_emitter import FrameSink
 
+from gymbus.services.controller.validation import check_environment
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.protocol import FrameKind
-from gymbus.shared.runconfig import BdiParams, check_environment, parse_config
+from gymbus.shared.runconfig import BdiParams, parse_config
 from gymbus.worker import training
 from gymbus.worker.agents.asl import SHIPPED_PLANS, PlanError
 from gymbus.worker.agents.bdi import BdiAgent, Grid, Memory

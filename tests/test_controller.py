@@ -14,14 +14,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gymnasium
 import pytest
 import zmq
 from conftest import wait_until
+from gymnasium import spaces
 
 from gymbus.services.controller.scheduler import Scheduler, WorkerView, parse_workers
+from gymbus.services.controller.service import Controller
 from gymbus.shared.codec import Message, decode_message, encode_message
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import Command, ErrorCode, RunState
+from gymbus.shared.service import StopFlag
+from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
 
 INTERVAL = 0.25  # GYMBUS_HEARTBEAT_INTERVAL of the gymbus_env fixture
@@ -512,7 +517,7 @@ def test_restart_keeps_the_queued_run(
 ) -> None:
     first = start()
     queued = submit(cli, key="k1")
-    assert first.stop() == 0
+    assert first.stop() == 143  # stopped by SIGTERM
 
     start()
 
@@ -535,11 +540,158 @@ def test_a_silent_broker_is_reconnected(
                what="the controller to hear the broker on its new connection")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_it_within_5_s(controller: ControllerProcess, signum: int) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_it_within_5_s(controller: ControllerProcess, signum: int, code: int) -> None:
     started = time.monotonic()
-    assert controller.stop(signum) == 0
+    assert controller.stop(signum) == code
     assert time.monotonic() - started < 5
+
+
+# --- validation off the loop thread ---------------------------------------------------------------
+
+BLOCKING_ENV = "GymbusTest/Blocking-v0"
+
+
+class BlockingEnv(gymnasium.Env[int, int]):
+    """A toy-text-shaped environment whose construction waits for `release`: a slow gym.make."""
+
+    observation_space = spaces.Discrete(4)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        entered.set()
+        if not release.wait(30):
+            raise RuntimeError("the test never released the environment")
+
+
+@pytest.fixture
+def blocking_env() -> Iterator[tuple[threading.Event, threading.Event]]:
+    """BLOCKING_ENV registered in this process: (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+    gymnasium.register(BLOCKING_ENV, entry_point=lambda: BlockingEnv(entered, release))
+    yield entered, release
+    release.set()
+    del gymnasium.envs.registry[BLOCKING_ENV]
+
+
+@pytest.fixture
+def controller_thread(broker: FakeBroker, gymbus_settings: Settings) -> Iterator[None]:
+    """The real controller in this process (so that it sees BLOCKING_ENV), built, served and
+    closed on a thread of its own: its loop thread."""
+    stop = StopFlag()
+    built = threading.Event()
+
+    def run() -> None:
+        controller = Controller(gymbus_settings)
+        built.set()
+        try:
+            controller.serve(stop)
+        finally:
+            controller.close()
+
+    loop = threading.Thread(target=run, name="controller-loop")
+    loop.start()
+    assert built.wait(10), "the controller was not built"
+    yield
+    stop.set()
+    loop.join(5)
+    assert not loop.is_alive(), "the controller's loop did not stop"
+
+
+def test_a_slow_validation_holds_up_no_other_request(
+    controller_thread: None, broker: FakeBroker, cli: Client, blocking_env: Any,
+    gymbus_env: dict[str, str], ctx: zmq.Context[Any],
+) -> None:
+    entered, release = blocking_env
+    replies: queue.Queue[dict[str, Any] | Exception] = queue.Queue()
+
+    def submit_slow() -> None:
+        with Client(gymbus_env["GYMBUS_CONTROLLER"], "controller", timeout=20.0, ctx=ctx) as slow:
+            try:
+                replies.put(submit(slow, {**VALID, "env": BLOCKING_ENV, "name": "slow"}))
+            except Exception as exc:  # noqa: BLE001 - handed to the test thread
+                replies.put(exc)
+
+    threading.Thread(target=submit_slow, name="slow-submit", daemon=True).start()
+    assert entered.wait(10), "the slow submission's environment was never built"
+
+    assert cli.request(Command.PING, timeout=2.0) == {"service": "controller"}
+    assert cli.request(Command.LIST_RUNS, timeout=2.0) == {"runs": []}
+    fast = submit(cli)  # checked and stored while the slow one is still being built
+    assert fast["created"] is True
+    hellos = broker.hellos
+    wait_until(lambda: broker.hellos >= hellos + 2, 5.0, what="the loop to go on saying hello")
+    assert replies.empty() and not release.is_set()
+    listed = cli.request(Command.LIST_RUNS)["runs"]
+    assert [run["run_id"] for run in listed] == [fast["run_id"]]
+
+    release.set()
+    slow = replies.get(timeout=10)
+    assert not isinstance(slow, Exception), slow
+    assert slow["created"] is True and slow["run"]["name"] == "slow"
+    assert slow["run"]["config"]["env"] == BLOCKING_ENV and slow["run"]["state"] == RunState.QUEUED
+    assert get_run(cli, slow["run_id"]) == slow["run"]
+
+
+#: the real controller's main, with an environment whose construction never ends registered
+STUCK_CONTROLLER = """
+import sys
+import threading
+from pathlib import Path
+
+import gymnasium
+from gymnasium import spaces
+
+from gymbus.services.controller.service import main
+
+
+class Stuck(gymnasium.Env):
+    observation_space = spaces.Discrete(4)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self):
+        Path(sys.argv[1]).touch()
+        threading.Event().wait(60)  # nothing sets it: the check is in flight at SIGTERM
+
+
+gymnasium.register("GymbusTest/Stuck-v0", entry_point=Stuck)
+sys.exit(main([]))
+"""
+
+
+def test_sigterm_stops_it_while_a_validation_is_stuck(
+    broker: FakeBroker, gymbus_env: dict[str, str], tmp_path: Path, ctx: zmq.Context[Any],
+    cli: Client,
+) -> None:
+    entered = tmp_path / "entered"
+    log_path = tmp_path / "stuck-controller.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STUCK_CONTROLLER, str(entered)],
+            env={**os.environ, **gymbus_env}, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    stuck = ctx.socket(zmq.DEALER)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.connect(gymbus_env["GYMBUS_CONTROLLER"])
+    try:
+        config = {**VALID, "env": "GymbusTest/Stuck-v0"}
+        stuck.send(encode_message(Command.SUBMIT, {"config": config, "idempotency_key": ""}, 1))
+        wait_until(entered.exists, 30.0, what="the stuck environment's construction")
+        assert cli.request(Command.PING) == {"service": "controller"}
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(5)
+        assert time.monotonic() - started < 5
+        log = log_path.read_text()
+        assert "1 submission(s) still being validated" in log and "controller stopped" in log
+        assert not stuck.poll(0, zmq.POLLIN)  # it was never answered
+    finally:
+        stuck.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sys.stderr.write(log_path.read_text())
 
 
 def test_with_the_real_broker_a_run_reaches_a_worker_and_completes(
@@ -586,4 +738,4 @@ def test_with_the_real_broker_a_run_reaches_a_worker_and_completes(
         assert run_in_state(cli, run_id, RunState.COMPLETED)["frames_emitted"] == 9
     finally:
         broker_proc.terminate()
-        assert broker_proc.wait(5) == 0
+        assert broker_proc.wait(5) == 143  # stopped by SIGTERM

@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_agents import Recorder
 
+from gymbus.services.controller.validation import check_environment
 from gymbus.shared.errors import ConfigError
-from gymbus.shared.runconfig import DqnParams, check_environment, parse_config
+from gymbus.shared.runconfig import DqnParams, parse_config
 from gymbus.worker import training
 from gymbus.worker.agents.dqn import DqnAgent, GreedyDqn, QNetwork, ReplayBuffer
 from gymbus.worker.agents.policies import PolicyError, write_artifact

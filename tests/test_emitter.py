@@ -172,6 +172,33 @@ def test_steps_batch_by_count(ctx: zmq.Context[Any], sink: FrameSink) -> None:
     emitter.close(0)
 
 
+def test_each_value_lands_in_its_column(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    """The hot paths' row tuples follow the column schema's order, for every frame kind."""
+    emitter = connect(ctx, sink)
+    emitter.configure_steps(vector_obs=False, labels=True)
+    emitter.step(7, 3, 2, 5, 0.25, True, False, "explore")
+    emitter.episode(4, 1.5, 9, False, True)
+    emitter.metric("losses/td_loss", 11, 0.75)
+    emitter.finish("completed", None, 1, 1)
+    sink.wait_completed()
+
+    def columns(kind: FrameKind) -> dict[str, Any]:
+        (frame,) = sink.of(kind)
+        return {name: list(values) for name, values in frame.body.items() if name != "t0_ns"}
+
+    assert columns(FrameKind.STEP) == {
+        "episode": [7], "step": [3], "action": [2], "obs": [5], "reward": [0.25],
+        "terminated": [True], "truncated": [False], "label": ["explore"]}
+    episode = columns(FrameKind.EPISODE)
+    assert episode.pop("ts_ns")[0] > 0
+    assert episode == {"episode": [4], "return": [1.5], "length": [9], "terminated": [False],
+                       "truncated": [True]}
+    metric = columns(FrameKind.METRIC)
+    assert metric.pop("ts_ns")[0] > 0
+    assert metric == {"name": ["losses/td_loss"], "step": [11], "value": [0.75]}
+    emitter.close(0)
+
+
 def test_steps_batch_by_time(ctx: zmq.Context[Any], sink: FrameSink) -> None:
     clock = FakeClock()
     emitter = connect(ctx, sink, clock=clock)

@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import STACK_ENV, stack_fixture
 from test_agents import Recorder, train
 from test_child import check_complete, sink, start  # noqa: F401 - fixtures
 from test_emitter import FrameSink
-from test_integration import gymbus, gymbus_json, make_stack, query
+from test_integration import gymbus, gymbus_json, query
 
+from gymbus.services.controller.validation import check_environment
 from gymbus.services.stack.launcher import Stack
 from gymbus.shared.errors import ConfigError
+from gymbus.shared.policy_files import guess_policy_algo, policy_path
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
-from gymbus.shared.runconfig import (
-    check_environment,
-    guess_policy_algo,
-    parse_config,
-    policy_path,
-)
+from gymbus.shared.runconfig import parse_config
 from gymbus.worker import training
 from gymbus.worker.agents.policies import PolicyError, write_artifact
 from gymbus.worker.child import RunExit
@@ -163,14 +160,7 @@ def test_an_evaluation_child_saves_nothing_and_a_mismatch_fails_at_start(
            "states and 4 actions" == last.body["reason"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = make_stack(tmp_path_factory.mktemp("eval") / "home")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("eval", **STACK_ENV)
 
 
 @pytest.mark.integration
@@ -211,7 +201,7 @@ def test_submit_eval_from_through_the_stack(stack: Stack) -> None:
 
 def test_the_cli_makes_paths_absolute_and_names_the_algo(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from gymbus.services.cli.main import absolute_plans, complete_evaluation
+    from gymbus.services.cli.runs import absolute_plans, complete_evaluation
 
     save_trained(tmp_path / "runs", "01QL")
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +13,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import zmq
+from conftest import stack_fixture
 from test_emitter import FrameSink, connect, run_loop
-from test_tensorboard import query, read_tensorboard, run_to_end, stack_env
+from test_tensorboard import gymbus_json, query, read_tensorboard, run_to_end
 
 from gymbus.services.stack.launcher import Stack
 from gymbus.shared.codec import Frame
@@ -137,22 +136,7 @@ def test_a_step_budget_cuts_a_sampled_episode_whole(ctx: zmq.Context[Any],
 # --- through a real stack -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(stack_env(tmp_path_factory.mktemp("modes") / "home"))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
-
-
-def gymbus_json(stack: Stack, *args: str) -> Any:
-    result = subprocess.run([sys.executable, "-m", "gymbus.services.cli", *args, "--json"],
-                            env=stack.process_env(), capture_output=True, text=True, timeout=60,
-                            check=False)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+stack = stack_fixture("modes", GYMBUS_HEARTBEAT_INTERVAL="0.25")
 
 
 def test_sampled_mode_through_the_stack(stack: Stack) -> None:

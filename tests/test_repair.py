@@ -13,12 +13,10 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import wait_until
-from test_faults import private_endpoints
+from conftest import FAST_HEARTBEATS, make_stack, wait_until
 from test_ingest_service import Ingest, answers, subscribed
 
 from gymbus.services.ingest.runs import RunAccount
-from gymbus.services.stack.launcher import Stack
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import Command, ErrorCode, FrameKind
@@ -27,7 +25,6 @@ from gymbus.worker.telemetry import spool
 from gymbus.worker.telemetry.spool import SpoolWriter
 
 RUN = "01REPAIRRUN000000000000000"
-FAST_HEARTBEATS = {"GYMBUS_HEARTBEAT_INTERVAL": "0.25", "GYMBUS_HEARTBEAT_LIVENESS": "3"}
 
 
 def run_frames(run_id: str = RUN, steps: int = 8) -> list[tuple[bytes, bytes]]:
@@ -191,7 +188,7 @@ def run_stats(client: Client, run_id: str) -> dict[str, Any] | None:
 def test_a_restarted_worker_replays_an_unconfirmed_spool_once(tmp_path: Path) -> None:
     frames = run_frames(steps=40)
     n = len(frames)
-    with Stack({**private_endpoints(tmp_path / "home"), **FAST_HEARTBEATS}) as stack:
+    with make_stack(tmp_path / "home", **FAST_HEARTBEATS) as stack:
         run_dir = stack.settings.run_dir(RUN)
         write_spool(run_dir, frames)  # what a worker stopped before the ingest had anything left
         stack.start(("ingest", "broker"))

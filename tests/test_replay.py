@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
-from test_live import stored, submit, viewer_stack
+from conftest import gymbus_cli, stack_fixture, wait_until
+from test_live import VIEWER_ENV, stored, submit
 
 from gymbus.services.stack.launcher import Stack
 from gymbus.services.viewers.grid import GridWorld
@@ -18,14 +16,7 @@ from gymbus.services.viewers.grid import GridWorld
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = viewer_stack(tmp_path_factory.mktemp("replay") / "home")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("replay", **VIEWER_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +42,7 @@ def runs(stack: Stack) -> dict[str, str]:
 
 
 def gymbus(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gymbus.services.cli", *args],
-                          env={**stack.process_env(), "COLUMNS": "120"}, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return gymbus_cli(stack.process_env({"COLUMNS": "120"}), *args)
 
 
 def replay_json(stack: Stack, run_id: str, episode: int) -> dict[str, Any]:
@@ -124,11 +113,8 @@ def test_absent_episodes_and_runs_have_their_exit_codes(stack: Stack, runs: dict
 
 def test_with_no_ingest_it_reads_the_file(stack: Stack, runs: dict[str, str]) -> None:
     expected = replay_json(stack, runs["lake"], 7)
-    assert stack.stop_one("ingest") == 0  # last test of the module: the stack goes after it
-    env_timeout = {"GYMBUS_REQUEST_TIMEOUT": "0.5"}
-    result = subprocess.run(
-        [sys.executable, "-m", "gymbus.services.cli", "replay", runs["lake"], "--episode", "7",
-         "--json"], env={**stack.process_env(), **env_timeout}, capture_output=True, text=True,
-        timeout=60, check=False)
+    assert stack.stop_one("ingest") == 143  # SIGTERM; the module's last test: the stack goes next
+    result = gymbus_cli(stack.process_env({"GYMBUS_REQUEST_TIMEOUT": "0.5"}), "replay",
+                        runs["lake"], "--episode", "7", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == expected

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from gymbus.services.controller.validation import check_environment, check_run
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.protocol import TelemetryMode
-from gymbus.shared.runconfig import QLearningParams, check_environment, parse_config
+from gymbus.shared.runconfig import QLearningParams, parse_config
 
 BASE = {"env": "FrozenLake-v1", "algo": "q-learning", "episodes": 10}
 
@@ -88,6 +91,34 @@ def test_environment_problems_are_named(changes: dict[str, Any], field: str, mes
     with pytest.raises(ConfigError, match=message) as info:
         check_environment(parse_config({**BASE, **changes}))
     assert info.value.field == field
+
+
+def test_an_evaluation_run_is_checked_against_the_settings_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller's own settings say where policies are, whatever this process's GYMBUS_HOME."""
+    given = settings_mod.load({"GYMBUS_HOME": str(tmp_path / "given")})
+    environ = settings_mod.load({"GYMBUS_HOME": str(tmp_path / "environ")})
+    monkeypatch.setenv("GYMBUS_HOME", str(environ.home))
+    config = parse_config({**BASE, "eval_from": "01QL"})
+
+    def save_policy(settings: settings_mod.Settings) -> None:
+        folder = settings.run_dir("01QL") / "artifacts"
+        folder.mkdir(parents=True)
+        np.save(folder / "q_table.npy", np.zeros((16, 4)))
+
+    save_policy(given)  # only where the settings given point
+    assert check_run(config, given) == "discrete"
+    with pytest.raises(ConfigError, match="saved no policy") as info:
+        check_run(config, environ)
+    assert info.value.field == "eval_from"
+
+    save_policy(environ)  # only where the environment points
+    elsewhere = settings_mod.load({"GYMBUS_HOME": str(tmp_path / "elsewhere")})
+    with pytest.raises(ConfigError, match="saved no policy"):
+        check_run(config, elsewhere)
+    with pytest.raises(ValueError, match="runs folder"):
+        check_environment(config)  # no runs folder given: no guess from the environment
 
 
 def test_settings_come_from_prefixed_variables(tmp_path: Any) -> None:

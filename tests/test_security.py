@@ -9,7 +9,6 @@ import logging
 import shutil
 import stat
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 import zmq
 import zmq.auth
 from click.testing import CliRunner
-from conftest import wait_until
-from test_fuzz import sql, stack_env
+from conftest import STACK_ENV, gymbus_cli, make_stack, wait_until
+from test_fuzz import sql
 
 from gymbus.services.cli.context import Context
 from gymbus.services.cli.keys import keys, make_keys
@@ -184,7 +183,7 @@ def keyed_stack(tmp_path_factory: pytest.TempPathFactory,
                 key_sets: dict[str, dict[str, dict[str, str]]]) -> Iterator[Stack]:
     """Broker, controller and ingest with the services' keys; the worker with a client's."""
     good = key_sets["good"]
-    stack = Stack(stack_env(tmp_path_factory.mktemp("keyed") / "home"))
+    stack = make_stack(tmp_path_factory.mktemp("keyed") / "home", **STACK_ENV)
     try:
         for role in SERVICES:
             stack.start_one(role, good["clients" if role == "worker" else "services"])
@@ -197,9 +196,8 @@ def keyed_stack(tmp_path_factory: pytest.TempPathFactory,
 
 
 def cli(stack: Stack, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gymbus.services.cli", *args],
-                          env=stack.process_env({**env, "GYMBUS_REQUEST_TIMEOUT": "2"}),
-                          capture_output=True, text=True, timeout=90, check=False)
+    return gymbus_cli(stack.process_env({**env, "GYMBUS_REQUEST_TIMEOUT": "2"}), *args,
+                      timeout=90)
 
 
 def test_with_the_right_keys_a_run_is_submitted_trained_and_stored(

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
-from test_live import run_state, stored, viewer_stack
+from conftest import make_stack, wait_until
+from test_live import run_state, stored
 
 from gymbus.services.broker.telemetry_proxy import LIVE_HWM
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.stack.launcher import Stack
-from gymbus.services.viewers.live import StoreReader
 from gymbus.shared.protocol import TERMINAL_STATES, Command
 from gymbus.shared.transport import Client
 
@@ -98,7 +98,7 @@ def submit(stack: Stack) -> str:
 
 def sps_samples(stack: Stack, run_id: str) -> list[tuple[int, float]]:
     """The run's own `charts/SPS` values, (epoch ns, steps/s): each covers the second before."""
-    reader = StoreReader(stack.settings)
+    reader = StoreClient(stack.settings)
     try:
         rows = reader.rows(f"SELECT epoch_us(ts) AS t, value FROM metrics WHERE run_id = "
                            f"'{run_id}' AND name = 'charts/SPS' ORDER BY t")
@@ -153,7 +153,7 @@ def stalled_viewer(stack: Stack, run_id: str, probe: Probe) -> dict[str, Any]:
 
 def test_a_stalled_viewer_does_not_slow_training(tmp_path: Path) -> None:
     # default heartbeats: a minute under full load must not lose the worker on a busy machine
-    stack = viewer_stack(tmp_path / "home", slots=1, heartbeat=1.0)
+    stack = make_stack(tmp_path / "home", GYMBUS_HEARTBEAT_INTERVAL="1.0", GYMBUS_WORKER_SLOTS="1")
     try:
         stack.start()
         run_id = submit(stack)

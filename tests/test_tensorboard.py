@@ -11,16 +11,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_endpoint, wait_until
+from conftest import gymbus_cli, gymbus_cli_json, stack_fixture, wait_until
 
 from gymbus.services.cli.tbimport import RUN_ID_PREFIX
-from gymbus.services.stack.launcher import Stack, free_endpoints
-from gymbus.shared import settings as settings_mod
+from gymbus.services.stack.launcher import Stack
 from gymbus.shared.protocol import Command
 from gymbus.shared.transport import Client
 from gymbus.worker.telemetry.tensorboard import (
@@ -123,36 +121,15 @@ def test_a_failing_disk_never_fails_the_run(tmp_path: Path) -> None:
 # --- gymbus import-tb and gymbus tensorboard, against a real stack --------------------------------
 
 
-def stack_env(home: Path) -> dict[str, str]:
-    """free_endpoints, and a free port for any endpoint setting it does not name yet."""
-    env = {**free_endpoints(home), "GYMBUS_HEARTBEAT_INTERVAL": "0.25"}
-    for name, default in settings_mod.DEFAULTS.items():
-        var = settings_mod.PREFIX + name.upper()
-        if isinstance(default, str) and default.startswith("tcp://") and var not in env:
-            env[var] = free_endpoint()
-    return env
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(stack_env(tmp_path_factory.mktemp("tbstack") / "home"))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("tbstack", GYMBUS_HEARTBEAT_INTERVAL="0.25")
 
 
 def gymbus(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gymbus.services.cli", *args],
-                          env=stack.process_env(), capture_output=True, text=True, timeout=60,
-                          check=False)
+    return gymbus_cli(stack.process_env(), *args)
 
 
 def gymbus_json(stack: Stack, *args: str) -> Any:
-    result = gymbus(stack, *args, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return gymbus_cli_json(stack.process_env(), *args)
 
 
 def query(stack: Stack, sql: str) -> list[dict[str, Any]]:

@@ -15,12 +15,12 @@ import pytest
 pytest.importorskip("PySide6", reason="the Qt viewer is an optional extra: pip install '.[qt]'")
 pytest.importorskip("pyqtgraph", reason="the Qt viewer is an optional extra: pip install '.[qt]'")
 
-from conftest import wait_until
-from test_live import run_state, stored, submit, viewer_stack
+from conftest import stack_fixture, wait_until
+from test_live import VIEWER_ENV, run_state, stored, submit
 
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.stack.launcher import Stack
 from gymbus.services.viewers.grid import GridWorld
-from gymbus.services.viewers.live import StoreReader
 from gymbus.services.viewers.qt import window as viewer_qt
 from gymbus.shared.protocol import TERMINAL_STATES
 
@@ -34,14 +34,7 @@ if viewer_qt.bindings_broken():
 TIMEOUT_MS = 60_000
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = viewer_stack(tmp_path_factory.mktemp("qt") / "home")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("qt", **VIEWER_ENV)
 
 
 @pytest.fixture
@@ -86,7 +79,7 @@ def test_replay_steps_through_the_stored_episode(qtbot: object, window: viewer_q
     wait_until(lambda: stored(stack, taxi_run).get("complete"), 60, "the run to be stored")
     tab = window.open_tab(taxi_run)
     assert tab.replay.load(1200)
-    reader = StoreReader(stack.settings)
+    reader = StoreClient(stack.settings)
     try:
         rows = reader.rows(f"SELECT step, obs, action FROM steps WHERE run_id = '{taxi_run}' "
                            "AND episode = 1200 ORDER BY step")

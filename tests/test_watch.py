@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from collections.abc import Iterator
 
 import pytest
-from conftest import wait_until
-from test_live import stored, submit, viewer_stack
+from conftest import gymbus_cli, stack_fixture, wait_until
+from test_live import VIEWER_ENV, stored, submit
 
 from gymbus.services.stack.launcher import Stack
 from gymbus.services.viewers.watch import curve_lines
@@ -17,14 +15,7 @@ from gymbus.services.viewers.watch import curve_lines
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = viewer_stack(tmp_path_factory.mktemp("watch") / "home")
-    try:
-        s.start()
-        yield s
-    finally:
-        s.stop()
+stack = stack_fixture("watch", **VIEWER_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +29,7 @@ def runs(stack: Stack) -> dict[str, str]:
 
 
 def gymbus(stack: Stack, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gymbus.services.cli", *args],
-        env={**stack.process_env(), "COLUMNS": "160"}, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )
+    return gymbus_cli(stack.process_env({"COLUMNS": "160"}), *args, timeout=timeout)
 
 
 def test_once_prints_one_frame_of_every_run(stack: Stack, runs: dict[str, str]) -> None:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from gymbus.shared import logs
-from gymbus.shared import settings as settings_mod
-from gymbus.shared.transport import StopFlag, run_service
+from gymbus.shared.service import run_service, run_until_stopped
 from gymbus.worker.daemon import Worker
 
 
-def main() -> int:
-    """Serve until SIGTERM or SIGINT; exits 0 after stopping every run cleanly."""
-    stop = StopFlag().install()
-    logs.setup("worker")
-    return Worker(settings_mod.load(), stop).serve()
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop every run cleanly; the exit code
+    (shared/service.py) says what stopped it."""
+    return run_until_stopped("worker", "Execute gymbus runs, each in its own process.", argv,
+                             Worker, Worker.serve, module="gymbus.worker")
 
 
 if __name__ == "__main__":

@@ -37,17 +37,18 @@ import zmq
 
 from gymbus.shared import logs
 from gymbus.shared import settings as settings_mod
+from gymbus.shared.policy_files import ARTIFACTS_DIR
 from gymbus.shared.protocol import LifecycleEvent, RunState, TelemetryMode
 from gymbus.shared.runconfig import RunConfig, parse_config
 from gymbus.worker.agents.base import Artifact
-from gymbus.worker.telemetry.emitter import CLOSE_LINGER_MS, Emitter
+from gymbus.worker.telemetry.emitter import Emitter
+from gymbus.worker.telemetry.publisher import CLOSE_LINGER_MS
 from gymbus.worker.telemetry.spool import SpoolWriter
 from gymbus.worker.telemetry.tensorboard import ScalarLog
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 LOG_FILE = "run.log"
-ARTIFACTS_DIR = "artifacts"
 DISABLE_TELEMETRY_VAR = "DISABLE_TELEMETRY"
 _TRUE_WORDS = frozenset({"1", "true", "yes"})
 _FALSE_WORDS = frozenset({"", "0", "false", "no"})

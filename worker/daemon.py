@@ -30,8 +30,9 @@ from gymbus.shared.codec import Message, decode_message, encode_message
 from gymbus.shared.errors import ConfigError, DecodeError
 from gymbus.shared.protocol import Command, RunState
 from gymbus.shared.runconfig import parse_config
+from gymbus.shared.service import StopFlag
 from gymbus.shared.settings import Settings
-from gymbus.shared.transport import StopFlag, connect, new_socket
+from gymbus.shared.transport import connect, new_socket
 from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE
 from gymbus.worker.telemetry import spool
 from gymbus.worker.telemetry.repair import Repairer
@@ -74,12 +75,10 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        stop: StopFlag,
         ctx: zmq.Context[Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.stop = stop
         self.ctx = ctx or zmq.Context()
         self.clock = clock
         self.identity = settings.worker_id.encode("utf-8")
@@ -88,6 +87,7 @@ class Worker:
         self.liveness = settings.heartbeat_liveness
         self.heard = False
         self.next_heartbeat = 0.0
+        self._closed = False
         #: final run_updates sent since the broker was last heard, re-sent after a reconnect
         self.unconfirmed: list[dict[str, Any]] = []
         #: spooled runs: the ingest is asked what it misses, and it is replayed
@@ -100,13 +100,13 @@ class Worker:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def serve(self) -> int:
-        """Run until SIGTERM/SIGINT, then stop every child and leave; returns the exit code."""
+    def serve(self, stop: StopFlag) -> None:
+        """Run until `stop` is set (SIGTERM/SIGINT); `close` then stops every child."""
         log.info("worker %s: %d slots, broker at %s", self.settings.worker_id,
                  self.settings.worker_slots, self.settings.broker_workers)
         self.connect_to_broker()
         self.repair.scan()
-        while not self.stop:
+        while not stop:
             sock = self.require_socket()
             if sock.poll(int(self.poll_timeout() * 1000), zmq.POLLIN):
                 self.receive_all(sock)
@@ -114,8 +114,6 @@ class Worker:
             self.escalate_cancels()
             self.heartbeat()
             self.repair_spools()
-        self.shutdown()
-        return 0
 
     def poll_timeout(self) -> float:
         """Seconds until the next thing to do, at most MAX_POLL."""
@@ -335,8 +333,12 @@ class Worker:
 
     # --- shutdown -----------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """SIGTERM every child, SIGKILL stragglers after SHUTDOWN_GRACE, report, disconnect."""
+    def close(self) -> None:
+        """SIGTERM every child, SIGKILL stragglers after SHUTDOWN_GRACE, report, disconnect.
+        Idempotent; also after a failed start (no broker socket yet)."""
+        if self._closed:
+            return
+        self._closed = True
         log.info("stopping: %d runs to cancel", len(self.children))
         for child in self.children.values():
             child.cancel_requested = True
@@ -354,9 +356,10 @@ class Worker:
                     log.error("run %s (pid %d) survived SIGKILL", child.run_id, child.process.pid)
                     continue
             self.finish_child(child)
-        self.send(Command.DISCONNECT, {})
-        self.require_socket().close(linger=LINGER_MS)
-        self.sock = None
+        if self.sock is not None:
+            self.send(Command.DISCONNECT, {})
+            self.sock.close(linger=LINGER_MS)
+            self.sock = None
         self.repair.close()
         self.ctx.term()
 

@@ -1,8 +1,9 @@
 """The broker: routes runs from the controller to workers, watches worker liveness, fans telemetry out.
 
 One ROUTER faces the controller, one faces the workers; `mediate()` polls both with the time to
-the next heartbeat as its timeout, dispatches each message through a table keyed by Command, and
-does its housekeeping (purge silent workers, send heartbeats and the worker view) on every pass.
+the next heartbeat as its timeout, dispatches each message through a table keyed by Command (a
+`MessageTable`: nothing is answered, what is malformed is counted), and does its housekeeping
+(purge silent workers, send heartbeats and the worker view) on every pass.
 Telemetry never touches that loop: libzmq's steerable proxy forwards XSUB -> XPUB on its own thread.
 
 Run it with `python -m gymbus.services.broker`.
@@ -24,22 +25,21 @@ from gymbus.services.broker.worker_table import WorkerTable
 from gymbus.shared.codec import encode_message
 from gymbus.shared.errors import DecodeError
 from gymbus.shared.protocol import CONTROLLER_IDENTITY, Command, RunState
-from gymbus.shared.service import run_until_stopped
-from gymbus.shared.settings import Settings
-from gymbus.shared.transport import (
-    LINGER_MS,
+from gymbus.shared.service import (
+    MalformedCount,
+    MessageHandler,
+    MessageTable,
     StopFlag,
-    bind,
-    new_socket,
-    recv_request,
-    send_to,
+    run_until_stopped,
 )
+from gymbus.shared.settings import Settings
+from gymbus.shared.transport import LINGER_MS, bind, new_socket, send_to
 
 log = logging.getLogger("gymbus.broker")
 
-#: messages taken from one socket per pass, so that housekeeping runs under any load
-MAX_BATCH = 1000
-Handler = Callable[[bytes, dict[str, Any], float], None]
+
+#: run slots a worker may offer (a number beyond it is a malformed message, not a worker)
+MAX_WORKER_SLOTS = 4096
 
 
 def require(body: dict[str, Any], name: str, kind: type) -> Any:
@@ -71,7 +71,8 @@ class Broker:
         self.clock = clock
         self.ctx = ctx or zmq.Context()
         self.workers = WorkerTable(settings.heartbeat_interval, settings.heartbeat_liveness)
-        self.malformed = 0
+        #: malformed messages from both sockets, in one count
+        self.malformed = MalformedCount(log, "dropped")
         self.controller_identity = CONTROLLER_IDENTITY
         self.controller_seen = False
         self._workers_dirty = False
@@ -86,18 +87,24 @@ class Broker:
         except BaseException:
             self.ctx.destroy(linger=0)  # no thread holds a socket: the proxy's never started
             raise
-        self._from_controller: dict[Command, Handler] = {
+        from_controller: dict[Command, MessageHandler] = {
             Command.HELLO: self.on_hello,
             Command.DISPATCH: self.on_dispatch,
             Command.CANCEL: self.on_cancel,
         }
-        self._from_workers: dict[Command, Handler] = {
+        from_workers: dict[Command, MessageHandler] = {
             Command.READY: self.on_ready,
             Command.HEARTBEAT: self.on_heartbeat,
             Command.RUN_UPDATE: self.on_run_update,
             Command.DISPATCH_FAILED: self.on_worker_dispatch_failed,
             Command.DISCONNECT: self.on_disconnect,
         }
+        self._from_controller = MessageTable("broker", from_controller, log, peer="controller",
+                                             malformed=self.malformed,
+                                             max_bytes=settings.max_frame_bytes)
+        self._from_workers = MessageTable("broker", from_workers, log, peer="worker",
+                                          malformed=self.malformed,
+                                          max_bytes=settings.max_frame_bytes)
 
     def _router(self, endpoint: str, what: str) -> zmq.Socket[Any]:
         sock = new_socket(self.ctx, zmq.ROUTER)
@@ -121,9 +128,9 @@ class Broker:
         while not stop:
             events = dict(poller.poll(self._poll_timeout_ms(next_heartbeat)))
             if self.controller_router in events:
-                self._drain(self.controller_router, self._from_controller, "controller")
+                self._from_controller.deliver_waiting(self.controller_router, self.clock)
             if self.worker_router in events:
-                self._drain(self.worker_router, self._from_workers, "worker")
+                self._from_workers.deliver_waiting(self.worker_router, self.clock)
             next_heartbeat = self.housekeeping(next_heartbeat)
 
     def _poll_timeout_ms(self, next_heartbeat: float) -> int:
@@ -132,32 +139,6 @@ class Broker:
         if expiry is not None:
             wake = min(wake, expiry)
         return max(0, math.ceil((wake - self.clock()) * 1000))
-
-    def _drain(self, sock: zmq.Socket[Any], handlers: dict[Command, Handler], peer: str) -> None:
-        for _ in range(MAX_BATCH):
-            if not sock.poll(0, zmq.POLLIN):
-                return
-            identity, msg = recv_request(sock, self.settings.max_frame_bytes)
-            if isinstance(msg, DecodeError):
-                self._count_malformed(peer, identity, msg.reason)
-                continue
-            handler = handlers.get(msg.cmd)
-            if handler is None:
-                self._count_malformed(peer, identity, f"unexpected command {msg.cmd.value!r}")
-                continue
-            try:
-                handler(identity, msg.body, self.clock())
-            except DecodeError as exc:
-                self._count_malformed(peer, identity, f"{msg.cmd.value}: {exc.reason}")
-            except Exception:  # a bug must cost one message, not the broker
-                log.exception("handling %s from %s %.40r failed", msg.cmd.value, peer, identity)
-
-    def _count_malformed(self, peer: str, identity: bytes, reason: str) -> None:
-        self.malformed += 1
-        # a flood of garbage must not become a flood of log lines
-        level = logging.WARNING if self.malformed <= 20 or self.malformed % 1000 == 0 else logging.DEBUG
-        log.log(level, "malformed message from %s %.40r dropped (%d so far): %s",
-                peer, identity, self.malformed, reason)
 
     def housekeeping(self, next_heartbeat: float) -> float:
         """Purge silent workers, heartbeat on schedule, publish the worker view when it changed."""
@@ -260,8 +241,8 @@ class Broker:
         pid = require(body, "pid", int)
         slots = require(body, "slots", int)
         runs = require_run_ids(body)
-        if slots < 0:
-            raise DecodeError(f"slots must be >= 0, got {slots}")
+        if not 0 <= slots <= MAX_WORKER_SLOTS:
+            raise DecodeError(f"slots must be 0 to {MAX_WORKER_SLOTS}, got {slots}")
         if claimed != worker_id:
             log.warning("worker %s says its id is %r; routing by its identity", worker_id, claimed)
         replaced = self.workers.register(worker_id, host, pid, slots, runs, now)
@@ -330,11 +311,11 @@ class Broker:
             self.ctx.term()
         else:
             log.warning("the telemetry proxy did not stop in time; leaving its context open")
-        log.info("broker stopped (%d malformed messages dropped)", self.malformed)
+        log.info("broker stopped (%d malformed messages dropped)", self.malformed.count)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the broker until SIGTERM or SIGINT."""
+    """Run the broker until SIGTERM or SIGINT; the exit code (shared/service.py) says which."""
     return run_until_stopped("broker", "Route runs to workers and fan telemetry out.", argv,
                              Broker, Broker.mediate)
 

@@ -1,6 +1,7 @@
 """What every `gymbus` command shares: settings, lazily opened clients, error output, --json.
 
-Command modules (cli.py and the cli_*.py beside it) take a `Context` with `@click.pass_obj`.
+The command modules (main.py and the modules beside it, one per command group) take a `Context`
+with `@click.pass_obj`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any, TypeVar
 
 import click
 
+from gymbus.services.ingest.client import StoreClient
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError, RemoteError, ServiceUnavailable
-from gymbus.shared.protocol import Command, ErrorCode
+from gymbus.shared.protocol import ErrorCode
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
 
@@ -27,6 +29,7 @@ class Context:
         self.settings: Settings = settings_mod.load()
         self._controller: Client | None = None
         self._ingest: Client | None = None
+        self._store: StoreClient | None = None
 
     @property
     def controller(self) -> Client:
@@ -37,23 +40,29 @@ class Context:
 
     @property
     def ingest(self) -> Client:
+        """The ingest's API itself, for commands that need the running ingest (import-tb)."""
         if self._ingest is None:
             s = self.settings
             self._ingest = Client(s.ingest, "ingest", s.request_timeout)
         return self._ingest
 
+    @property
+    def store(self) -> StoreClient:
+        """Stored telemetry: the ingest's query API, or the DuckDB file when no ingest answers."""
+        if self._store is None:
+            self._store = StoreClient(self.settings)
+        return self._store
+
     def run_stats(self, run_id: str | None = None) -> dict[str, dict[str, Any]] | None:
         """The ingest's accounting per run id, or None when the ingest does not answer."""
-        body = {"run_id": run_id} if run_id else {}
         try:
-            reply = self.ingest.request(Command.RUN_STATS, body, timeout=2.0)
+            return self.store.run_stats(run_id, timeout=2.0)
         except ServiceUnavailable:
             return None
         except RemoteError as exc:
             if exc.code is ErrorCode.UNKNOWN_RUN:
                 return {}  # no frame of the run stored yet
             raise
-        return {r["run_id"]: r for r in reply["runs"]}
 
 
 def fail(exc: GymbusError) -> None:

@@ -1,27 +1,26 @@
-"""The `gymbus` command: submit runs, list and cancel them, read their telemetry accounting, query.
+"""The `gymbus` command: its group, `workers` and `config`; the other commands, one module per
+group beside this one (runs.py, query.py, view.py, tensorboard.py, keys.py).
 
 Errors are one line on stderr with an exit code from `ExitCode`; `--json` output is for scripts.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import click
-from ulid import ULID
 
 from gymbus.services.cli import output as out
 from gymbus.services.cli.context import Context, fail, json_option
-from gymbus.shared.errors import ConfigError, ExitCode, GymbusError, RemoteError, ServiceUnavailable
-from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
-from gymbus.shared.runconfig import POLICY_FILES, guess_policy_algo, parse_config
-from gymbus.shared.settings import Settings
-
-POLL_SECONDS = 0.25
+from gymbus.services.cli.keys import keys
+from gymbus.services.cli.query import query
+from gymbus.services.cli.runs import cancel, runs, status, submit
+from gymbus.services.cli.sync import sync
+from gymbus.services.cli.tensorboard import import_tb, tensorboard
+from gymbus.services.cli.view import replay, viewer, watch
+from gymbus.shared.errors import GymbusError
+from gymbus.shared.protocol import Command
 
 
 class GymbusGroup(click.Group):
@@ -45,275 +44,7 @@ def cli(ctx: click.Context) -> None:
     ctx.obj = Context()
 
 
-# --- submit ---------------------------------------------------------------------------------------
-
-
-def build_config(run_file: str | None, flags: dict[str, Any]) -> dict[str, Any]:
-    """The run config: a TOML file's fields, then the flags given on the command line."""
-    config: dict[str, Any] = {}
-    if run_file:
-        try:
-            config = tomllib.loads(Path(run_file).read_text())
-        except OSError as exc:
-            raise ConfigError("run file", f"cannot read {run_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("run file", f"{run_file} is not valid TOML: {exc}") from None
-    config.update({k: v for k, v in flags.items() if v is not None})
-    return config
-
-
-def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
-    """`key=value` pairs, the value read as TOML (so 0.5, true and "x" keep their types)."""
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(option, f"expected key=value, got {pair!r}")
-        try:
-            result[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            result[key] = raw
-    return result
-
-
-@cli.command()
-@click.argument("run_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--env", help="Gymnasium environment id, e.g. FrozenLake-v1.")
-@click.option("--algo", help="q-learning, bdi, dqn or random (an evaluation run: from its policy).")
-@click.option("--episodes", type=int, help="Episode budget.")
-@click.option("--total-steps", type=int, help="Environment-step budget.")
-@click.option("--seed", type=int, help="Seed of the run (default 0).")
-@click.option("--fast", is_flag=True, help="Fast mode: no step frames at all.")
-@click.option("--telemetry", type=click.Choice([m.value for m in TelemetryMode]),
-              help="full, fast or sampled.")
-@click.option("--every", type=int, help="With --telemetry sampled: every Nth episode's steps.")
-@click.option("--max-episode-steps", type=int, help="Truncate episodes at this length.")
-@click.option("--env-arg", "env_args", multiple=True, metavar="KEY=VALUE",
-              help="Keyword argument for gymnasium.make (repeatable), e.g. is_slippery=false.")
-@click.option("--agent-arg", "agent_args", multiple=True, metavar="KEY=VALUE",
-              help="Hyperparameter (repeatable), e.g. learning_rate=0.2.")
-@click.option("--name", help="A label for people.")
-@click.option("--agent-id", help="Agent id in telemetry (default agent-0).")
-@click.option("--eval-from", metavar="RUN",
-              help="Evaluate the policy saved by run RUN: greedy episodes, nothing trained or saved.")
-@click.option("--policy", metavar="PATH",
-              help="Evaluate the policy at PATH (q_table.npy, q_network.pt, or their folder).")
-@click.option("--eval-every", type=int,
-              help="While training, evaluate the greedy policy every N episodes (eval/* metrics).")
-@click.option("--eval-episodes", type=int, help="Episodes per --eval-every evaluation (100).")
-@click.option("--idempotency-key", help="Resubmitting with the same key makes one run.")
-@click.option("--wait", is_flag=True, help="Wait for the end; exit 0 only if it completed.")
-@json_option
-@click.pass_obj
-def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[str, ...],
-           agent_args: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool,
-           **flags: Any) -> None:
-    """Submit a run, from flags or a RUN_FILE (TOML with the same field names)."""
-    if fast:
-        if flags.get("telemetry") not in (None, TelemetryMode.FAST.value):
-            raise ConfigError("telemetry", "--fast contradicts --telemetry " + flags["telemetry"])
-        flags["telemetry"] = TelemetryMode.FAST.value
-    config = build_config(run_file, flags)
-    if env_args:
-        config["env_kwargs"] = {**config.get("env_kwargs", {}),
-                                **parse_assignments(env_args, "--env-arg")}
-    if agent_args:
-        config["agent"] = {**config.get("agent", {}),
-                           **parse_assignments(agent_args, "--agent-arg")}
-    config = complete_evaluation(obj, config)
-    absolute_plans(config)
-    parse_config(config)  # types and ranges, before any service is asked
-    body = {"config": config, "idempotency_key": idempotency_key or str(ULID())}
-    try:
-        reply = obj.controller.request(Command.SUBMIT, body)
-    except ServiceUnavailable:
-        reply = obj.controller.request(Command.SUBMIT, body)  # same key: still one run
-    run_id = reply["run_id"]
-    if not wait:
-        if as_json:
-            out.emit_json({"run_id": run_id, "created": reply["created"], "run": reply["run"]})
-        else:
-            click.echo(run_id)
-        return
-    run = wait_for_end(obj, run_id)
-    stats = (obj.run_stats(run_id) or {}).get(run_id)
-    if as_json:
-        out.emit_json({"run_id": run_id, "status": run["state"], "reason": run.get("reason"),
-                       **status_record(run, stats)})
-    else:
-        click.echo(run_id)
-    if run["state"] != RunState.COMPLETED:
-        reason = f": {run['reason']}" if run.get("reason") else ""
-        click.echo(f"error: run {run_id} ended {run['state']}{reason}", err=True)
-        sys.exit(ExitCode.RUN_NOT_COMPLETED)
-
-
-#: what an evaluation run takes from the run it evaluates, unless given
-INHERITED_FIELDS = ("env", "algo", "env_kwargs", "max_episode_steps", "agent")
-
-
-def complete_evaluation(obj: Context, config: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation run's config, completed from its source and checked against it.
-
-    `eval_from`: the run must be a completed training run; its env, algo, env_kwargs,
-    max_episode_steps and agent settings fill what the config leaves out, and the algo must
-    load the same policy file. `policy`: the path becomes absolute (the worker reads it), must
-    exist, and gives the algo when none is given.
-    """
-    policy, eval_from = config.get("policy"), config.get("eval_from")
-    if isinstance(policy, str) and policy:
-        path = Path(policy).expanduser().resolve()
-        if not path.exists():
-            raise ConfigError("policy", f"no such file or folder: {policy}")
-        config["policy"] = str(path)
-        if "algo" not in config:
-            algo = guess_policy_algo(path)
-            if algo is None:
-                raise ConfigError("policy", f"{policy} holds no policy gymbus knows "
-                                            f"({', '.join(sorted(set(POLICY_FILES.values())))})")
-            config["algo"] = algo
-    if isinstance(eval_from, str) and eval_from:
-        source = obj.controller.request(Command.GET_RUN, {"run_id": eval_from})["run"]
-        trained = source.get("config") or {}
-        if trained.get("eval_from") or trained.get("policy"):
-            raise ConfigError("eval_from", f"run {eval_from} is an evaluation run and saved no "
-                                           "policy; name the training run it evaluated")
-        if source["state"] != RunState.COMPLETED:
-            raise ConfigError("eval_from", f"run {eval_from} is {source['state']}: only a "
-                                           "completed training run has a policy to evaluate")
-        for key in INHERITED_FIELDS:
-            if key not in config and trained.get(key) is not None:
-                config[key] = trained[key]
-        algo, source_algo = config.get("algo"), trained.get("algo")
-        if POLICY_FILES.get(str(algo)) != POLICY_FILES.get(str(source_algo)):
-            raise ConfigError("algo", f"run {eval_from} trained {source_algo}; its policy "
-                                      f"cannot be evaluated by {algo}")
-    return config
-
-
-def absolute_plans(config: dict[str, Any]) -> None:
-    """A BDI plan file that exists here becomes an absolute path (the worker reads it); other
-    names are those of shipped plan files."""
-    agent = config.get("agent")
-    plans = agent.get("plans") if isinstance(agent, dict) else None
-    if isinstance(agent, dict) and isinstance(plans, str) and plans:
-        path = Path(plans).expanduser()
-        if path.is_file():
-            agent["plans"] = str(path.resolve())
-
-
-def wait_for_end(obj: Context, run_id: str) -> dict[str, Any]:
-    """Poll the run until it is terminal, showing progress on stderr; then its record."""
-    progress = out.Progress()
-    while True:
-        run: dict[str, Any] = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
-        stats = (obj.run_stats(run_id) or {}).get(run_id)
-        line = out.progress_line(run, stats)
-        if run["state"] in TERMINAL_STATES:
-            progress.done(line)
-            return run
-        progress.show(line, time.monotonic())
-        time.sleep(POLL_SECONDS)
-
-
-# --- runs, status, cancel, workers ------------------------------------------------------------
-
-
-def status_record(run: dict[str, Any], stats: dict[str, Any] | None) -> dict[str, Any]:
-    """The telemetry accounting of a run: the controller's view merged with the ingest's."""
-    stats = stats or {}
-    emitted = run.get("frames_emitted")
-    if emitted is None:
-        emitted = stats.get("frames_emitted")
-    return {
-        "run_id": run["run_id"],
-        "status": run["state"],
-        "env": run["env"],
-        "algo": run["algo"],
-        "telemetry": run["telemetry"],
-        "worker_id": run.get("worker_id"),
-        "reason": run.get("reason"),
-        "created_ns": run.get("created_ns"),
-        "frames_emitted": emitted,
-        "frames_stored": stats.get("frames_stored"),
-        "gaps": stats.get("gaps"),
-        "duplicates": stats.get("duplicates"),
-        "complete": stats.get("complete"),
-        "episodes": stats.get("episodes"),
-        "steps": stats.get("steps"),
-    }
-
-
-@cli.command()
-@json_option
-@click.pass_obj
-def runs(obj: Context, as_json: bool) -> None:
-    """Every run: id, env, algo, mode, status, episodes done, created time."""
-    records = obj.controller.request(Command.LIST_RUNS)["runs"]
-    stats = obj.run_stats() or {}
-    rows = []
-    for run in records:
-        st = stats.get(run["run_id"], {})
-        episodes = st.get("episodes", run.get("episodes"))
-        rows.append({**status_record(run, st), "episodes": episodes,
-                     "episodes_budget": run["config"].get("episodes")})
-    if as_json:
-        out.emit_json(rows)
-        return
-    click.echo(out.table(
-        ["RUN", "ENV", "ALGO", "MODE", "STATUS", "EPISODES", "CREATED"],
-        [[r["run_id"], r["env"], r["algo"], r["telemetry"], r["status"],
-          f"{r['episodes'] or 0}/{r['episodes_budget'] or '-'}", out.format_ns(r["created_ns"])]
-         for r in rows],
-    ))
-
-
-@cli.command()
-@click.argument("run_id")
-@json_option
-@click.pass_obj
-def status(obj: Context, run_id: str, as_json: bool) -> None:
-    """A run's state and its telemetry accounting (frames emitted, stored, gaps, duplicates)."""
-    run = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
-    stats = obj.run_stats(run_id)
-    if stats is None:
-        click.echo("warning: the ingest did not answer; stored counts unknown", err=True)
-    record = status_record(run, (stats or {}).get(run_id))
-    if as_json:
-        out.emit_json(record)
-        return
-    for key, value in record.items():
-        shown = out.format_ns(value) if key == "created_ns" else value
-        click.echo(f"{key:>15}  {'-' if shown is None else shown}")
-    if record["complete"]:
-        click.echo(f"{'telemetry':>15}  complete")
-    elif record["frames_emitted"] is not None and record["frames_stored"] is not None:
-        missing = record["frames_emitted"] - record["frames_stored"]
-        click.echo(f"{'telemetry':>15}  {missing} frames missing")
-
-
-@cli.command()
-@click.argument("run_id")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the end.")
-@json_option
-@click.pass_obj
-def cancel(obj: Context, run_id: str, timeout: float, as_json: bool) -> None:
-    """Cancel a run: its process is stopped, and the run ends `cancelled`."""
-    run = obj.controller.request(Command.CANCEL, {"run_id": run_id})["run"]
-    deadline = time.monotonic() + timeout
-    while run["state"] not in TERMINAL_STATES and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-        run = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
-    if as_json:
-        out.emit_json({"run_id": run_id, "status": run["state"], "reason": run.get("reason")})
-    else:
-        click.echo(f"{run_id} {run['state']}")
-    if run["state"] not in TERMINAL_STATES:
-        raise RemoteError("internal", f"run {run_id} did not stop within {timeout:g} s")
-    if run["state"] != RunState.CANCELLED:
-        click.echo(f"error: run {run_id} ended {run['state']} before the cancel took effect",
-                   err=True)
-        sys.exit(ExitCode.REFUSED)
+# --- workers, config ------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -333,53 +64,6 @@ def workers(obj: Context, as_json: bool) -> None:
     ))
 
 
-# --- query, config --------------------------------------------------------------------------------
-
-
-@cli.command()
-@click.argument("sql")
-@click.option("--json", "as_json", is_flag=True, help="Rows as a JSON list of objects.")
-@click.option("--csv", "as_csv", is_flag=True, help="Rows as CSV.")
-@click.option("--max-rows", default=100_000, show_default=True)
-@click.pass_obj
-def query(obj: Context, sql: str, as_json: bool, as_csv: bool, max_rows: int) -> None:
-    """Read-only SQL over the stored telemetry (tables: runs, frames, lifecycle, episodes,
-    steps, metrics, dead_letters, gaps). Answered by the ingest; with no ingest running, read
-    from the DuckDB file directly."""
-    body = {"sql": sql, "max_rows": max_rows}
-    try:
-        result = obj.ingest.request(Command.QUERY, body)
-    except ServiceUnavailable:
-        result = query_file(obj.settings, sql, max_rows)
-    columns, rows = result["columns"], result["rows"]
-    if as_json:
-        out.emit_json([dict(zip(columns, row)) for row in rows])
-    elif as_csv:
-        out.write_csv(columns, rows)
-    else:
-        click.echo(out.table(columns, rows))
-    if result.get("truncated"):
-        click.echo(f"warning: output cut at {max_rows} rows (--max-rows)", err=True)
-
-
-def query_file(settings: Settings, sql: str, max_rows: int) -> dict[str, Any]:
-    """Answer a query from the DuckDB file itself, read-only (only when no ingest runs)."""
-    import duckdb
-
-    from gymbus.services.ingest.query import run_query
-
-    if not settings.db_path.exists():
-        raise ServiceUnavailable("ingest", settings.ingest, settings.request_timeout)
-    try:
-        conn = duckdb.connect(str(settings.db_path), read_only=True)
-    except duckdb.Error as exc:
-        raise RemoteError("query_failed", f"cannot open {settings.db_path}: {exc}") from None
-    try:
-        return run_query(conn, sql, max_rows)
-    finally:
-        conn.close()
-
-
 @cli.command()
 @json_option
 @click.pass_obj
@@ -393,23 +77,11 @@ def config(obj: Context, as_json: bool) -> None:
         click.echo(f"{key:>20}  {value}")
 
 
-# --- commands defined in their own modules (cli_*.py), one line each -------------------------
-# (imported here, at the end, because they import nothing from this module)
+# --- the commands of the modules beside this one ------------------------------------------------
 
-from gymbus.services.cli.view import replay, viewer, watch
-
-cli.add_command(watch)
-cli.add_command(viewer)
-cli.add_command(replay)
-
-from gymbus.services.cli.tensorboard import import_tb, tensorboard
-
-cli.add_command(tensorboard)
-cli.add_command(import_tb)
-
-from gymbus.services.cli.keys import keys
-
-cli.add_command(keys)
+for command in (submit, runs, status, cancel, query, watch, viewer, replay, tensorboard, import_tb,
+                sync, keys):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -27,20 +27,25 @@ from typing import Any
 
 import zmq
 
+from gymbus.shared import queries
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import ExitCode, GymbusError, RemoteError
 from gymbus.shared.protocol import Command, ErrorCode, FrameKind, LifecycleEvent
 from gymbus.shared.settings import Settings
-from gymbus.shared.transport import Client, connect, new_socket
+from gymbus.shared.transport import Client
+from gymbus.worker.telemetry.publisher import Publisher, TelemetryError
 
 RUN_ID_PREFIX = "tb-"
 POINTS_PER_FRAME = 1024
 EVENT_FILE_MARKER = "tfevents"
-#: seconds to wait for the broker to forward the ingest's subscription
+#: seconds to wait for the broker to forward the ingest's subscription: nothing spools an
+#: import's frames, so it refuses to send them to nobody
 SUBSCRIBE_WAIT = 5.0
+#: frames queued before a send waits: the import notices a stalled broker while it sends
 SEND_HWM = 10_000
-#: milliseconds one blocking send may wait for room in the queue
-SEND_TIMEOUT_MS = 5000
+#: seconds a send may wait for room in the queue before the import gives up
+SEND_TIMEOUT = 5.0
+#: milliseconds the closing socket may spend delivering what is queued: the CLI exits next
 LINGER_MS = 5000
 POLL_SECONDS = 0.05
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -207,26 +212,19 @@ def publish(settings: Settings, frames: list[tuple[bytes, bytes]],
             subscribe_wait: float = SUBSCRIBE_WAIT) -> None:
     """Send the frames to the broker's telemetry XSUB once a subscription has come through."""
     ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = new_socket(ctx, zmq.XPUB, linger=LINGER_MS)
+    publisher = Publisher.connect(ctx, settings.telemetry_in, hwm=SEND_HWM, linger_ms=LINGER_MS,
+                                  block_timeout=SEND_TIMEOUT)
     try:
-        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-        sock.setsockopt(zmq.XPUB_NODROP, 1)
-        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        connect(sock, settings.telemetry_in, "broker's telemetry XSUB")
-        if not sock.poll(int(subscribe_wait * 1000), zmq.POLLIN):
+        if not publisher.wait_for_subscriber(subscribe_wait):
             raise TensorBoardImportError(
                 f"no subscriber reached {settings.telemetry_in} within {subscribe_wait:g} s: "
                 f"is the broker running?", ExitCode.UNAVAILABLE)
-        sock.recv()
-        for parts in frames:
-            try:
-                sock.send_multipart(parts)
-            except zmq.Again:
-                raise TensorBoardImportError(
-                    f"the broker took no frame for {SEND_TIMEOUT_MS / 1000:g} s",
-                    ExitCode.UNAVAILABLE) from None
+        for seq, parts in enumerate(frames):
+            publisher.publish(seq, parts)
+    except TelemetryError as exc:  # PublishTimeout: the broker took no frame for SEND_TIMEOUT
+        raise TensorBoardImportError(str(exc), ExitCode.UNAVAILABLE) from None
     finally:
-        sock.close(linger=LINGER_MS)
+        publisher.close()
 
 
 # --- one import, checked against the ingest -------------------------------------------------------
@@ -250,7 +248,7 @@ class ImportResult:
 def stored_digest(ingest: Client, run_id: str) -> str | None:
     """The digest recorded by an earlier import of `run_id`, or None if there was none."""
     reply = ingest.request(Command.QUERY, {
-        "sql": f"SELECT config FROM runs WHERE run_id = '{run_id}'", "max_rows": 1})
+        "sql": queries.run_config(run_id), "max_rows": 1})
     if not reply["rows"] or reply["rows"][0][0] is None:
         return None
     try:

@@ -1,6 +1,6 @@
 """The viewer commands of `gymbus`: `watch` (terminal dashboard), `viewer` (Qt), `replay`.
 
-Registered in cli.py; each takes the shared `Context` with `@click.pass_obj`.
+Registered in main.py; each takes the shared `Context` with `@click.pass_obj`.
 """
 
 from __future__ import annotations
@@ -85,14 +85,10 @@ def replay(obj: Context, run_id: str, episode: int, delay: float, as_json: bool)
     what chose it (the BDI agent's intention). A fast-mode run stored no steps: shows the
     episode's return and length and the run's metric curves instead."""
     from gymbus.services.viewers import replay as rp
-    from gymbus.services.viewers.live import StoreReader
 
-    reader = StoreReader(obj.settings)
-    try:
-        episode_replay = rp.load_episode(reader, run_id, episode)
-        metrics = None if episode_replay.steps else rp.fallback_metrics(reader, run_id)
-    finally:
-        reader.close()
+    store = obj.store
+    episode_replay = rp.load_episode(store, run_id, episode)
+    metrics = None if episode_replay.steps else rp.fallback_metrics(store, run_id)
     if as_json:
         out.emit_json(rp.to_json(episode_replay, metrics))
     elif episode_replay.steps:

@@ -308,6 +308,28 @@ class Registry:
                     applied = self._apply(db, run_id, S.QUEUED, {"worker_id": None})
         return self.get(run_id) if applied else None
 
+    def open(self, run_id: str, name: str, env: str, telemetry: str, config: dict[str, Any],
+             owner: str) -> tuple[Run, bool]:
+        """Store a run that a recorded script opened itself, `running` from now; `(run,
+        created)`. `owner` (e.g. script:HOST:PID) takes the worker's place in the record.
+        Opening the same run id again returns the stored run, with created False."""
+        existing = self.get(run_id)
+        if existing is not None:
+            return existing, False
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (run_id, name, env, algo, telemetry, config, state,"
+                " created_ns, updated_ns, started_ns, worker_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, name, env, str(config.get("backend", "custom")), telemetry,
+                 msgpack.packb(config, use_bin_type=True, default=repr), S.RUNNING.value,
+                 now, now, now, owner),
+            )
+        run = self.get(run_id)
+        if run is None:
+            raise RuntimeError(f"run {run_id} vanished right after it was stored")
+        return run, True
+
 def _run(row: tuple[Any, ...]) -> Run:
     values = dict(zip(_RUN_COLUMNS, row))
     values["state"] = RunState(values["state"])

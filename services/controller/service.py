@@ -10,6 +10,7 @@ Run it with `python -m gymbus.services.controller`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,8 +21,10 @@ import zmq
 
 from gymbus.services.controller.registry import Registry, Run
 from gymbus.services.controller.scheduler import Scheduler, parse_workers
+from gymbus.services.controller.scripts import OWNER_PREFIX, ScriptRuns
+from gymbus.services.controller.validation import Submission, Validator
 from gymbus.shared.codec import decode_message, encode_message
-from gymbus.shared.errors import DecodeError, GymbusError, RequestError
+from gymbus.shared.errors import DecodeError, RequestError
 from gymbus.shared.protocol import (
     CONTROLLER_IDENTITY,
     TERMINAL_STATES,
@@ -29,18 +32,14 @@ from gymbus.shared.protocol import (
     ErrorCode,
     RunState,
 )
-from gymbus.shared.runconfig import check_environment, parse_config
-from gymbus.shared.service import run_until_stopped
+from gymbus.shared.runconfig import parse_config
+from gymbus.shared.service import RequestTable, StopFlag, run_until_stopped
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
     LINGER_MS,
-    StopFlag,
     bind,
     connect,
     new_socket,
-    recv_request,
-    send_error,
-    send_reply,
 )
 
 log = logging.getLogger("gymbus.controller")
@@ -70,7 +69,8 @@ def optional(body: dict[str, Any], name: str, kind: type) -> Any:
 
 
 class Controller:
-    """The controller's sockets, registry and scheduler. Everything runs on the loop thread."""
+    """The controller's sockets, registry and scheduler. Everything runs on the loop thread but
+    a submission's environment and policy checks, which run on the validator's threads."""
 
     def __init__(
         self,
@@ -99,6 +99,8 @@ class Controller:
             self.registry.close()
             self.ctx.destroy(linger=0)
             raise
+        self.validator = Validator(settings)
+        self.poller.register(self.validator.wakeup_fd, zmq.POLLIN)
         now = self.clock()
         self.broker_seen_at = now
         self.broker_lost = False
@@ -107,9 +109,12 @@ class Controller:
         for run in self.registry.active():
             if run.state is RunState.DISPATCHED and run.worker_id is not None:
                 self.scheduler.sent(run.run_id, run.worker_id, now)
+        self.scripts = ScriptRuns(self.registry, self.window, clock)
         self._api: dict[Command, ApiHandler] = {
+            Command.OPEN_RUN: self.scripts.open_run,
+            Command.RUN_ALIVE: self.scripts.run_alive,
+            Command.CLOSE_RUN: self.scripts.close_run,
             Command.PING: self.ping,
-            Command.SUBMIT: self.submit,
             Command.LIST_RUNS: self.list_runs,
             Command.GET_RUN: self.get_run,
             Command.CANCEL: self.cancel,
@@ -121,6 +126,9 @@ class Controller:
             Command.DISPATCH_FAILED: self.on_dispatch_failed,
             Command.WORKER_LOST: self.on_worker_lost,
         }
+        self.requests = RequestTable("controller", self._api, log, peer="client",
+                                     later={Command.SUBMIT: self.submit},
+                                     max_bytes=settings.max_frame_bytes, batch=MAX_BATCH)
 
     def _connect_broker(self) -> None:
         """Open a fresh DEALER to the broker (closing the old one: no stale replies)."""
@@ -144,33 +152,12 @@ class Controller:
             timeout_ms = max(0, math.ceil((self.next_hello - self.clock()) * 1000))
             events = dict(self.poller.poll(timeout_ms))
             if self.api in events:
-                self._drain_api()
+                self.requests.answer_waiting(self.api)
             if self.broker in events:
                 self._drain_broker()
+            if self.validator.wakeup_fd in events:
+                self.finish_submissions()
             self.housekeeping()
-
-    def _drain_api(self) -> None:
-        for _ in range(MAX_BATCH):
-            if not self.api.poll(0, zmq.POLLIN):
-                return
-            identity, msg = recv_request(self.api, self.settings.max_frame_bytes)
-            if isinstance(msg, DecodeError):
-                log.warning("bad request from %r: %s", identity, msg.reason)
-                send_error(self.api, identity, 0, msg)
-                continue
-            handler = self._api.get(msg.cmd)
-            try:
-                if handler is None:
-                    raise RequestError(
-                        ErrorCode.BAD_REQUEST, f"the controller does not serve {msg.cmd.value!r}"
-                    )
-                send_reply(self.api, identity, msg.req, handler(msg.body))
-            except GymbusError as exc:
-                send_error(self.api, identity, msg.req, exc)
-            except Exception as exc:  # a bug must cost one request, not the service
-                log.exception("%s failed", msg.cmd.value)
-                send_error(self.api, identity, msg.req, RequestError(
-                    ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
 
     def _drain_broker(self) -> None:
         sock = self.broker
@@ -208,6 +195,7 @@ class Controller:
             self.broker_lost = True
             self.broker_seen_at = now
             self.next_hello = now
+        self.scripts.expire()
         if now >= self.next_hello:
             self.send_broker(Command.HELLO, {})
             self.next_hello = now + self.settings.heartbeat_interval
@@ -258,19 +246,35 @@ class Controller:
     def ping(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"service": "controller"}
 
-    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Validate (ConfigError naming the field; nothing stored) and queue a run."""
+    def submit(self, identity: bytes, req: int, body: dict[str, Any]) -> None:
+        """Validate (ConfigError naming the field; nothing stored) and queue a run.
+
+        A key already used, or a config that fails to parse, is answered at once; a parsed
+        config goes to the validator, and `finish_submissions` answers once it is checked.
+        """
         key = body.get("idempotency_key") or ""
         if not isinstance(key, str):
             raise RequestError(ErrorCode.BAD_REQUEST, f"idempotency_key must be a string, got {key!r}")
         existing = self.registry.by_idempotency_key(key) if key else None
         if existing is not None:
-            return {"run_id": existing.run_id, "created": False, "run": existing.to_wire()}
-        config = parse_config(body.get("config"))
-        check_environment(config)
-        run, created = self.registry.submit(config, key)
+            reply = {"run_id": existing.run_id, "created": False, "run": existing.to_wire()}
+            self.requests.answer(self.api, identity, req, Command.SUBMIT, lambda: reply)
+            return
+        self.validator.start(Submission(identity, req, key, parse_config(body.get("config"))))
+
+    def finish_submissions(self) -> None:
+        """Answer the submissions the validator has checked: its error, or the run now queued."""
+        for sub, error in self.validator.finished():
+            self.requests.answer(self.api, sub.identity, sub.req, Command.SUBMIT,
+                                 functools.partial(self._queue_checked, sub, error))
+
+    def _queue_checked(self, sub: Submission, error: Exception | None) -> dict[str, Any]:
+        if error is not None:
+            raise error
+        run, created = self.registry.submit(sub.config, sub.key)
         if created:
-            log.info("run %s queued: %s %s %s", run.run_id, config.algo, config.env, config.name)
+            log.info("run %s queued: %s %s %s", run.run_id, sub.config.algo, sub.config.env,
+                     sub.config.name)
         return {"run_id": run.run_id, "created": created, "run": run.to_wire()}
 
     def list_runs(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +295,8 @@ class Controller:
                 run.run_id, RunState.CANCELLED, reason="cancelled before it was dispatched"
             )
             return {"run": (cancelled or self._require_run(run.run_id)).to_wire()}
+        if (run.worker_id or "").startswith(OWNER_PREFIX):  # a script's own run
+            return {"run": run.to_wire(), **self.scripts.cancel(run.run_id)}
         if run.worker_id not in self.scheduler.workers:
             raise RequestError(ErrorCode.WORKER_GONE, (
                 f"run {run.run_id} is {run.state.value} on worker {run.worker_id}, which is not "
@@ -314,7 +320,8 @@ class Controller:
     def on_workers(self, body: dict[str, Any], now: float) -> None:
         """A fresh worker view; also the moment to notice workers that vanished from it."""
         self.scheduler.update_view(parse_workers(body), now)
-        holding = {run.worker_id for run in self.registry.active() if run.worker_id is not None}
+        holding = {run.worker_id for run in self.registry.active()
+                   if run.worker_id is not None and not run.worker_id.startswith(OWNER_PREFIX)}
         for worker_id in self.scheduler.absent_workers(holding, now):
             self._lose_runs(worker_id, f"worker {worker_id} is gone: absent from the broker's "
                             f"worker list for {self.scheduler.absence_window:.1f} s")
@@ -379,10 +386,12 @@ class Controller:
     # --- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the sockets with a bounded linger, the registry and the context. Idempotent."""
+        """Close the sockets with a bounded linger, the registry and the context. Idempotent.
+        Submissions still being validated get no reply (their clients time out and retry)."""
         if self._closed:
             return
         self._closed = True
+        self.validator.close()
         for sock in (self.api, self.broker):
             if sock is not None:
                 sock.close(linger=LINGER_MS)
@@ -392,7 +401,7 @@ class Controller:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the controller until SIGTERM or SIGINT."""
+    """Run the controller until SIGTERM or SIGINT; the exit code (shared/service.py) says which."""
     return run_until_stopped("controller", "Validate, store and schedule runs.", argv,
                              Controller, Controller.serve)
 

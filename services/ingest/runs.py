@@ -57,6 +57,10 @@ class RunAccount:
     status: str | None = None
     reason: str | None = None
     frames_emitted: int | None = None
+    name: str | None = None
+    backend: str | None = None
+    policy_label: str | None = None
+    render_hint: str | None = None
     duplicates: int = 0
     episodes: int = 0
     steps: int = 0
@@ -73,6 +77,10 @@ class RunAccount:
     ROW_FIELDS = ("run_id", "agent_id", "worker_id", "env", "algo", "telemetry", "seed", "config",
                   "started_at", "ended_at", "status", "reason", "frames_emitted")
     COUNTERS = ("duplicates", "episodes", "steps", "metrics")
+    #: run_started's labels, the last columns of the `runs` row
+    LABELS = ("name", "backend", "policy_label", "render_hint")
+    #: the frame tables whose rows a run counts (`schema.FRAME_TABLES`), as the counters named so
+    ROW_COUNTS = ("episodes", "steps", "metrics")
 
     @property
     def frames_stored(self) -> int:
@@ -113,6 +121,12 @@ class RunAccount:
             self._fill(seq, now_us)
         self.highest = max(self.highest, seq)
         return True
+
+    def count_rows(self, table: str, n: int) -> None:
+        """Count `n` rows buffered for a frame table: each has the counter of its name."""
+        if table not in self.ROW_COUNTS:
+            raise ValueError(f"a run counts rows of {', '.join(self.ROW_COUNTS)}, not of {table!r}")
+        setattr(self, table, getattr(self, table) + n)
 
     def set_emitted(self, emitted: int, now_us: int) -> None:
         """`run_completed` is stored: every seq below `emitted` not stored yet is missing."""
@@ -197,7 +211,8 @@ class RunAccount:
         """The `runs` row, in table order."""
         head = tuple(getattr(self, name) for name in self.ROW_FIELDS)
         return (*head, self.frames_stored, self.last_seq, self.gaps, self.duplicates,
-                self.complete, self.episodes, self.steps, self.metrics)
+                self.complete, self.episodes, self.steps, self.metrics,
+                *(getattr(self, name) for name in self.LABELS))
 
     def stats(self) -> dict[str, Any]:
         """RunStats, as docs/protocol.md defines them."""
@@ -205,6 +220,3 @@ class RunAccount:
                 "frames_stored": self.frames_stored, "last_seq": self.last_seq, "gaps": self.gaps,
                 "duplicates": self.duplicates, "complete": self.complete,
                 "episodes": self.episodes, "steps": self.steps, "metrics": self.metrics}
-
-
-# --- the store ------------------------------------------------------------------------------------

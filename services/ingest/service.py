@@ -2,17 +2,15 @@
 
 One loop on the main thread polls the SUB (telemetry from the broker's XPUB) and the ROUTER (the
 query API), drains the telemetry that is waiting, flushes the store when a buffer is full or old
-enough, and answers requests through a table keyed by Command.
+enough, and answers requests through a table keyed by Command (a `RequestTable`).
 Run: `python -m gymbus.services.ingest`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +20,12 @@ import zmq
 from gymbus.services.ingest.query import DEFAULT_MAX_ROWS, MAX_ROWS_LIMIT, run_query
 from gymbus.services.ingest.runs import RunAccount
 from gymbus.services.ingest.store import Store, wal_path
-from gymbus.shared import logs
-from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import decode_frame
-from gymbus.shared.errors import DecodeError, RequestError
+from gymbus.shared.errors import DecodeError, GymbusError, RequestError
 from gymbus.shared.protocol import Command, ErrorCode
+from gymbus.shared.service import RequestHandler, RequestTable, StopFlag, run_until_stopped
 from gymbus.shared.settings import Settings
-from gymbus.shared.transport import (
-    EndpointError,
-    StopFlag,
-    bind,
-    connect,
-    new_socket,
-    recv_request,
-    send_error,
-    send_reply,
-)
+from gymbus.shared.transport import EndpointError, bind, connect, new_socket
 
 #: telemetry messages the SUB may queue before the broker's XPUB drops for us
 SUB_RCVHWM = 200_000
@@ -57,47 +45,96 @@ MAX_SPOOL_FRAMES = 2**62
 #: seconds between the checkpoints that confirming spooled runs asks for (at most one per)
 CHECKPOINT_EVERY = 1.0
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
 log = logging.getLogger("gymbus.ingest")
 
 
+class StoreUnavailable(GymbusError):
+    """The DuckDB file cannot be opened; nothing in it was changed. If another ingest holds it,
+    stop that one; if the file itself is damaged, move it aside to start a new one: the workers'
+    spools bring back what they still hold."""
+
+
 class Ingest:
-    """The ingest loop. Every method runs on the thread that calls `serve`."""
+    """The ingest's store, sockets and loop. Every method runs on the thread that calls `serve`."""
 
     def __init__(self, settings: Settings, store: Store, sub: zmq.Socket[Any],
-                 router: zmq.Socket[Any], stop: StopFlag) -> None:
+                 router: zmq.Socket[Any], ctx: zmq.Context[Any]) -> None:
         self.settings = settings
         self.store = store
         self.sub = sub
         self.router = router
-        self.stop = stop
+        self.ctx = ctx
+        self._closed = False
         #: when the last checkpoint asked for by a confirmation ran (monotonic)
         self.checkpointed_at = -1.0
-        self.handlers: dict[Command, Handler] = {
+        handlers: dict[Command, RequestHandler] = {
             Command.PING: self.handle_ping,
             Command.QUERY: self.handle_query,
             Command.RUN_STATS: self.handle_run_stats,
             Command.INGEST_STATS: self.handle_ingest_stats,
             Command.SPOOL_STATUS: self.handle_spool_status,
         }
+        self.requests = RequestTable("ingest", handlers, log, peer="client",
+                                     max_bytes=settings.max_frame_bytes,
+                                     batch=MAX_REQUESTS_PER_PASS)
 
-    def serve(self) -> None:
-        """Poll, take telemetry, answer requests, flush when due; until the stop flag is set."""
+    @classmethod
+    def open(cls, settings: Settings) -> Ingest:
+        """Open the store (which warms Arrow up before anything is subscribed), then bind the
+        query ROUTER and connect the telemetry SUB. StoreUnavailable when the file will not open."""
+        settings.home.mkdir(parents=True, exist_ok=True)
+        try:
+            store = open_store(settings.db_path, settings.ingest_threads)
+        except duckdb.Error as exc:
+            raise StoreUnavailable(
+                f"cannot open {settings.db_path}: {exc}. Nothing was changed or deleted. If "
+                "another ingest holds the file, stop it; if the file itself is damaged, move it "
+                "aside to start a new one: the workers' spools bring back what they still hold."
+            ) from None
+        ctx: zmq.Context[Any] = zmq.Context()
+        try:
+            router, sub = open_sockets(ctx, settings)
+        except BaseException:
+            store.close()
+            ctx.term()
+            raise
+        log.info("ingest writing %s; telemetry from %s; queries on %s",
+                 settings.db_path, settings.telemetry_out, settings.ingest)
+        return cls(settings, store, sub, router, ctx)
+
+    def serve(self, stop: StopFlag) -> None:
+        """Poll, take telemetry, answer requests, flush when due; until `stop` is set."""
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
-        while not self.stop:
+        while not stop:
             wait = self.store.seconds_until_flush()
             timeout = POLL_MS if wait is None else min(POLL_MS, int(wait * 1000))
             ready = dict(poller.poll(timeout))
             if self.sub in ready:
                 self.take_telemetry(deadline=time.monotonic() + PASS_BUDGET_S)
             if self.router in ready:
-                self.answer_requests()
+                self.requests.answer_waiting(self.router)
             if self.store.flush_due():
                 self.store.flush()
-        # what ZeroMQ already queued for us is taken too (bounded in time); the caller flushes
+        # what ZeroMQ already queued for us is taken too (bounded in time); `close` flushes
         self.take_telemetry(deadline=time.monotonic() + FINAL_DRAIN_S)
+
+    def close(self) -> None:
+        """Close the sockets, flush and close the store (a checkpoint), end the context; log
+        the totals. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.sub.close(linger=0)
+        self.router.close()
+        at_stop = self.store.stats()["pending"]
+        self.store.close()
+        self.ctx.term()
+        stats = self.store.stats()
+        log.info("ingest stopped: %d frames stored (%d of them at stop), %d duplicates, "
+                 "%d dead letters, %d lost in failed flushes", stats["frames_stored"], at_stop,
+                 stats["duplicates"], stats["dead_letters"], stats["frames_lost"])
 
     def _dead_letter(self, parts: list[bytes], reason: str) -> None:
         self.store.add_dead_letter(parts, reason)
@@ -126,28 +163,6 @@ class Ingest:
                 self.store.add(frame)
             if self.store.flush_due():
                 self.store.flush()
-
-    def answer_requests(self) -> None:
-        """Answer the requests waiting on the ROUTER (bounded); errors become error replies."""
-        for _ in range(MAX_REQUESTS_PER_PASS):
-            if not self.router.poll(0, zmq.POLLIN):
-                return
-            identity, msg = recv_request(self.router, self.settings.max_frame_bytes)
-            if isinstance(msg, DecodeError):
-                send_error(self.router, identity, 0, msg)
-                continue
-            handler = self.handlers.get(msg.cmd)
-            try:
-                if handler is None:
-                    raise RequestError(ErrorCode.BAD_REQUEST,
-                                       f"the ingest does not serve {msg.cmd.value!r}")
-                send_reply(self.router, identity, msg.req, handler(msg.body))
-            except RequestError as exc:
-                send_error(self.router, identity, msg.req, exc)
-            except Exception as exc:  # a bug must not stop the ingest: answer and log it
-                log.exception("request %s failed", msg.cmd.value)
-                send_error(self.router, identity, msg.req,
-                           RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     # --- handlers: those that read the file flush first, so that answers hold all received ---
 
@@ -294,41 +309,7 @@ def open_store(path: Path, threads: int | None = None) -> Store:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ingest until SIGTERM or SIGINT; flush, checkpoint and exit 0."""
-    argparse.ArgumentParser(
-        prog="python -m gymbus.services.ingest",
-        description="Write gymbus telemetry to DuckDB and answer read-only queries. "
-                    "Settings come from the GYMBUS_* environment variables.",
-    ).parse_args(argv)
-    logs.setup("ingest")
-    settings = settings_mod.load()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    stop = StopFlag().install()
-    try:
-        store = open_store(settings.db_path, settings.ingest_threads)  # warms Arrow up before anything is subscribed
-    except duckdb.Error as exc:
-        log.error("cannot open %s: %s. Nothing was changed or deleted. If another ingest holds "
-                  "the file, stop it; if the file itself is damaged, move it aside to start a new "
-                  "one: the workers' spools bring back what they still hold.", settings.db_path,
-                  exc)
-        return 1
-    ctx: zmq.Context[Any] = zmq.Context()
-    try:
-        router, sub = open_sockets(ctx, settings)
-        log.info("ingest writing %s; telemetry from %s; queries on %s",
-                 settings.db_path, settings.telemetry_out, settings.ingest)
-        try:
-            Ingest(settings, store, sub, router, stop).serve()
-        finally:
-            sub.close(linger=0)
-            router.close()
-    finally:
-        at_stop = store.stats()["pending"]
-        store.close()
-        ctx.term()
-    stats = store.stats()
-    log.info("ingest stopped: %d frames stored (%d of them at stop), %d duplicates, "
-             "%d dead letters, %d lost in failed flushes", stats["frames_stored"], at_stop,
-             stats["duplicates"], stats["dead_letters"], stats["frames_lost"])
-    return 0
-
+    """Run the ingest until SIGTERM or SIGINT; flush and checkpoint at stop. The exit code
+    (shared/service.py) says what stopped it; 1 when the file will not open."""
+    return run_until_stopped("ingest", "Write gymbus telemetry to DuckDB and answer read-only "
+                             "queries.", argv, Ingest.open, Ingest.serve)

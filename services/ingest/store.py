@@ -1,9 +1,10 @@
-"""The ingest's DuckDB store: the schema, row buffers written through Arrow, per-run accounting.
+"""The ingest's DuckDB store: its tables, written through Arrow row buffers, and per-run accounting.
 
 `Store` is the only writer of the DuckDB file; every method of this module runs on the ingest
 loop (one thread). A frame is checked against its run's stored seqs as it arrives, buffered per
 table as column chunks, and written by `flush` in one transaction with the ledger, the gaps and
-the run rows, so that the file and the accounting rebuilt from it always agree.
+the run rows, so that the file and the accounting rebuilt from it always agree. The tables and
+how a frame's columns map onto them come from the column schema (`gymbus.shared.schema`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -21,50 +21,30 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from gymbus.services.ingest.buffers import ArrowColumns, Chunk, TableBuffer, rows_table
 from gymbus.services.ingest.runs import Gap, RunAccount
+from gymbus.shared import schema
 from gymbus.shared.codec import Frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent
+from gymbus.shared.schema import Column, Type
 
 log = logging.getLogger("gymbus.ingest")
 
-#: every table's columns, in order. TIMESTAMP columns hold UTC; `gaps` keeps each run of missing
-#: seqs found (filled_at stays NULL until every seq in it is stored).
-SCHEMA: dict[str, str] = {
-    "runs": "run_id VARCHAR PRIMARY KEY, agent_id VARCHAR, worker_id VARCHAR, env VARCHAR, "
-            "algo VARCHAR, telemetry VARCHAR, seed BIGINT, config VARCHAR, started_at TIMESTAMP, "
-            "ended_at TIMESTAMP, status VARCHAR, reason VARCHAR, frames_emitted BIGINT, "
-            "frames_stored BIGINT, last_seq BIGINT, gaps BIGINT, duplicates BIGINT, "
-            "complete BOOLEAN, episodes BIGINT, steps BIGINT, metrics BIGINT",
-    "frames": "run_id VARCHAR, seq BIGINT, kind VARCHAR, ts_ns BIGINT, rows INTEGER, "
-              "received_at TIMESTAMP",
-    "lifecycle": "run_id VARCHAR, seq BIGINT, ts TIMESTAMP, agent_id VARCHAR, worker_id VARCHAR, "
-                 "event VARCHAR, status VARCHAR, reason VARCHAR, name VARCHAR, path VARCHAR, "
-                 "format VARCHAR, frames_emitted BIGINT, episodes BIGINT, steps BIGINT",
-    "episodes": "run_id VARCHAR, seq BIGINT, agent_id VARCHAR, episode BIGINT, return DOUBLE, "
-                "length BIGINT, terminated BOOLEAN, truncated BOOLEAN, ts TIMESTAMP",
-    "steps": "run_id VARCHAR, seq BIGINT, agent_id VARCHAR, episode BIGINT, step BIGINT, "
-             "action BIGINT, obs BIGINT, obs_vec DOUBLE[], reward DOUBLE, terminated BOOLEAN, "
-             "truncated BOOLEAN, label VARCHAR",
-    "metrics": "run_id VARCHAR, seq BIGINT, agent_id VARCHAR, name VARCHAR, step BIGINT, "
-               "value DOUBLE, ts TIMESTAMP",
-    "dead_letters": "received_at TIMESTAMP, reason VARCHAR, topic VARCHAR, size BIGINT, "
-                    "payload BLOB",
-    "gaps": "run_id VARCHAR, first_seq BIGINT, last_seq BIGINT, detected_at TIMESTAMP, "
-            "filled_at TIMESTAMP",
-}
+#: the Arrow type a buffer builds for each SQL type of the schema
 ARROW_TYPES: dict[str, pa.DataType] = {
     "VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(), "DOUBLE": pa.float64(),
     "BOOLEAN": pa.bool_(), "TIMESTAMP": pa.timestamp("us"), "BLOB": pa.binary(),
     "DOUBLE[]": pa.large_list(pa.float64()),
 }
-#: table -> [(column, Arrow type)], parsed from SCHEMA
-COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
-    table: [(c.split()[0], ARROW_TYPES[c.split()[1]]) for c in cols.split(", ")]
-    for table, cols in SCHEMA.items()
+#: table -> [(column, Arrow type)] in table order (a constraint after the SQL type, such as
+#: PRIMARY KEY, does not change it)
+COLUMNS: dict[str, ArrowColumns] = {
+    table: [(name, ARROW_TYPES[sql.split()[0]]) for name, sql in columns]
+    for table, columns in schema.TABLES.items()
 }
 #: tables filled from frame buffers; the data tables among them count rows in `stats`
-BUFFERED = ("frames", "lifecycle", "episodes", "steps", "metrics", "dead_letters")
-DATA_TABLES = ("lifecycle", "episodes", "steps", "metrics")
+DATA_TABLES = ("lifecycle", *schema.FRAME_TABLES.values())
+BUFFERED = ("frames", *DATA_TABLES, "dead_letters")
 DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 #: a buffer this full is written at once: above DuckDB's row group (122,880 rows), a large
 #: insert goes to the file in whole row groups instead of through the write-ahead log
@@ -75,9 +55,6 @@ FLUSH_ROWS = 131_072
 #: costs ~20% more ingest CPU per row than 0.5 s at 100k steps/s)
 FLUSH_INTERVAL = 0.5
 
-#: a buffered column chunk: numpy values, Python values, or None for a chunk's worth of NULLs
-Chunk = np.ndarray[Any, Any] | list[Any] | None
-
 
 def wal_path(db_path: Path) -> Path:
     """DuckDB's write-ahead log beside the database file: `<file>.wal`."""
@@ -85,82 +62,45 @@ def wal_path(db_path: Path) -> Path:
 
 
 def create_schema(conn: duckdb.DuckDBPyConnection) -> None:
-    """Create the tables that do not exist yet (column names quoted: `return` is a keyword)."""
-    for table, cols in SCHEMA.items():
-        quoted = ", ".join(f'"{c.split(" ", 1)[0]}" {c.split(" ", 1)[1]}' for c in cols.split(", "))
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({quoted})")
+    """Create the tables that do not exist yet, and add the columns an existing file lacks
+    (a file written before a column was added to the schema: its old rows hold NULL)."""
+    for table in schema.TABLES:
+        conn.execute(schema.ddl(table))
+        have = {row[0] for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+            [table]).fetchall()}
+        for name, sql in schema.TABLES[table]:
+            if name not in have:
+                conn.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql.split()[0]}')
 
 
-# --- the batched writer's buffers -----------------------------------------------------------------
+#: each frame kind's columns with the names of the table columns that hold them
+STORED_NAMES: dict[FrameKind, tuple[tuple[Column, tuple[str, ...]], ...]] = {
+    kind: tuple((c, tuple(name for name, _ in schema.stored_columns(c))) for c in columns)
+    for kind, columns in schema.FRAME_COLUMNS.items()
+}
 
 
-class TableBuffer:
-    """Rows of one table waiting for the next flush, as column chunks with equal row counts."""
-
-    def __init__(self, table: str) -> None:
-        self.columns = COLUMNS[table]
-        self.chunks: dict[str, list[Chunk]] = {name: [] for name, _ in self.columns}
-        self.lengths: list[int] = []
-        self.rows = 0
-
-    def append(self, n: int, values: dict[str, Chunk]) -> None:
-        """Add `n` rows; a column missing from `values` gets NULLs."""
-        for name, _ in self.columns:
-            self.chunks[name].append(values.get(name))
-        self.lengths.append(n)
-        self.rows += n
-
-    def to_arrow(self) -> pa.Table:
-        arrays = [_arrow_column(self.chunks[name], self.lengths, typ) for name, typ in self.columns]
-        return pa.table(arrays, names=[name for name, _ in self.columns])
-
-    def clear(self) -> None:
-        for chunks in self.chunks.values():
-            chunks.clear()
-        self.lengths.clear()
-        self.rows = 0
-
-
-def _arrow_column(chunks: list[Chunk], lengths: list[int], typ: pa.DataType) -> pa.Array:
-    """One column's chunks as one Arrow array, in one numpy concatenation where possible."""
-    if pa.types.is_large_list(typ):
-        return _list_column(chunks, lengths, typ)
-    arrays = [c for c in chunks if isinstance(c, np.ndarray)]
-    if not arrays and not any(isinstance(c, list) for c in chunks):
-        return pa.nulls(sum(lengths), typ)
-    if len(arrays) == len(chunks):
-        return pa.array(np.concatenate(arrays), type=typ)
-    if arrays and not any(isinstance(c, list) for c in chunks):  # numbers with NULL chunks
-        values = np.concatenate([c if isinstance(c, np.ndarray) else np.zeros(n, arrays[0].dtype)
-                                 for c, n in zip(chunks, lengths, strict=True)])
-        mask = np.concatenate([np.full(n, c is None) for c, n in zip(chunks, lengths, strict=True)])
-        return pa.array(values, mask=mask, type=typ)
-    pieces = ([None] * n if c is None else c if isinstance(c, list) else c.tolist()
-              for c, n in zip(chunks, lengths, strict=True))
-    return pa.array(list(chain.from_iterable(pieces)), type=typ)
-
-
-def _list_column(chunks: list[Chunk], lengths: list[int], typ: pa.DataType) -> pa.Array:
-    """A list column from 2-D numpy chunks (a row's list per row) and None chunks (NULL rows)."""
-    sizes, values, nulls = [], [], []
-    for chunk, n in zip(chunks, lengths, strict=True):
-        is_array = isinstance(chunk, np.ndarray) and chunk.ndim == 2
-        sizes.append(np.full(n, chunk.shape[1] if is_array else 0, np.int64))  # type: ignore[union-attr]
-        nulls.append(np.full(n, not is_array))
-        if is_array:
-            values.append(chunk.reshape(-1))  # type: ignore[union-attr]
-    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.concatenate(sizes))])
-    flat = np.concatenate(values) if values else np.zeros(0)
-    mask = np.concatenate(nulls)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, typ.value_type),
-                                         type=typ, mask=pa.array(mask) if mask.any() else None)
-
-
-def _rows_table(table: str, rows: list[tuple[Any, ...]]) -> pa.Table:
-    """An Arrow table from Python row tuples in the table's column order."""
-    columns = COLUMNS[table]
-    arrays = [pa.array([row[i] for row in rows], typ) for i, (_, typ) in enumerate(columns)]
-    return pa.table(arrays, names=[name for name, _ in columns])
+def _frame_chunks(frame: Frame) -> dict[str, Chunk]:
+    """A columnar frame's rows as column chunks of its table: the header columns repeated
+    (`schema.FRAME_HEADER`), then each frame column as the table columns that hold it."""
+    n, body = frame.rows, frame.body
+    chunks: dict[str, Chunk] = {}
+    for name, _ in schema.FRAME_HEADER:
+        value = getattr(frame, name)
+        chunks[name] = [value] * n if isinstance(value, str) else np.full(n, value)
+    for column, names in STORED_NAMES[frame.kind]:
+        values = body.get(column.name)
+        if values is None:  # an optional column left out: NULL rows
+            continue
+        if column.type is Type.OBS:  # an integer per row, or a row of numbers per row
+            vector = values.ndim == 2
+            chunks[names[0]], chunks[names[1]] = (None, values) if vector else (values, None)
+        elif column.type is Type.TIME:  # nanoseconds on the wire, Arrow's timestamp("us") here
+            chunks[names[0]] = values // 1000
+        else:
+            chunks[names[0]] = values
+    return chunks
 
 
 def _opt_str(value: Any) -> str | None:
@@ -193,7 +133,7 @@ class Store:
         # queries come over the network: they may read this database, not the host's files
         self.conn.execute("SET enable_external_access = false")
         self.runs = self._load_runs()
-        self._buffers = {name: TableBuffer(name) for name in BUFFERED}
+        self._buffers = {name: TableBuffer(COLUMNS[name]) for name in BUFFERED}
         self._dirty: set[str] = set()  # runs whose row changed since the last flush
         self._pending_frames = 0
         self._first_pending: float | None = None
@@ -218,7 +158,7 @@ class Store:
     def _load_runs(self) -> dict[str, RunAccount]:
         """Every run's accounting from the file, so that a restarted ingest drops duplicates."""
         db = self._db()
-        names = RunAccount.ROW_FIELDS + RunAccount.COUNTERS
+        names = RunAccount.ROW_FIELDS + RunAccount.COUNTERS + RunAccount.LABELS
         select = ", ".join(f"epoch_us({n})" if n.endswith("_at") else n for n in names)
         runs = {}
         for values in db.execute(f"SELECT {select} FROM runs").fetchall():
@@ -261,23 +201,9 @@ class Store:
         if frame.kind is FrameKind.LIFECYCLE:
             self._add_lifecycle(run, frame, now_us)
             return True
-        n, body = frame.rows, frame.body
-        columns: dict[str, Chunk] = {**body, "run_id": [frame.run_id] * n,
-                                     "seq": np.full(n, frame.seq), "agent_id": [frame.agent_id] * n}
-        if "ts_ns" in body:
-            columns["ts"] = body["ts_ns"] // 1000
-        if frame.kind is FrameKind.STEP:
-            vector = body["obs"].ndim == 2
-            columns["obs"] = None if vector else body["obs"]
-            columns["obs_vec"] = body["obs"] if vector else None
-            self._buffers["steps"].append(n, columns)
-            run.steps += n
-        elif frame.kind is FrameKind.EPISODE:
-            self._buffers["episodes"].append(n, columns)
-            run.episodes += n
-        else:
-            self._buffers["metrics"].append(n, columns)
-            run.metrics += n
+        table = schema.FRAME_TABLES[frame.kind]
+        run.count_rows(table, frame.rows)
+        self._buffers[table].append(frame.rows, _frame_chunks(frame))
         return True
 
     def _add_lifecycle(self, run: RunAccount, frame: Frame, now_us: int) -> None:
@@ -298,6 +224,8 @@ class Store:
             run.env, run.algo, run.telemetry = (_opt_str(body.get(k, config.get(k)))
                                                 for k in ("env", "algo", "telemetry"))
             run.seed = _opt_int(body.get("seed", config.get("seed")))
+            for name in RunAccount.LABELS:
+                setattr(run, name, _opt_str(body.get(name, config.get(name))))
             run.started_at = ts_us
         elif event is LifecycleEvent.RUN_COMPLETED:
             run.status, run.reason = _opt_str(body.get("status")), _opt_str(body.get("reason"))
@@ -351,11 +279,11 @@ class Store:
         runs = [self.runs[run_id] for run_id in sorted(self._dirty)]
         try:
             batches = {name: buf.to_arrow() for name, buf in self._buffers.items() if buf.rows}
-            batches["runs"] = _rows_table("runs", [run.row() for run in runs])
+            batches["runs"] = rows_table(COLUMNS["runs"], [run.row() for run in runs])
             gaps = [(run.run_id, g) for run in runs for g in run.unsaved_gaps]
             new = [(r, g.first, g.last, g.detected_us, g.filled_us) for r, g in gaps if not g.in_db]
             if new:
-                batches["gaps"] = _rows_table("gaps", new)
+                batches["gaps"] = rows_table(COLUMNS["gaps"], new)
             filled = [(r, g.first, g.filled_us) for r, g in gaps if g.in_db]
             db.execute("BEGIN TRANSACTION")
             for name, batch in batches.items():
@@ -387,7 +315,7 @@ class Store:
         db = self._db()
         db.register(f"batch_{table}", batch)
         try:
-            db.execute(f"{verb} INTO {table} SELECT * FROM batch_{table}")
+            db.execute(f"{verb} INTO {table} BY NAME SELECT * FROM batch_{table}")
         finally:
             db.unregister(f"batch_{table}")
 

@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 from gymbus.services.cli import output as out
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.shared import queries
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState
@@ -27,17 +29,6 @@ RUNS: list[dict[str, Any]] = [
     {"name": "demo-cliff", "env": "CliffWalking-v1", "algo": "q-learning", "episodes": 500,
      "seed": 1, "telemetry": "full", "agent": {"learning_rate": 0.5, "epsilon_decay": 0.5}},
 ]
-
-SUMMARY_SQL = """
-SELECT r.run_id, r.env, r.telemetry, r.status, r.complete,
-       (SELECT count(*) FROM episodes e WHERE e.run_id = r.run_id) AS episodes,
-       (SELECT count(*) FROM steps s WHERE s.run_id = r.run_id) AS steps_stored,
-       (SELECT avg(ret) FROM (SELECT e.return AS ret FROM episodes e WHERE e.run_id = r.run_id
-                              ORDER BY e.episode DESC LIMIT 100)) AS mean_return_last_100
-FROM runs r WHERE r.run_id IN ({ids}) ORDER BY r.run_id
-"""
-CURVE_SQL = "SELECT return FROM episodes WHERE run_id = '{run_id}' ORDER BY episode"
-
 
 def say(text: str = "") -> None:
     print(text, flush=True)
@@ -77,7 +68,7 @@ def main() -> int:
 
 def demo(settings: Settings) -> int:
     controller = Client(settings.controller, "controller", settings.request_timeout)
-    ingest = Client(settings.ingest, "ingest", settings.request_timeout)
+    store = StoreClient(settings)
     run_ids = []
     for config in RUNS:
         reply = controller.request(Command.SUBMIT, {"config": config, "idempotency_key": ""})
@@ -85,22 +76,22 @@ def demo(settings: Settings) -> int:
         say(f"submitted {reply['run_id']}  {config['env']:<16} {config['algo']}  "
             f"{config['episodes']} episodes, telemetry {config['telemetry']}")
     say()
-    watch(controller, ingest, run_ids)
-    return summarise(settings, ingest, run_ids)
+    watch(controller, store, run_ids)
+    return summarise(settings, store, run_ids)
 
 
-def watch(controller: Client, ingest: Client, run_ids: list[str]) -> None:
+def watch(controller: Client, store: StoreClient, run_ids: list[str]) -> None:
     """Redraw a small live table until every run has ended."""
     tty = sys.stdout.isatty()
     drawn = 0
     last_print = 0.0
     while True:
         runs = {r["run_id"]: r for r in controller.request(Command.LIST_RUNS)["runs"]}
-        stats = {s["run_id"]: s for s in ingest.request(Command.RUN_STATS)["runs"]}
+        stats = store.run_stats()
         rows = []
         for run_id in run_ids:
             run, st = runs[run_id], stats.get(run_id, {})
-            curve = returns_curve(ingest, run_id)
+            curve = [float(r["return"]) for r in store.rows(queries.returns(run_id))]
             rows.append([run_id[-8:], run["env"], run["telemetry"], run["state"],
                          f"{st.get('episodes', 0)}/{run['config']['episodes']}",
                          st.get("steps", 0), out.sparkline(curve)])
@@ -122,14 +113,8 @@ def watch(controller: Client, ingest: Client, run_ids: list[str]) -> None:
         time.sleep(0.5)  # refresh interval of the live view
 
 
-def returns_curve(ingest: Client, run_id: str) -> list[float]:
-    rows = ingest.request(Command.QUERY, {"sql": CURVE_SQL.format(run_id=run_id)})["rows"]
-    return [float(r[0]) for r in rows]
-
-
-def summarise(settings: Settings, ingest: Client, run_ids: list[str]) -> int:
-    ids = ", ".join(f"'{r}'" for r in run_ids)
-    result = ingest.request(Command.QUERY, {"sql": SUMMARY_SQL.format(ids=ids)})
+def summarise(settings: Settings, store: StoreClient, run_ids: list[str]) -> int:
+    result = store.query(queries.run_summaries(run_ids))
     say()
     say("Summary, read back from DuckDB:")
     say(out.table(["RUN", "ENV", "MODE", "STATUS", "COMPLETE", "EPISODES", "STEPS STORED",

@@ -130,7 +130,10 @@ class Stack:
                 )
 
     def stop_one(self, role: str, sig: int = signal.SIGTERM) -> int | None:
-        """Signal one service and wait up to the grace period; kill it after. Returns its code."""
+        """Signal one service and wait up to the grace period; kill it after. Returns its exit
+        code: 128 + the signal's number when it stopped on it (143 after SIGTERM, 130 after
+        SIGINT: see shared/service.py), -9 when it had to be killed, None for a role not started.
+        """
         svc = self.services.pop(role, None)
         if svc is None:
             return None
@@ -145,7 +148,8 @@ class Stack:
         return svc.process.returncode
 
     def stop(self) -> dict[str, int | None]:
-        """Stop every service in STOP_ORDER; returns each one's exit code."""
+        """Stop every service in STOP_ORDER with SIGTERM; returns each one's exit code (143
+        for each that stopped cleanly)."""
         codes = {}
         for role in STOP_ORDER:
             if role in self.services:

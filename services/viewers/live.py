@@ -5,7 +5,8 @@ Threads: `LiveFeed` runs one receiver thread ("live-feed") that only moves messa
 falls behind and counting what it drops. Everything else runs on the viewer's own thread (the
 watch loop, the Qt GUI thread): `Live.poll` decodes, discards by seq what is held already and
 updates the `RunView`s; `Live.refresh` asks the controller and the ingest, takes snapshots and
-backfills gaps from the store. A viewer never blocks a worker: the broker drops for it instead.
+backfills gaps from the store (through a `StoreClient`). A viewer never blocks a worker: the
+broker drops for it instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import zmq
 
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.viewers.live_runs import MAX_EPISODES, SPS_METRIC, RunView
+from gymbus.shared import queries
 from gymbus.shared.codec import Frame, decode_frame
 from gymbus.shared.errors import DecodeError, GymbusError, RemoteError, ServiceUnavailable
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix
@@ -42,53 +45,6 @@ RECENT_RUNS = 8
 #: request timeout of a viewer: short, since it runs on a thread that draws
 VIEWER_TIMEOUT = 2.0
 MAX_SEQ = 2**62
-
-
-def sql_str(value: str) -> str:
-    """A SQL string literal (the query API takes no parameters)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-class StoreReader:
-    """Stored telemetry through the ingest's query API; the DuckDB file, read-only, when no ingest
-    answers. Not thread-safe: one per thread."""
-
-    def __init__(self, settings: Settings, timeout: float | None = None) -> None:
-        self.settings = settings
-        self.client = Client(settings.ingest, "ingest", timeout or settings.request_timeout)
-
-    def rows(self, sql: str, max_rows: int = 1_000_000) -> list[dict[str, Any]]:
-        """The rows of one read-only statement, as dicts."""
-        try:
-            result = self.client.request(Command.QUERY, {"sql": sql, "max_rows": max_rows})
-        except ServiceUnavailable:
-            result = self._query_file(sql, max_rows)
-        return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
-
-    def _query_file(self, sql: str, max_rows: int) -> dict[str, Any]:
-        import duckdb
-
-        from gymbus.services.ingest.query import run_query
-
-        s = self.settings
-        if not s.db_path.exists():
-            raise ServiceUnavailable("ingest", s.ingest, self.client.timeout)
-        try:
-            conn = duckdb.connect(str(s.db_path), read_only=True)
-        except duckdb.Error:  # the ingest holds the file: it is up, only slow
-            raise ServiceUnavailable("ingest", s.ingest, self.client.timeout) from None
-        try:
-            return run_query(conn, sql, max_rows)
-        finally:
-            conn.close()
-
-    def run_stats(self) -> dict[str, dict[str, Any]]:
-        """The ingest's accounting of every run (raises ServiceUnavailable)."""
-        reply = self.client.request(Command.RUN_STATS, {})
-        return {r["run_id"]: r for r in reply["runs"]}
-
-    def close(self) -> None:
-        self.client.close()
 
 
 class LiveFeed:
@@ -206,7 +162,7 @@ class Live:
                     for run_id in (self.named or [""])]
         self.feed = LiveFeed(settings.telemetry_live, prefixes, ctx, **feed_options)
         self.controller = Client(settings.controller, "controller", timeout, ctx)
-        self.store = StoreReader(settings, timeout)
+        self.store = StoreClient(settings, timeout, ctx)
         self.rejected = 0
         self.controller_ok = self.ingest_ok = False
         self.order: list[str] = []  # run ids as the controller lists them, oldest first
@@ -302,33 +258,24 @@ class Live:
 
     def fetch(self, view: RunView, lo: int, hi: int) -> int:
         """Load the stored frames of `view`'s run with seq in lo..hi that it does not hold yet."""
-        where = f"run_id = {sql_str(view.run_id)} AND seq BETWEEN {lo} AND {hi}"
+        run_id = view.run_id
         try:
-            stored = [r["seq"] for r in self.store.rows(
-                f"SELECT seq FROM frames WHERE {where} ORDER BY seq")]
+            stored = [r["seq"] for r in self.store.rows(queries.stored_seqs(run_id, lo, hi))]
             new = {seq for seq in stored if view.seqs.take(seq, live=False, now=self.clock())}
             if not new:
                 return 0
-            top = max(new)
-            where = f"run_id = {sql_str(view.run_id)} AND seq BETWEEN {min(new)} AND {top}"
+            first, last = min(new), max(new)  # what the other tables are read for
             if not view.env:
-                for row in self.store.rows(f"SELECT agent_id, env, algo, telemetry, config "
-                                           f"FROM runs WHERE run_id = {sql_str(view.run_id)}"):
+                for row in self.store.rows(queries.run(run_id)):
                     view.set_stored_run(row)
             view.add_lifecycle([r for r in self.store.rows(
-                f"SELECT seq, event, status, reason, frames_emitted FROM lifecycle WHERE {where}")
-                if r["seq"] in new])
+                queries.lifecycle_events(run_id, first, last)) if r["seq"] in new])
             view.add_episode_rows([r for r in self.store.rows(
-                f'SELECT seq, episode, "return", length FROM episodes WHERE {where} '
-                f"ORDER BY episode DESC LIMIT {MAX_EPISODES}") if r["seq"] in new])
+                queries.latest_episodes(run_id, first, last, MAX_EPISODES)) if r["seq"] in new])
             view.add_stored_metrics([r for r in self.store.rows(
-                f"SELECT seq, value FROM metrics WHERE {where} AND name = {sql_str(SPS_METRIC)} "
-                f"ORDER BY seq DESC, step DESC LIMIT 1") if r["seq"] in new])
+                queries.latest_metric(run_id, first, last, SPS_METRIC)) if r["seq"] in new])
             view.add_stored_steps([r for r in self.store.rows(
-                f"SELECT seq, episode, step, action, obs, obs_vec, reward, terminated, truncated, "
-                f"label FROM steps WHERE {where} AND seq = (SELECT max(seq) FROM frames "
-                f"WHERE {where} AND kind = {sql_str(FrameKind.STEP.value)}) "
-                f"ORDER BY episode DESC, step DESC LIMIT 1") if r["seq"] in new])
+                queries.latest_step(run_id, first, last)) if r["seq"] in new])
         except (ServiceUnavailable, RemoteError):
             self.ingest_ok = False
             return 0

@@ -1,6 +1,6 @@
 """Replay of a stored episode: its steps read back from DuckDB, with the board of grid worlds.
 
-`load_episode` reads a run, one of its episodes and that episode's steps through a `StoreReader`
+`load_episode` reads a run, one of its episodes and that episode's steps through a `StoreClient`
 (the ingest's query API, or the file when no ingest runs); `print_replay` prints it step by step
 for `gymbus replay`; the Qt viewer steps through the same `Replay` with a slider. A fast-mode run
 stored no steps: `Replay.steps` is empty and `fallback_metrics` gives what was stored instead.
@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.text import Text
 
 from gymbus.services.cli.output import sparkline
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.viewers.grid import GridWorld, Scene, action_name, to_rich
-from gymbus.services.viewers.live import StoreReader, sql_str
+from gymbus.shared import queries
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import ErrorCode, TelemetryMode
 
@@ -79,19 +80,15 @@ class Replay:
         return f"no steps of episode {self.episode} are stored"
 
 
-def load_episode(reader: StoreReader, run_id: str, episode: int) -> Replay:
+def load_episode(store: StoreClient, run_id: str, episode: int) -> Replay:
     """The run's episode and its steps; RemoteError unknown_run / bad_request when absent."""
-    run = reader.rows("SELECT run_id, env, algo, agent_id, telemetry, config FROM runs "
-                      f"WHERE run_id = {sql_str(run_id)}")
+    run = store.rows(queries.run(run_id))
     if not run:
         raise RemoteError(ErrorCode.UNKNOWN_RUN.value, f"no run {run_id} is stored")
     r = run[0]
-    where = f"run_id = {sql_str(run_id)} AND episode = {int(episode)}"
-    rows = reader.rows('SELECT episode, "return", length, terminated, truncated FROM episodes '
-                       f"WHERE {where} LIMIT 1")
+    rows = store.rows(queries.episode(run_id, episode))
     if not rows:
-        span = reader.rows("SELECT count(*) AS n, min(episode) AS lo, max(episode) AS hi "
-                           f"FROM episodes WHERE run_id = {sql_str(run_id)}")[0]
+        span = store.rows(queries.episode_span(run_id))[0]
         held = f"episodes {span['lo']} to {span['hi']}" if span["n"] else "no episodes"
         raise RemoteError(ErrorCode.BAD_REQUEST.value,
                           f"episode {episode} of run {run_id} is not stored ({held} are)")
@@ -100,8 +97,7 @@ def load_episode(reader: StoreReader, run_id: str, episode: int) -> Replay:
         config = json.loads(r["config"] or "{}")
     except ValueError:
         config = {}
-    steps = reader.rows("SELECT step, action, obs, obs_vec, reward, "
-                        f"terminated, truncated, label FROM steps WHERE {where} ORDER BY step")
+    steps = store.rows(queries.episode_steps(run_id, episode))
     for step in steps:
         if step["obs"] is None:
             step["obs"] = step.pop("obs_vec")
@@ -113,27 +109,14 @@ def load_episode(reader: StoreReader, run_id: str, episode: int) -> Replay:
                   bool(e["terminated"]), bool(e["truncated"]), steps)
 
 
-def fallback_metrics(reader: StoreReader, run_id: str) -> list[dict[str, Any]]:
+def fallback_metrics(store: StoreClient, run_id: str) -> list[dict[str, Any]]:
     """Every metric of the run: name, count, min, max, last value, and a curve of CURVE_POINTS
     bucket means (what a fast-mode run stored instead of steps). `charts/episodic_return` and
     `charts/episodic_length` come from the episode rows (at the global step of each episode's
     end), unless the run's metrics hold them (a run imported from TensorBoard files)."""
-    run = sql_str(run_id)
-    series = (
-        f"(SELECT name, step, seq, value FROM metrics WHERE run_id = {run} UNION ALL "
-        "SELECT unnest(['charts/episodic_return', 'charts/episodic_length']) AS name, "
-        "sum(length) OVER (ORDER BY episode) AS step, seq, "
-        "unnest([\"return\", length::DOUBLE]) AS value "
-        f"FROM episodes WHERE run_id = {run} AND NOT EXISTS (SELECT 1 FROM metrics "
-        f"WHERE run_id = {run} AND name = 'charts/episodic_return'))")
-    summary = reader.rows(
-        "SELECT name, count(*) AS n, min(value) AS lo, max(value) AS hi, "
-        f"arg_max(value, step) AS last FROM {series} GROUP BY name ORDER BY name")
+    summary = store.rows(queries.metric_summary(run_id))
     curves: dict[str, list[float]] = {}
-    for row in reader.rows(
-            f"SELECT name, bucket, avg(value) AS v FROM (SELECT name, value, ntile({CURVE_POINTS}) "
-            f"OVER (PARTITION BY name ORDER BY step, seq) AS bucket FROM {series}) "
-            "GROUP BY name, bucket ORDER BY name, bucket"):
+    for row in store.rows(queries.metric_curves(run_id, CURVE_POINTS)):
         curves.setdefault(row["name"], []).append(float(row["v"]))
     return [{**row, "curve": curves.get(row["name"], [])} for row in summary]
 

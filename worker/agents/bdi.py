@@ -26,7 +26,8 @@ import gymnasium as gym
 import numpy as np
 from agentspeak import GoalType, Literal, Trigger
 
-from gymbus.shared.runconfig import BDI_MEMORY_FILE, POLICY_FILES, BdiParams
+from gymbus.shared.policy_files import BDI_MEMORY_FILE, POLICY_FILES
+from gymbus.shared.runconfig import BdiParams
 from gymbus.worker.agents import asl
 from gymbus.worker.agents.base import Agent, Artifact, Budget, MetricSink
 from gymbus.worker.agents.qlearning import QLearningAgent

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 
-from gymbus.shared.runconfig import POLICY_FILES, DqnParams
+from gymbus.shared.policy_files import POLICY_FILES
+from gymbus.shared.runconfig import DqnParams
 from gymbus.worker.agents.base import Agent, Artifact, Budget, MetricSink
 
 EXPLORE = "explore"

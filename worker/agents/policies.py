@@ -23,15 +23,13 @@ import numpy as np
 from gymnasium import spaces
 
 from gymbus.shared.errors import GymbusError
+from gymbus.shared.policy_files import BDI_MEMORY_FILE, policy_path, read_network_meta
 from gymbus.shared.runconfig import (
-    BDI_MEMORY_FILE,
     BdiParams,
     DqnParams,
     QLearningParams,
     RandomParams,
     RunConfig,
-    policy_path,
-    read_network_meta,
 )
 from gymbus.worker.agents.base import Agent, Artifact, Budget, MetricSink
 

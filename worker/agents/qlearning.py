@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from gymbus.shared.runconfig import POLICY_FILES, QLearningParams
+from gymbus.shared.policy_files import POLICY_FILES
+from gymbus.shared.runconfig import QLearningParams
 from gymbus.worker.agents.base import Agent, Artifact, Budget, MetricSink
 
 EXPLORE = "explore"

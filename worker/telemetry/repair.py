@@ -3,9 +3,9 @@
 Every run this worker started, and every unconfirmed spool found in the runs folder at start
 (`scan`), is tracked until the ingest confirms it. Each heartbeat interval, and at once when a
 run ends, the worker asks the ingest `spool_status` {run_id, frames, final}; the answer lists the
-missing seq ranges. The worker replays them from the spool, byte for byte, through its own XPUB
-connected to the broker's telemetry XSUB (the live path), and when a final run is complete it
-writes the `confirmed` marker and removes the spool. See docs/reliability.md.
+missing seq ranges. The worker replays them from the spool, byte for byte, through its own
+publisher connected to the broker's telemetry XSUB (the live path), and when a final run is
+complete it writes the `confirmed` marker and removes the spool. See docs/reliability.md.
 
 Everything runs on the worker daemon's loop (`Repairer.tick` once per pass) and never blocks it:
 the question goes out on a DEALER and its answer is taken on a later pass; an ingest that does not
@@ -37,6 +37,7 @@ from gymbus.shared.protocol import Command
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import connect, new_socket
 from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.publisher import Publisher
 from gymbus.worker.telemetry.spool import SpoolError, SpoolReader
 
 log = logging.getLogger("gymbus.worker.telemetry.repair")
@@ -48,12 +49,13 @@ MAX_IN_FLIGHT = 32
 #: frames, and seconds, replayed per pass of the daemon's loop (heartbeats come first)
 REPLAY_FRAMES_PER_PASS = 256
 REPLAY_SECONDS_PER_PASS = 0.02
-#: frames the replay XPUB queues before a send would block (then the pass ends)
+#: frames the replay publisher queues before a send would block (then the pass ends)
 REPLAY_HWM = 1000
 #: seconds after which a hole that was replayed and is still missing is replayed again
 REPLAY_AGAIN_AFTER = 10.0
 #: replays of a range starting at the same seq before it is given up on (the ingest refuses it)
 MAX_REPLAYS = 5
+#: milliseconds the closing replay socket may deliver: the next worker asks for the rest again
 LINGER_MS = 200
 
 
@@ -102,14 +104,12 @@ class Repairer:
         self.pending: dict[int, tuple[str, float]] = {}
         self.ids = itertools.count(1)
         self.dealer: zmq.Socket[Any] | None = None
-        self.subscriptions: set[bytes] = set()
         self.ingest_silent = False
         self.counters = dict.fromkeys(("asked", "answered", "unanswered", "refused",
                                        "frames_replayed", "replay_blocked", "confirmed"), 0)
-        self.xpub = new_socket(ctx, zmq.XPUB, linger=LINGER_MS)
-        self.xpub.setsockopt(zmq.SNDHWM, REPLAY_HWM)
-        self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
-        connect(self.xpub, settings.telemetry_in, "broker's telemetry XSUB (replays)")
+        self.publisher = Publisher.connect(
+            ctx, settings.telemetry_in, hwm=REPLAY_HWM, linger_ms=LINGER_MS,
+            what="broker's telemetry XSUB (replays)", name="the spool repair's publisher")
 
     # --- what is tracked --------------------------------------------------------------------------
 
@@ -146,27 +146,22 @@ class Repairer:
 
     def busy(self) -> bool:
         """Frames wait to be replayed and can be (the daemon then polls without waiting)."""
-        return b"" in self.subscriptions and any(run.replay for run in self.runs.values())
+        return self._ingest_subscribed() and any(run.replay for run in self.runs.values())
 
     # --- one pass ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
         """Take answers, give up on silent questions, ask what is due, replay within budget."""
         now = self.clock()
-        self._take_subscriptions()
+        self.publisher.take_subscriptions()
         self._take_answers(now)
         self._expire(now)
         self._ask(now)
         self._replay(now)
 
-    def _take_subscriptions(self) -> None:
-        """The XPUB reports subscriptions forwarded by the broker (the ingest's is b"")."""
-        while self.xpub.poll(0, zmq.POLLIN):
-            event = self.xpub.recv()
-            if event[:1] == b"\x01":
-                self.subscriptions.add(event[1:])
-            elif event[:1] == b"\x00":
-                self.subscriptions.discard(event[1:])
+    def _ingest_subscribed(self) -> bool:
+        """The ingest's subscription (to every topic, b"") has reached the replay publisher."""
+        return b"" in self.publisher.subscriptions
 
     def _require_dealer(self) -> zmq.Socket[Any]:
         if self.dealer is None:
@@ -312,7 +307,7 @@ class Repairer:
 
     def _replay(self, now: float) -> None:
         """Send queued ranges, oldest first, until the pass budget or the queue's room is spent."""
-        if b"" not in self.subscriptions:
+        if not self._ingest_subscribed():
             return  # nobody would receive them: the broker or the ingest is not up
         budget = [REPLAY_FRAMES_PER_PASS]
         until = time.perf_counter() + REPLAY_SECONDS_PER_PASS
@@ -330,9 +325,7 @@ class Repairer:
                 if budget[0] <= 0 or time.perf_counter() > until:
                     run.replay[0][0] = seq
                     return False
-                try:
-                    self.xpub.send_multipart([topic, payload], flags=zmq.NOBLOCK)
-                except zmq.Again:
+                if not self.publisher.offer((topic, payload)):
                     self.counters["replay_blocked"] += 1
                     run.replay[0][0] = seq
                     return False
@@ -359,7 +352,7 @@ class Repairer:
     def close(self) -> None:
         """Close both sockets (queued replays are asked for again by the next worker)."""
         log.info("repair: %d spools unconfirmed; %s", len(self.runs), self.counters)
-        self.xpub.close(linger=LINGER_MS)
+        self.publisher.close()
         if self.dealer is not None:
             self.dealer.close(linger=0)
             self.dealer = None

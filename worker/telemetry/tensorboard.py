@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gymbus.shared.errors import GymbusError
+from gymbus.worker.telemetry.observers import MetricRow
 
 log = logging.getLogger("gymbus.run.tensorboard")
 
@@ -150,8 +151,6 @@ class EventFileWriter:
 
 # --- a run's scalars -----------------------------------------------------------------------------
 
-#: a metric row as the emitter buffers it: (name, step, value, ts_ns)
-MetricRow = tuple[str, int, float, int]
 _VALUE = itemgetter(2)
 
 

@@ -2,7 +2,8 @@
 episodes table, and the replay of a stored episode (slider, play/pause).
 
 Everything here runs on the GUI thread: the window calls `AgentTab.update_view` from its timers;
-the replay reads DuckDB through the ingest's query API (a short blocking request).
+the replay reads DuckDB through the ingest's query API, or the file when no ingest answers (a
+`StoreClient`: a short blocking request).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.viewers.grid import action_name
-from gymbus.services.viewers.live import StoreReader
 from gymbus.services.viewers.live_runs import RunView
 from gymbus.services.viewers.qt.grid import GridWidget
 from gymbus.services.viewers.replay import Replay, fallback_metrics, load_episode
@@ -82,15 +83,15 @@ class ReplayPanel(QtWidgets.QWidget):
         """Read the episode and its steps from the store; False (and says why) when it cannot."""
         self.timer.stop()
         self.play_button.setText("Play")
-        reader = StoreReader(self.settings, REQUEST_TIMEOUT)
+        store = StoreClient(self.settings, REQUEST_TIMEOUT)
         try:
-            replay = load_episode(reader, self.view.run_id, episode)
-            metrics = [] if replay.steps else fallback_metrics(reader, self.view.run_id)
+            replay = load_episode(store, self.view.run_id, episode)
+            metrics = [] if replay.steps else fallback_metrics(store, self.view.run_id)
         except GymbusError as exc:
             self.info.setText(f"cannot replay episode {episode}: {exc}")
             return False
         finally:
-            reader.close()
+            store.close()
         self.replay = replay
         self.episode.setValue(episode)
         has_steps = bool(replay.steps)

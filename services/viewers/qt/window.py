@@ -17,12 +17,13 @@ os.environ.setdefault("PYQTGRAPH_QT_LIB", "PySide6")
 
 from PySide6 import QtCore, QtWidgets
 
+from gymbus.services.controller.validation import check_environment
 from gymbus.services.viewers.live import Live
 from gymbus.services.viewers.live_runs import RunView
 from gymbus.services.viewers.qt.tab import AgentTab
 from gymbus.shared.errors import GymbusError
 from gymbus.shared.protocol import Command, TelemetryMode
-from gymbus.shared.runconfig import ALGO_PARAMS, check_environment, parse_config
+from gymbus.shared.runconfig import ALGO_PARAMS, parse_config
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
 

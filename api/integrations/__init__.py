@@ -1,0 +1,1 @@
+"""Recording for training libraries: Stable-Baselines3 (`gymbus.integrations.sb3`)."""

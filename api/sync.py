@@ -1,0 +1,149 @@
+"""Storing a recorded run's spool: at the run's end, and later with `gymbus sync`.
+
+A recorded script spools every frame in its run folder (as a worker's run child does). When
+its run ends, `store_spool` asks the ingest what it misses and replays that, for a few seconds
+at most (`Run.finish`); what is still missing then, a run recorded offline, or one whose stack
+went away, is stored later by `gymbus sync`, which first registers the run with the controller
+(from its spooled run_started and run_completed frames) and then does the same. The ingest drops
+frames it holds already, so syncing twice stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from gymbus.shared.codec import decode_frame
+from gymbus.shared.errors import DecodeError, GymbusError
+from gymbus.shared.protocol import Command, FrameKind, LifecycleEvent, RunState
+from gymbus.shared.settings import Settings
+from gymbus.shared.transport import Client
+from gymbus.worker.telemetry import spool
+from gymbus.worker.telemetry.repair import Repairer
+from gymbus.worker.telemetry.spool import SpoolReader
+
+#: a run's end waits for the ingest to confirm its spool while the ingest makes progress, at
+#: most END_OF_RUN_WAIT seconds, and gives up after END_OF_RUN_STALL seconds without progress
+#: (the spool then stays for `gymbus sync`)
+END_OF_RUN_WAIT = 120.0
+END_OF_RUN_STALL = 5.0
+#: seconds `gymbus sync` waits per run
+SYNC_WAIT = 60.0
+POLL_SECONDS = 0.02
+
+
+class SyncError(GymbusError):
+    """A folder that holds no spool of a run, or a spool that says nothing of its run."""
+
+
+@dataclass
+class Spooled:
+    """What a run's spool says of it."""
+
+    run_id: str
+    run_dir: Path
+    frames: int
+    config: dict[str, Any]
+    #: from its run_completed frame; None when the run never ended it
+    status: str | None
+    reason: str | None
+    confirmed: bool
+
+
+def read_spool(run_dir: Path) -> Spooled:
+    """The run of a spool: its id, frames, and what its first and last frames say."""
+    if spool.is_confirmed(run_dir):
+        return Spooled(run_dir.name, run_dir, 0, {}, None, None, True)
+    path = spool.spool_path(run_dir)
+    if not path.exists():
+        raise SyncError(f"{run_dir} holds no spool ({path} does not exist)")
+    reader = SpoolReader(path)
+    while True:
+        reader.refresh()
+        if reader.exhausted:
+            break
+    if reader.damage:
+        raise SyncError(f"{path}: {reader.damage}")
+    if reader.count == 0:
+        raise SyncError(f"{path} holds no frames")
+    first = _frame(reader, 0)
+    last = _frame(reader, reader.count - 1)
+    if first.kind is not FrameKind.LIFECYCLE or first.body.get("event") != \
+            LifecycleEvent.RUN_STARTED.value:
+        raise SyncError(f"{path}: its first frame is not the run's run_started")
+    ended = last.kind is FrameKind.LIFECYCLE and \
+        last.body.get("event") == LifecycleEvent.RUN_COMPLETED.value
+    return Spooled(first.run_id, run_dir, reader.count, dict(first.body),
+                   last.body.get("status") if ended else None,
+                   last.body.get("reason") if ended else None, False)
+
+
+def _frame(reader: SpoolReader, seq: int) -> Any:
+    topic, payload = reader.read(seq)
+    try:
+        return decode_frame([topic, payload])
+    except DecodeError as exc:
+        raise SyncError(f"{reader.path}: frame {seq} does not decode: {exc}") from None
+
+
+def register(settings: Settings, run: Spooled, ctx: zmq.Context[Any]) -> dict[str, Any]:
+    """Make the controller know an offline run, ended as its spool says (failed when its
+    spool has no run_completed: its script stopped without ending it). Returns the run."""
+    started = run.config
+    raw = started.get("config")
+    config: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    client = Client(settings.controller, "controller", settings.request_timeout, ctx=ctx)
+    try:
+        opened = client.request(Command.OPEN_RUN, {
+            "run_id": run.run_id, "name": str(config.get("name", "")),
+            "env": str(started.get("env", "")), "config": config,
+            "telemetry": str(started.get("telemetry", "full")),
+            "host": str(started.get("host", "")), "pid": started.get("pid", 0)})
+        if opened["run"]["state"] != RunState.RUNNING.value:
+            return dict(opened["run"])
+        status = run.status or RunState.FAILED.value
+        reason = run.reason if run.status else "exited without ending its run"
+        closed = client.request(Command.CLOSE_RUN, {
+            "run_id": run.run_id, "status": status, "reason": reason,
+            "frames_emitted": run.frames})
+        return dict(closed["run"])
+    finally:
+        client.close()
+
+
+def store_spool(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any], *,
+                timeout: float, stall: float | None = None,
+                progress: Callable[[dict[str, Any]], None] | None = None,
+                clock: Callable[[], float] = time.monotonic) -> bool:
+    """Replay what the ingest misses of a run's spool until it confirms the run (True), or
+    `timeout` seconds pass, or (with `stall`) the ingest stores nothing more of it for `stall`
+    seconds (False: the spool stays for `gymbus sync`)."""
+    if spool.is_confirmed(run_dir):
+        return True
+    repairer = Repairer(settings, ctx)
+    try:
+        repairer.track(run_id, run_dir, running=False)
+        started = clock()
+        deadline = started + timeout
+        while run_id in repairer.runs:
+            now = clock()
+            if now >= deadline:
+                return False
+            tracked = repairer.runs[run_id]
+            if stall is not None and now - max(started, tracked.progress_at) >= stall:
+                return False
+            repairer.tick()
+            if progress is not None:
+                now_tracked = repairer.runs.get(run_id)
+                progress({"run_id": run_id,
+                          "replayed": now_tracked.replayed if now_tracked else tracked.replayed})
+            if not repairer.busy():
+                time.sleep(POLL_SECONDS)  # poll toward the deadline above
+        return True
+    finally:
+        repairer.close()

@@ -1,0 +1,176 @@
+"""`run.record(envs)` for a vector environment: each sub-environment's episodes of their own.
+
+A `gymnasium.vector.VectorEnv` (Sync or Async) is wrapped once. Each `step` call adds one chunk
+of arrays to the run's buffer (the rows of the sub-environments that took a step), with an
+`env_index` column; each sub-environment's episodes are recorded as episodes of their own, with
+run-wide episode ids. Gymnasium's autoreset modes differ in what a step after an episode's end
+is (docs/python-api.md):
+
+- NEXT_STEP (the default): the call after a sub-environment's last step resets it; that row is
+  not a step (its action was ignored), and its observation is the next episode's reset
+  observation.
+- SAME_STEP: the last step's row holds the final observation from `info["final_obs"]`, and the
+  returned observation is already the next episode's reset observation.
+- DISABLED: the loop resets ended sub-environments itself, with `reset(options={"reset_mask":
+  ...})`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
+
+from gymbus.recorder import Recorder, info_json
+from gymbus.spaces import Layout
+
+if TYPE_CHECKING:
+    from gymbus.session import StepPolicy
+
+
+def _sub_info(infos: dict[str, Any], i: int, keys: Sequence[str]) -> dict[str, Any]:
+    """Sub-environment `i`'s values of the named keys of a vector info dict."""
+    return {k: infos[k][i] for k in keys
+            if k in infos and (f"_{k}" not in infos or infos[f"_{k}"][i])}
+
+
+class RecordedVectorEnv(VectorWrapper):
+    """Records every step of every sub-environment of `env` into a run (`Run.record`)."""
+
+    def __init__(self, env: VectorEnv, recorder: Recorder, policy: StepPolicy,
+                 obs: Layout, action: Layout, info_keys: Sequence[str] = (),
+                 stop: list[str] | None = None) -> None:
+        super().__init__(env)
+        self._stop = stop if stop is not None else []
+        self._recorder, self._policy = recorder, policy
+        self._obs, self._action = obs, action
+        self._info_keys = tuple(info_keys)
+        mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        self.autoreset_mode = AutoresetMode(mode)
+        n = self.num_envs
+        self._episode = np.full(n, -1, np.int64)
+        self._t = np.zeros(n, np.int64)
+        self._ret = np.zeros(n, np.float64)
+        self._recording = np.zeros(n, np.bool_)
+        self._started = np.zeros(n, np.bool_)
+        #: sub-environments whose next `step` is an autoreset (NEXT_STEP)
+        self._resetting = np.zeros(n, np.bool_)
+        self._reset_rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        self._index = np.arange(n, dtype=np.int64)
+        recorder.use(obs, action, bool(info_keys))
+
+    # --- episodes -------------------------------------------------------------------------
+
+    def _start(self, i: int, obs: Any, info: dict[str, Any], seed: int | None) -> None:
+        """Sub-environment `i` starts an episode from `obs` (a reset)."""
+        rec = self._recorder
+        if self._started[i] and self._t[i]:
+            self._end(i, False, False)
+        episode = rec.new_episode()
+        self._episode[i], self._t[i], self._ret[i] = episode, 0, 0.0
+        self._started[i] = True
+        self._recording[i] = self._policy(episode)
+        layout = self._obs
+        self._reset_rows[i] = {
+            "env_index": i, "seed": seed, "_obs_layout": layout,
+            "reset_obs": (int(obs) if layout.kind == "int" else
+                          layout.row(obs) if layout.stored else None),
+            "reset_info": info_json(info, self._info_keys) if self._info_keys else None}
+
+    def _end(self, i: int, terminated: bool, truncated: bool) -> None:
+        self._recorder.episode({
+            "episode": int(self._episode[i]), "return": float(self._ret[i]),
+            "length": int(self._t[i]), "terminated": terminated, "truncated": truncated,
+            **self._reset_rows[i]})
+        self._started[i] = False
+
+    def finish(self) -> None:
+        """End every episode under way (the run is ending): stored as far as they went."""
+        for i in np.flatnonzero(self._started & (self._t > 0)):
+            self._end(int(i), False, False)
+
+    # --- the vector API -------------------------------------------------------------------
+
+    def reset(self, *, seed: int | list[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        obs, infos = self.env.reset(seed=seed, options=options)  # type: ignore[arg-type]
+        mask = (options or {}).get("reset_mask")
+        which = np.flatnonzero(mask) if mask is not None else self._index
+        seeds = (seed if isinstance(seed, list) else
+                 [None if seed is None else seed + i for i in range(self.num_envs)])
+        for i in which:
+            self._start(int(i), self._obs_value(obs, int(i)), _sub_info(infos, int(i),
+                        self._info_keys), seeds[int(i)])
+        self._resetting[which] = False
+        return obs, infos
+
+    def _obs_value(self, obs: Any, i: int) -> Any:
+        if isinstance(obs, dict):
+            return {k: self._obs_value(v, i) for k, v in obs.items()}
+        if isinstance(obs, tuple):
+            return tuple(self._obs_value(v, i) for v in obs)
+        return obs[i]
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        if self._stop:  # Ctrl-C or `gymbus cancel`: stop here, between two steps
+            raise KeyboardInterrupt(self._stop[0])
+        result = self.env.step(actions)
+        obs, rewards, terminated, truncated, infos = result
+        mode = self.autoreset_mode
+        stepped = ~self._resetting  # NEXT_STEP: a sub-env that ended last call only reset now
+        done = (np.asarray(terminated) | np.asarray(truncated)) & stepped
+        rows = stepped & self._recording & self._started
+        if rows.any():
+            self._add_rows(rows, actions, obs, rewards, terminated, truncated, infos, done)
+        self._t[stepped] += 1
+        self._ret[stepped] += np.asarray(rewards, np.float64)[stepped]
+        for i in np.flatnonzero(done & self._started):
+            self._end(int(i), bool(terminated[i]), bool(truncated[i]))
+        if mode is AutoresetMode.NEXT_STEP:
+            for i in np.flatnonzero(self._resetting):  # this call's obs: the new episode's reset
+                self._start(int(i), self._obs_value(obs, int(i)),
+                            _sub_info(infos, int(i), self._info_keys), None)
+            self._resetting = done
+        elif mode is AutoresetMode.SAME_STEP:
+            for i in np.flatnonzero(done):
+                self._start(int(i), self._obs_value(obs, int(i)),
+                            _sub_info(infos, int(i), self._info_keys), None)
+        return result
+
+    def _add_rows(self, rows: np.ndarray[Any, Any], actions: Any, obs: Any, rewards: Any,
+                  terminated: Any, truncated: Any, infos: dict[str, Any],
+                  done: np.ndarray[Any, Any]) -> None:
+        n = self.num_envs
+        chunk: dict[str, Any] = {
+            "episode": self._episode[rows], "step": self._t[rows],
+            "reward": np.asarray(rewards, np.float64)[rows],
+            "terminated": np.asarray(terminated, np.bool_)[rows],
+            "truncated": np.asarray(truncated, np.bool_)[rows],
+            "env_index": self._index[rows],
+        }
+        if self._action.stored:
+            chunk["action"] = self._action.rows(actions, n)[rows]
+        if self._obs.stored:
+            values = self._obs.rows(obs, n)
+            if self.autoreset_mode is AutoresetMode.SAME_STEP and done.any():
+                final = infos["final_obs"]
+                for i in np.flatnonzero(done):  # the step's own observation, not the reset's
+                    values[i] = self._obs.rows(_stack_one(final[i]), 1)[0]
+            chunk["obs"] = values[rows]
+        if self._info_keys:
+            source = infos.get("final_info", infos) if done.any() else infos
+            chunk["info"] = np.array([info_json(_sub_info(
+                source if done[i] else infos, int(i), self._info_keys), self._info_keys)
+                for i in np.flatnonzero(rows)], dtype=object)
+        self._recorder.add_chunk(chunk, int(rows.sum()))
+
+
+def _stack_one(value: Any) -> Any:
+    """One sub-environment's value with a first axis of 1, for `Layout.rows`."""
+    if isinstance(value, dict):
+        return {k: _stack_one(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_stack_one(v) for v in value)
+    return np.asarray(value)[None]
