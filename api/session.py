@@ -34,11 +34,11 @@ import zmq
 from ulid import ULID
 
 from gymbus.recorder import Recorder
+from gymbus.registration import KeepAlive, close_run, open_run
 from gymbus.shared import settings as settings_mod
-from gymbus.shared.errors import GymbusError, ServiceUnavailable
-from gymbus.shared.protocol import Command, FrameKind, LifecycleEvent, RunState, TelemetryMode
+from gymbus.shared.errors import GymbusError
+from gymbus.shared.protocol import FrameKind, LifecycleEvent, RunState, TelemetryMode
 from gymbus.shared.settings import Settings
-from gymbus.shared.transport import Client
 
 log = logging.getLogger("gymbus.api")
 
@@ -46,8 +46,6 @@ log = logging.getLogger("gymbus.api")
 RUN_ID_VAR, WORKER_ID_VAR, RUN_DIR_VAR = "GYMBUS_RUN_ID", "GYMBUS_WORKER_ID", "GYMBUS_RUN_DIR"
 MODE_VAR = "GYMBUS_MODE"
 DISABLE_TELEMETRY_VAR = "DISABLE_TELEMETRY"
-#: seconds to wait for the controller when opening a run before recording offline
-OPEN_TIMEOUT = 2.0
 #: seconds to wait for the broker to forward the first subscription
 SUBSCRIBE_WAIT = 2.0
 BACKENDS = ("gymbus", "sb3", "cleanrl", "custom")
@@ -108,8 +106,7 @@ class Run:
         self._emitter: Any = None
         self._tensorboard: Any = None
         self._ctx: zmq.Context[Any] | None = None
-        self._alive: threading.Thread | None = None
-        self._alive_stop = threading.Event()
+        self._alive: KeepAlive | None = None
         self.recorder = Recorder(self._send, on_episodes=self._episodes_to_tensorboard)
         self._policy = _policy(mode, every)
         self._started = False
@@ -160,9 +157,7 @@ class Run:
         self._tensorboard = ScalarLog(self.run_dir)
         self._emitter.observe_metrics(self._tensorboard.add_rows)
         if not self.offline and not self.attached:
-            self._alive = threading.Thread(target=self._keep_alive, name="gymbus-alive",
-                                           daemon=True)
-            self._alive.start()
+            self._alive = KeepAlive(self.settings, self._ctx, self.run_id, self.stop)
         return self
 
     def _catch_sigint(self) -> None:
@@ -201,36 +196,16 @@ class Run:
 
     def _open(self) -> bool:
         """Register with the controller; False (offline) when it does not answer."""
-        client = Client(self.settings.controller, "controller", OPEN_TIMEOUT, ctx=self._ctx)
-        try:
-            client.request(Command.OPEN_RUN, {
-                "run_id": self.run_id, "name": self.name, "env": self._env_id(),
-                "telemetry": self.mode.value, "config": self._config(),
-                "host": socket.gethostname(), "pid": os.getpid()})
-            return True
-        except ServiceUnavailable:
+        assert self._ctx is not None
+        opened = open_run(self.settings, self._ctx, {
+            "run_id": self.run_id, "name": self.name, "env": self._env_id(),
+            "telemetry": self.mode.value, "config": self._config(),
+            "host": socket.gethostname(), "pid": os.getpid()})
+        if not opened:
             log.warning("no controller at %s: recording run %s offline, to %s (store it "
                         "later with `gymbus sync %s`)", self.settings.controller, self.run_id,
                         self.run_dir, self.run_id)
-            return False
-        finally:
-            client.close()
-
-    def _keep_alive(self) -> None:
-        """Tell the controller the run is alive, once a heartbeat interval, until it ends."""
-        assert self._ctx is not None
-        interval = self.settings.heartbeat_interval
-        client = Client(self.settings.controller, "controller", interval, ctx=self._ctx)
-        try:
-            while not self._alive_stop.wait(interval):
-                try:
-                    reply = client.request(Command.RUN_ALIVE, {"run_id": self.run_id})
-                except GymbusError:
-                    continue  # the controller is away: it marks the run when it is back
-                if reply.get("cancel") and not self.stop:
-                    self.stop.append("cancelled (gymbus cancel)")  # stops as Ctrl-C does
-        finally:
-            client.close()
+        return opened
 
     def finish(self, status: RunState = RunState.COMPLETED, reason: str | None = None) -> None:
         """End the run (the context manager does it): flush, run_completed, tell the controller."""
@@ -251,45 +226,20 @@ class Run:
             self._tensorboard.close()
         rec = self.recorder
         emitter.finish(status.value, reason, rec.episode_count, rec.steps)
-        self._alive_stop.set()
         if self._alive is not None:
-            self._alive.join(self.settings.heartbeat_interval * 2)
+            self._alive.close()
+        assert self._ctx is not None
         if not self.offline and not self.attached:
-            self._close_with_controller(status, reason)
+            close_run(self.settings, self._ctx, {
+                "run_id": self.run_id, "status": status.value, "reason": reason,
+                "frames_emitted": emitter.seq, "episodes": rec.episode_count,
+                "steps": rec.steps})
         emitter.close()
         if not self.offline:
-            self._store_spool()
-        assert self._ctx is not None
+            from gymbus.sync import store_at_end
+
+            store_at_end(self.settings, self.run_id, self.run_dir, self._ctx)
         self._ctx.term()
-
-    def _store_spool(self) -> None:
-        """Wait for the ingest to hold every frame, replaying what it misses, while it makes
-        progress (api/sync.py); what it still misses is left in the spool for `gymbus sync`."""
-        from gymbus.sync import END_OF_RUN_STALL, END_OF_RUN_WAIT, store_spool
-
-        assert self._ctx is not None
-        try:
-            done = store_spool(self.settings, self.run_id, self.run_dir, self._ctx,
-                               timeout=END_OF_RUN_WAIT, stall=END_OF_RUN_STALL)
-        except GymbusError as exc:
-            done = False
-            log.warning("run %s: its spool could not be replayed: %s", self.run_id, exc)
-        if not done:
-            log.warning("run %s: the ingest does not hold all of it yet; its spool stays in %s: "
-                        "`gymbus sync %s` stores the rest", self.run_id, self.run_dir, self.run_id)
-
-    def _close_with_controller(self, status: RunState, reason: str | None) -> None:
-        client = Client(self.settings.controller, "controller", OPEN_TIMEOUT, ctx=self._ctx)
-        rec = self.recorder
-        try:
-            client.request(Command.CLOSE_RUN, {
-                "run_id": self.run_id, "status": status.value, "reason": reason,
-                "frames_emitted": self._emitter.seq, "episodes": rec.episode_count,
-                "steps": rec.steps})
-        except GymbusError as exc:
-            log.warning("could not tell the controller that run %s ended: %s", self.run_id, exc)
-        finally:
-            client.close()
 
     # --- recording --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ frames it holds already, so syncing twice stores nothing twice.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ END_OF_RUN_STALL = 5.0
 #: seconds `gymbus sync` waits per run
 SYNC_WAIT = 60.0
 POLL_SECONDS = 0.02
+
+
+log = logging.getLogger("gymbus.api")
 
 
 class SyncError(GymbusError):
@@ -147,3 +151,18 @@ def store_spool(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context
         return True
     finally:
         repairer.close()
+
+
+def store_at_end(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any]) -> bool:
+    """At a run's end: wait for the ingest to hold every frame, replaying what it misses, while
+    it makes progress; what it still misses is left in the spool for `gymbus sync` (said)."""
+    try:
+        done = store_spool(settings, run_id, run_dir, ctx, timeout=END_OF_RUN_WAIT,
+                           stall=END_OF_RUN_STALL)
+    except GymbusError as exc:
+        done = False
+        log.warning("run %s: its spool could not be replayed: %s", run_id, exc)
+    if not done:
+        log.warning("run %s: the ingest does not hold all of it yet; its spool stays in %s: "
+                    "`gymbus sync %s` stores the rest", run_id, run_dir, run_id)
+    return done

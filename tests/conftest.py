@@ -114,3 +114,17 @@ def gymbus_cli_json(env: dict[str, str], *args: str, timeout: float = 60) -> Any
     result = gymbus_cli(env, *args, "--json", timeout=timeout)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def store_query(stack: Stack, sql: str) -> list[dict[str, Any]]:
+    """The rows of a read-only statement on the stack's store, through the real `gymbus query`."""
+    rows: list[dict[str, Any]] = gymbus_cli_json(stack.process_env(), "query", sql)
+    return rows
+
+
+def stored_run(stack: Stack, run_id: str, timeout: float = 20) -> dict[str, Any]:
+    """The run's `runs` row once the ingest holds every frame of it."""
+    def complete() -> dict[str, Any] | None:
+        rows = store_query(stack, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
+        return rows[0] if rows and rows[0]["complete"] else None
+    return wait_until(complete, timeout, f"run {run_id} stored complete")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, wait_until
+from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run
 
 from gymbus.services.stack.launcher import Stack, free_endpoints
 
@@ -36,17 +36,6 @@ def last_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def query(stack: Stack, sql: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = gymbus_cli_json(stack.process_env(), "query", sql)
-    return rows
-
-
-def stored(stack: Stack, run_id: str) -> dict[str, Any]:
-    """The run's `runs` row once the ingest holds every frame of it."""
-    def complete() -> dict[str, Any] | None:
-        rows = query(stack, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
-        return rows[0] if rows and rows[0]["complete"] else None
-    return wait_until(complete, 20, f"run {run_id} stored complete")
 
 
 SINGLE = """
@@ -73,28 +62,28 @@ SINGLE = """
 def test_a_recorded_loop_is_a_run_like_any_other(stack: Stack, tmp_path: Path) -> None:
     seen = last_json(script(stack, SINGLE, cwd=tmp_path))
     run_id = seen["run_id"]
-    row = stored(stack, run_id)
+    row = stored_run(stack, run_id)
     assert row["status"] == "completed" and row["name"] == "lake"
     assert row["backend"] == "custom" and row["env"] == "FrozenLake-v1"
     assert row["steps"] == seen["steps"] and row["episodes"] == 30
     record = gymbus_cli_json(stack.process_env(), "status", run_id)
     assert record["status"] == "completed"
-    episodes = query(stack, "SELECT episode, reset_obs, \"return\", length, terminated, seed "
+    episodes = store_query(stack, "SELECT episode, reset_obs, \"return\", length, terminated, seed "
                             f"FROM episodes WHERE run_id = '{run_id}' ORDER BY episode")
     assert [[e["reset_obs"], e["return"], e["length"], e["terminated"]] for e in episodes] \
         == seen["episodes"]
     assert [e["seed"] for e in episodes] == [100 + i for i in range(30)]
-    steps = query(stack, f"SELECT count(*) AS n, count(DISTINCT episode) AS e, "
+    steps = store_query(stack, f"SELECT count(*) AS n, count(DISTINCT episode) AS e, "
                          f"max(step) AS last FROM steps WHERE run_id = '{run_id}'")[0]
     assert steps["n"] == seen["steps"] and steps["e"] == 30
-    metrics = query(stack, f"SELECT name, count(*) AS n, min(value) AS v FROM metrics "
+    metrics = store_query(stack, f"SELECT name, count(*) AS n, min(value) AS v FROM metrics "
                            f"WHERE run_id = '{run_id}' GROUP BY name ORDER BY name")
     assert metrics == [{"name": "charts/epsilon", "n": 30, "v": 0.5},
                        {"name": "losses/td_loss", "n": 30, "v": 0.25}]
     run_dir = stack.settings.run_dir(run_id)
     assert (run_dir / "artifacts" / "policy.npy").read_bytes() == b"weights"
     assert list(run_dir.glob("events.out.tfevents.*"))
-    artifacts = query(stack, f"SELECT name, path FROM lifecycle WHERE run_id = '{run_id}' "
+    artifacts = store_query(stack, f"SELECT name, path FROM lifecycle WHERE run_id = '{run_id}' "
                              "AND event = 'artifact'")
     assert artifacts == [{"name": "policy.npy", "path": "artifacts/policy.npy"}]
 
@@ -131,8 +120,8 @@ VECTOR = """
 def test_each_sub_environment_has_episodes_of_its_own(stack: Stack, mode: str) -> None:
     seen = last_json(script(stack, VECTOR, mode))
     run_id = seen["run_id"]
-    stored(stack, run_id)
-    rows = query(stack, f"SELECT env_index, length, \"return\", terminated OR truncated AS ended "
+    stored_run(stack, run_id)
+    rows = store_query(stack, f"SELECT env_index, length, \"return\", terminated OR truncated AS ended "
                         f"FROM episodes WHERE run_id = '{run_id}' ORDER BY env_index, episode")
     for i in range(3):
         mine = [r for r in rows if r["env_index"] == i]
@@ -140,10 +129,10 @@ def test_each_sub_environment_has_episodes_of_its_own(stack: Stack, mode: str) -
         assert ended == seen["ended"][str(i)], f"sub-environment {i}"
         cut = [r["length"] for r in mine if not r["ended"]]  # the episode the run's end cut
         assert cut == ([seen["open"][i]] if seen["open"][i] else [])
-    steps = query(stack, f"SELECT count(*) AS n FROM steps WHERE run_id = '{run_id}'")[0]["n"]
+    steps = store_query(stack, f"SELECT count(*) AS n FROM steps WHERE run_id = '{run_id}'")[0]["n"]
     assert steps == seen["steps"]
     # a step row's episode is one of its sub-environment's episodes
-    mixed = query(stack, "SELECT count(*) AS n FROM steps s JOIN episodes e USING (run_id, "
+    mixed = store_query(stack, "SELECT count(*) AS n FROM steps s JOIN episodes e USING (run_id, "
                          f"episode) WHERE s.run_id = '{run_id}' AND s.env_index <> e.env_index")
     assert mixed[0]["n"] == 0
 
@@ -165,8 +154,8 @@ PENDULUM = """
 
 def test_continuous_actions_are_stored_as_floats(stack: Stack) -> None:
     seen = last_json(script(stack, PENDULUM))
-    stored(stack, seen["run_id"])
-    rows = query(stack, f"SELECT action, action_vec, len(obs_vec) AS width FROM steps "
+    stored_run(stack, seen["run_id"])
+    rows = store_query(stack, f"SELECT action, action_vec, len(obs_vec) AS width FROM steps "
                         f"WHERE run_id = '{seen['run_id']}' ORDER BY step")
     assert [r["action_vec"][0] for r in rows] == pytest.approx(seen["actions"], abs=1e-6)
     assert {r["width"] for r in rows} == {3} and {r["action"] for r in rows} == {None}
@@ -230,16 +219,16 @@ def test_a_run_recorded_offline_is_stored_by_sync_once(stack: Stack, how: str,
     run_id = seen["run_id"]
     runs = gymbus_cli_json(stack.process_env(), "runs")
     assert run_id not in {r["run_id"] for r in runs}
-    assert query(stack, f"SELECT count(*) AS n FROM frames WHERE run_id = '{run_id}'") \
+    assert store_query(stack, f"SELECT count(*) AS n FROM frames WHERE run_id = '{run_id}'") \
         == [{"n": 0}]
     first = gymbus_cli_json(stack.process_env(), "sync", run_id)
     assert [(r["run_id"], r["stored"], r["status"]) for r in first] \
         == [(run_id, True, "completed")]
-    row = stored(stack, run_id)
+    row = stored_run(stack, run_id)
     assert (row["steps"], row["episodes"], row["name"]) == (seen["steps"], 30, "lake")
     again = gymbus_cli_json(stack.process_env(), "sync", run_id)
     assert [(r["stored"], r["status"]) for r in again] == [(True, "already stored")]
-    frames = query(stack, f"SELECT count(*) AS n, count(DISTINCT seq) AS seqs FROM frames "
+    frames = store_query(stack, f"SELECT count(*) AS n, count(DISTINCT seq) AS seqs FROM frames "
                           f"WHERE run_id = '{run_id}'")[0]
     assert frames["n"] == frames["seqs"] == row["frames_emitted"]
     assert gymbus_cli_json(stack.process_env(), "status", run_id)["status"] == "completed"
@@ -272,8 +261,8 @@ def test_misuse_of_the_api_gets_an_error_that_says_what_to_do(stack: Stack) -> N
     assert "the step must be an integer" in errors["step"]
     assert "has ended (completed)" in errors["ended"]
     assert seen["stats"]["metrics_dropped"] == 1  # the NaN: refused, counted, not stored
-    stored(stack, seen["run_id"])
-    names = query(stack, f"SELECT name FROM metrics WHERE run_id = '{seen['run_id']}'")
+    stored_run(stack, seen["run_id"])
+    names = store_query(stack, f"SELECT name FROM metrics WHERE run_id = '{seen['run_id']}'")
     assert names == [{"name": "ok"}]
 
 
@@ -310,4 +299,4 @@ def test_cancel_and_ctrl_c_stop_a_script_between_two_steps(stack: Stack, how: st
     status = gymbus_cli_json(stack.process_env(), "status", run_id)
     reason = "cancelled (gymbus cancel)" if how == "gymbus cancel" else "interrupted (Ctrl-C)"
     assert (status["status"], status["reason"]) == ("cancelled", reason)
-    assert stored(stack, run_id)["steps"] == steps > 0
+    assert stored_run(stack, run_id)["steps"] == steps > 0

@@ -8,9 +8,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, wait_until
+from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run
 
 from gymbus.services.stack.launcher import Stack, free_endpoints
 
@@ -36,36 +35,25 @@ def run_example(env: dict[str, str], cwd: Path) -> tuple[str, str]:
     return found.group(1), last
 
 
-def query(stack: Stack, sql: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = gymbus_cli_json(stack.process_env(), "query", sql)
-    return rows
-
-
-def stored(stack: Stack, run_id: str) -> dict[str, Any]:
-    """The run's `runs` row once the ingest holds every frame of it."""
-    def complete() -> dict[str, Any] | None:
-        rows = query(stack, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
-        return rows[0] if rows and rows[0]["complete"] else None
-    return wait_until(complete, 20, f"run {run_id} stored complete")
 
 
 def check_stored(stack: Stack, run_id: str) -> None:
     """Every step of the run's four iterations, its episodes, and CleanRL's metrics."""
-    row = stored(stack, run_id)
+    row = stored_run(stack, run_id)
     assert (row["status"], row["backend"], row["env"]) == ("completed", "cleanrl", "CartPole-v1")
     assert row["name"].startswith("CartPole-v1__ppo__1__")
     assert json.loads(row["config"])["config"]["num_envs"] == 2
     assert row["steps"] == 512
-    steps = query(stack, f"SELECT env_index, count(*) AS n FROM steps WHERE run_id = "
+    steps = store_query(stack, f"SELECT env_index, count(*) AS n FROM steps WHERE run_id = "
                          f"'{run_id}' GROUP BY env_index ORDER BY env_index")
     assert steps == [{"env_index": 0, "n": 256}, {"env_index": 1, "n": 256}]
     # each sub-environment's episodes, the last one cut by the run's end, hold all its steps
-    episodes = query(stack, f"SELECT env_index, count(*) AS n, sum(length) AS steps, "
+    episodes = store_query(stack, f"SELECT env_index, count(*) AS n, sum(length) AS steps, "
                             f"count(*) FILTER (terminated OR truncated) AS ended FROM episodes "
                             f"WHERE run_id = '{run_id}' GROUP BY env_index ORDER BY env_index")
     assert [(e["env_index"], e["steps"]) for e in episodes] == [(0, 256), (1, 256)]
     assert all(e["ended"] >= 3 for e in episodes), episodes
-    metrics = query(stack, f"SELECT name, list(step ORDER BY step) AS steps FROM metrics "
+    metrics = store_query(stack, f"SELECT name, list(step ORDER BY step) AS steps FROM metrics "
                            f"WHERE run_id = '{run_id}' GROUP BY name")
     at = {m["name"]: m["steps"] for m in metrics}
     assert METRICS <= set(at), sorted(at)
@@ -83,7 +71,7 @@ def test_the_ppo_example_runs_without_a_stack_and_is_synced_later(stack: Stack,
     dead = {k: v for k, v in free_endpoints(tmp_path / "nowhere").items() if k != "GYMBUS_HOME"}
     run_id, last = run_example(stack.process_env(dead), tmp_path)
     assert f"`gymbus sync {run_id}`" in last
-    assert query(stack, f"SELECT count(*) AS n FROM frames WHERE run_id = '{run_id}'") \
+    assert store_query(stack, f"SELECT count(*) AS n FROM frames WHERE run_id = '{run_id}'") \
         == [{"n": 0}]
     synced = gymbus_cli_json(stack.process_env(), "sync", run_id)
     assert [(r["run_id"], r["stored"]) for r in synced] == [(run_id, True)]

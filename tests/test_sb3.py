@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, wait_until
+from conftest import STACK_ENV, stack_fixture, store_query, stored_run
 
 from gymbus.services.stack.launcher import Stack
 
@@ -106,23 +106,12 @@ def script(stack: Stack, code: str) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def query(stack: Stack, sql: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = gymbus_cli_json(stack.process_env(), "query", sql)
-    return rows
-
-
-def stored(stack: Stack, run_id: str) -> dict[str, Any]:
-    """The run's `runs` row once the ingest holds every frame of it."""
-    def complete() -> dict[str, Any] | None:
-        rows = query(stack, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
-        return rows[0] if rows and rows[0]["complete"] else None
-    return wait_until(complete, 20, f"run {run_id} stored complete")
 
 
 def ended_episodes(stack: Stack, run_id: str, n_envs: int) -> dict[str, list[list[Any]]]:
     """Per sub-environment, in order: the returns and lengths of the episodes that ended (the
     ones SB3's Monitor counts; the run's end cuts the others)."""
-    rows = query(stack, f"SELECT env_index, \"return\", length FROM episodes WHERE run_id = "
+    rows = store_query(stack, f"SELECT env_index, \"return\", length FROM episodes WHERE run_id = "
                         f"'{run_id}' AND (terminated OR truncated) ORDER BY env_index, episode")
     return {"returns": [[r["return"] for r in rows if r["env_index"] == i] for i in range(n_envs)],
             "lengths": [[r["length"] for r in rows if r["env_index"] == i] for i in range(n_envs)]}
@@ -137,10 +126,10 @@ def ppo(stack: Stack) -> Iterator[dict[str, Any]]:
 def test_ppo_s_steps_episodes_and_logged_values_are_stored(stack: Stack,
                                                            ppo: dict[str, Any]) -> None:
     run_id, seen = ppo["run_id"], ppo["recorded"]
-    row = stored(stack, run_id)
+    row = stored_run(stack, run_id)
     assert (row["status"], row["backend"], row["name"]) == ("completed", "sb3", "sb3-ppo")
     assert seen["num_timesteps"] == 1024
-    steps = query(stack, f"SELECT env_index, count(*) AS n FROM steps WHERE run_id = "
+    steps = store_query(stack, f"SELECT env_index, count(*) AS n FROM steps WHERE run_id = "
                          f"'{run_id}' GROUP BY env_index ORDER BY env_index")
     assert steps == [{"env_index": i, "n": 256} for i in range(4)]
     assert row["steps"] == seen["num_timesteps"]
@@ -148,7 +137,7 @@ def test_ppo_s_steps_episodes_and_logged_values_are_stored(stack: Stack,
     assert episodes == {"returns": seen["returns"], "lengths": seen["lengths"]}
     assert sum(map(len, seen["returns"])) >= 20
     # every value SB3's logger dumped, at SB3's num_timesteps, and nothing else
-    metrics = query(stack, f"SELECT name, step, value FROM metrics WHERE run_id = '{run_id}' "
+    metrics = store_query(stack, f"SELECT name, step, value FROM metrics WHERE run_id = '{run_id}' "
                            "ORDER BY name, step")
     assert [[m["name"], m["step"]] for m in metrics] == sorted([n, s] for n, s, _ in seen["dumps"])
     assert [m["value"] for m in metrics] == pytest.approx(
@@ -171,9 +160,9 @@ def test_recording_changes_nothing_sb3_computes(ppo: dict[str, Any]) -> None:
 def test_sac_s_continuous_actions_are_stored_as_floats(stack: Stack) -> None:
     seen = script(stack, SAC)
     run_id = seen["run_id"]
-    row = stored(stack, run_id)
+    row = stored_run(stack, run_id)
     assert row["status"] == "completed" and seen["num_timesteps"] == 300
-    steps = query(stack, f"SELECT action, action_vec FROM steps WHERE run_id = '{run_id}' "
+    steps = store_query(stack, f"SELECT action, action_vec FROM steps WHERE run_id = '{run_id}' "
                          "ORDER BY episode, step")
     assert len(steps) == row["steps"] == 300
     assert {s["action"] for s in steps} == {None}
@@ -185,6 +174,6 @@ def test_sac_s_continuous_actions_are_stored_as_floats(stack: Stack) -> None:
     assert ended_episodes(stack, run_id, 1) == {"returns": seen["returns"],
                                                 "lengths": seen["lengths"]}
     assert seen["lengths"] == [[200]]  # Pendulum's time limit, once in 300 steps
-    trained = query(stack, f"SELECT DISTINCT step FROM metrics WHERE run_id = '{run_id}' "
+    trained = store_query(stack, f"SELECT DISTINCT step FROM metrics WHERE run_id = '{run_id}' "
                            "AND name = 'train/actor_loss'")
     assert trained == [{"step": 200}]  # SAC dumps its logs at each episode's end
