@@ -65,6 +65,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class Steps:
+    """The step buffer of one recorded env: row tuples (one env) or column chunks (a vector
+    env), with the env's layouts. Frames never mix two envs' rows."""
+
+    def __init__(self, obs: Layout, action: Layout, info: bool) -> None:
+        self.obs, self.action, self.info = obs, action, info
+        self.rows: list[StepRow] = []
+        self.chunks: list[dict[str, Any]] = []
+        self.chunk_rows = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) + self.chunk_rows
+
+
 class Recorder:
     """The buffers of one run, for any number of recorded environments."""
 
@@ -73,12 +87,8 @@ class Recorder:
         self._send = send
         self._on_episodes = on_episodes
         self._clock = clock
-        #: single-environment steps, as row tuples; vector steps, as dicts of column chunks
-        self.rows: list[StepRow] = []
-        self.chunks: list[dict[str, Any]] = []
-        self._chunk_rows = 0
-        self._layouts: tuple[Layout, Layout] | None = None
-        self._info = False
+        self._steps: list[Steps] = []
+        #: when the oldest buffered step is due (FLUSH_INTERVAL after it), for every env
         self.deadline = math.inf
         self.episodes: list[dict[str, Any]] = []
         self._episode_deadline = math.inf
@@ -97,39 +107,38 @@ class Recorder:
         self._next_episode += 1
         return self._next_episode - 1
 
-    def use(self, obs: Layout, action: Layout, info: bool) -> None:
-        """Set the layouts of the steps that follow (one recorded env per run at a time)."""
-        self.flush_steps()
-        self._layouts = (obs, action)
-        self._info = info
+    def buffer(self, obs: Layout, action: Layout, info: bool) -> Steps:
+        """A step buffer for one more recorded env."""
+        steps = Steps(obs, action, info)
+        self._steps.append(steps)
+        return steps
 
     # --- steps ------------------------------------------------------------------------------
 
-    def add_chunk(self, chunk: dict[str, Any], n: int) -> None:
+    def add_chunk(self, steps: Steps, chunk: dict[str, Any], n: int) -> None:
         """Add `n` rows of a vector env: arrays with a first axis of `n`."""
         if n <= 0:
             return
-        if not self.rows and not self.chunks:
+        if self.deadline == math.inf:
             self.deadline = self._clock() + FLUSH_INTERVAL
-        self.chunks.append(chunk)
-        self._chunk_rows += n
-        if self._chunk_rows >= STEP_BATCH_ROWS or self._clock() >= self.deadline:
+        steps.chunks.append(chunk)
+        steps.chunk_rows += n
+        if steps.chunk_rows >= STEP_BATCH_ROWS or self._clock() >= self.deadline:
             self.flush_steps()
 
     def flush_steps(self) -> None:
-        """Send the buffered steps as one step frame; rows with NaN are refused and counted."""
-        if self.rows:
-            self._send_rows()
-        if self.chunks:
-            self._send_chunks()
+        """Send each env's buffered steps as a step frame; rows with NaN are refused, counted."""
+        for steps in self._steps:
+            if steps.rows:
+                self._send_rows(steps)
+            if steps.chunks:
+                self._send_chunks(steps)
         self.deadline = math.inf
 
-    def _send_rows(self) -> None:
-        assert self._layouts is not None
-        obs_layout, act_layout = self._layouts
-        n = len(self.rows)
-        episode, step, action, obs, reward, terminated, truncated, info, env = zip(*self.rows)
-        self.rows.clear()
+    def _send_rows(self, steps: Steps) -> None:
+        n = len(steps.rows)
+        episode, step, action, obs, reward, terminated, truncated, info, env = zip(*steps.rows)
+        steps.rows.clear()
         body: dict[str, Any] = {
             "episode": np.fromiter(episode, np.int64, n),
             "step": np.fromiter(step, np.int64, n),
@@ -138,19 +147,19 @@ class Recorder:
             "truncated": np.fromiter(truncated, np.bool_, n),
             "env_index": np.fromiter(env, np.int64, n),
         }
-        if act_layout.stored:
-            body["action"] = _column(action, act_layout, n)
-        if obs_layout.stored:
-            body["obs"] = _column(obs, obs_layout, n)
+        if steps.action.stored:
+            body["action"] = _column(action, steps.action, n)
+        if steps.obs.stored:
+            body["obs"] = _column(obs, steps.obs, n)
         else:
             self.obs_not_stored += n
-        if self._info:
+        if steps.info:
             body["info"] = list(info)
         self._emit_steps(body, n)
 
-    def _send_chunks(self) -> None:
-        chunks, n = self.chunks, self._chunk_rows
-        self.chunks, self._chunk_rows = [], 0
+    def _send_chunks(self, steps: Steps) -> None:
+        chunks, n = steps.chunks, steps.chunk_rows
+        steps.chunks, steps.chunk_rows = [], 0
         body: dict[str, Any] = {}
         for name in chunks[0]:
             parts = [c[name] for c in chunks]

@@ -11,6 +11,7 @@ its N+1 observations, and so does the seed it was reset with, if any.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -35,12 +36,12 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         self._policy = policy
         self._obs, self._action = obs, action
         self._info_keys = tuple(info_keys)
-        recorder.use(obs, action, bool(info_keys))
+        self._steps = recorder.buffer(obs, action, bool(info_keys))
         self._bind()
 
     def _bind(self) -> None:
         rec, policy = self._recorder, self._policy
-        rows = rec.rows
+        rows = self._steps.rows
         add = rows.append
         clock, flush_steps = rec._clock, rec.flush_steps
         env_step, env_reset = self.env.step, self.env.reset
@@ -80,7 +81,7 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
             result = env_step(action)
             obs, reward, terminated, truncated, info = result
             if recording:
-                if not rows:
+                if rec.deadline == inf:
                     rec.deadline = clock() + interval
                 add((episode, t, action if act_row is None else act_row(action),
                      obs if obs_row is None else obs_row(obs), reward, terminated, truncated,

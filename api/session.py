@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 from ulid import ULID
 
+from gymbus import launched
 from gymbus.recorder import Recorder
 from gymbus.registration import KeepAlive, close_run, open_run
 from gymbus.shared import settings as settings_mod
@@ -89,6 +90,8 @@ class Run:
             raise UsageError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if _true(os.environ.get(DISABLE_TELEMETRY_VAR)):
             mode = TelemetryMode.FAST
+        if RUN_ID_VAR in os.environ:  # launched by a worker: the submitted mode, if it stores less
+            mode, every = launched.fewer_steps(mode, every, os.environ.get(launched.TELEMETRY_VAR))
         self.settings = settings or settings_mod.load()
         self.name, self.agent_id, self.mode, self.every = name, agent_id, mode, every
         self.config = dict(config or {})
@@ -116,6 +119,7 @@ class Run:
         #: is done in C, once per step)
         self.stop: list[str] = []
         self._previous_sigint: Any = None
+        self._previous_sigterm: Any = None
 
     # --- opening and ending -----------------------------------------------------------------
 
@@ -141,6 +145,11 @@ class Run:
         from gymbus.worker.telemetry.spool import SpoolWriter
         from gymbus.worker.telemetry.tensorboard import ScalarLog
 
+        if self.attached:
+            if launched.ended_already(self.run_dir):
+                raise UsageError(f"run {self.run_id} has ended: a script launched by `gymbus "
+                                 "submit --command` records one run (one gymbus.run())")
+            self._previous_sigterm = launched.catch_sigterm(self.stop)
         self._started = True
         self._catch_sigint()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +186,7 @@ class Run:
 
     def _announce(self) -> None:
         """Send run_started before the run's first other frame, so that it holds the spaces of
-        the environment recorded first."""
+        every environment recorded before the first step."""
         if self._announced:
             return
         self._announced = True
@@ -215,6 +224,9 @@ class Run:
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         self._announce()
         for env in self._envs:
             env.finish()
@@ -225,7 +237,11 @@ class Run:
         finally:
             self._tensorboard.close()
         rec = self.recorder
-        emitter.finish(status.value, reason, rec.episode_count, rec.steps)
+        emitter.finish(status.value, reason, rec.episode_count, rec.steps,
+                       obs_not_stored=rec.obs_not_stored, rows_refused=rec.refused)
+        if self.attached:  # for the worker, which reads it when the script exits
+            launched.write_end(self.run_dir, status, reason, emitter.seq, rec.episode_count,
+                               rec.steps, self.mode)
         if self._alive is not None:
             self._alive.close()
         assert self._ctx is not None
@@ -235,7 +251,7 @@ class Run:
                 "frames_emitted": emitter.seq, "episodes": rec.episode_count,
                 "steps": rec.steps})
         emitter.close()
-        if not self.offline:
+        if not self.offline and not self.attached:  # a worker's run: its repair stores it
             from gymbus.sync import store_at_end
 
             store_at_end(self.settings, self.run_id, self.run_dir, self._ctx)
@@ -244,6 +260,8 @@ class Run:
     # --- recording --------------------------------------------------------------------------
 
     def _send(self, kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        if not self._announced:
+            self._announce()
         self._emitter.send_columns(kind, body, rows)
 
     def _episodes_to_tensorboard(self, rows: list[dict[str, Any]]) -> None:
@@ -301,7 +319,6 @@ class Run:
             wrapped = RecordedEnv(env, self.recorder, self._policy, obs, action, info_keys, index,
                                   self.stop)
         self._envs.append(wrapped)
-        self._announce()
         return wrapped
 
     def log(self, values: Mapping[str, Any], step: int | None = None) -> None:

@@ -59,7 +59,7 @@ class RecordedVectorEnv(VectorWrapper):
         self._resetting = np.zeros(n, np.bool_)
         self._reset_rows: list[dict[str, Any]] = [{} for _ in range(n)]
         self._index = np.arange(n, dtype=np.int64)
-        recorder.use(obs, action, bool(info_keys))
+        self._steps = recorder.buffer(obs, action, bool(info_keys))
 
     # --- episodes -------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class RecordedVectorEnv(VectorWrapper):
             chunk["info"] = np.array([info_json(_sub_info(
                 source if done[i] else infos, int(i), self._info_keys), self._info_keys)
                 for i in np.flatnonzero(rows)], dtype=object)
-        self._recorder.add_chunk(chunk, int(rows.sum()))
+        self._recorder.add_chunk(self._steps, chunk, int(rows.sum()))
 
 
 def _stack_one(value: Any) -> Any:

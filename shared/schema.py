@@ -110,6 +110,9 @@ OTHER_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         # from run_started: what made the run (gymbus, sb3, cleanrl, custom) and its labels
         ("name", "VARCHAR"), ("backend", "VARCHAR"), ("policy_label", "VARCHAR"),
         ("render_hint", "VARCHAR"),
+        # from run_completed: steps stored without their observation (too large, or of a
+        # space that cannot be stored), and rows refused (NaN or infinite values)
+        ("obs_not_stored", "BIGINT"), ("rows_refused", "BIGINT"),
     ),
     "frames": (
         ("run_id", "VARCHAR"), ("seq", "BIGINT"), ("kind", "VARCHAR"), ("ts_ns", "BIGINT"),

@@ -300,3 +300,64 @@ def test_cancel_and_ctrl_c_stop_a_script_between_two_steps(stack: Stack, how: st
     reason = "cancelled (gymbus cancel)" if how == "gymbus cancel" else "interrupted (Ctrl-C)"
     assert (status["status"], status["reason"]) == ("cancelled", reason)
     assert stored_run(stack, run_id)["steps"] == steps > 0
+
+
+SPACES = """
+    import json, gymnasium as gym, numpy as np, gymbus
+    from gymnasium import spaces
+
+    class Pixels(gym.Env):
+        observation_space = spaces.Box(0, 255, (32, 32, 3), np.uint8)
+        action_space = spaces.MultiDiscrete([3, 2])
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.observation_space.sample(), {}
+        def step(self, action):
+            self.t += 1
+            return self.observation_space.sample(), 1.0, self.t == 10, False, {}
+
+    class Mixed(Pixels):
+        observation_space = spaces.Dict({"pos": spaces.Box(-1, 1, (2,), np.float32),
+                                         "room": spaces.Discrete(4)})
+        action_space = spaces.Box(-1, 1, (2,), np.float64)
+
+    with gymbus.run(name="spaces") as run:
+        seen = {}
+        envs = {"pixels": run.record(Pixels()), "mixed": run.record(Mixed())}
+        for name, env in envs.items():
+            env.reset(seed=1)
+            env.action_space.seed(1)
+            actions, obs = [], []
+            for _ in range(10):
+                a = env.action_space.sample()
+                o, *_ = env.step(a)
+                actions.append(np.asarray(a, float).tolist())
+                obs.append(None if name == "pixels" else [*o["pos"].tolist(), int(o["room"])])
+            seen[name] = {"actions": actions, "obs": obs}
+    print(json.dumps({"run_id": run.run_id, **seen}))
+"""
+
+
+def test_every_space_is_stored_or_counted_as_not_stored(stack: Stack) -> None:
+    seen = last_json(script(stack, SPACES))
+    run_id = seen["run_id"]
+    stored_run(stack, run_id)
+    rows = store_query(stack, f"SELECT env_index, action_vec, obs_vec FROM steps WHERE run_id = "
+                              f"'{run_id}' ORDER BY env_index, episode, step")
+    pixels = [r for r in rows if r["env_index"] == 0]
+    mixed = [r for r in rows if r["env_index"] == 1]
+    # MultiDiscrete actions as numbers; 3,072-value pixel observations left out, and counted
+    assert [r["action_vec"] for r in pixels] == seen["pixels"]["actions"]
+    assert {r["obs_vec"] is None for r in pixels} == {True}
+    # a Dict observation: every leaf in order (pos, then room); float actions as floats
+    for row, obs, action in zip(mixed, seen["mixed"]["obs"], seen["mixed"]["actions"],
+                                strict=True):
+        assert row["obs_vec"] == pytest.approx(obs) and row["action_vec"] == pytest.approx(action)
+    status = gymbus_cli_json(stack.process_env(), "status", run_id)
+    assert (status["obs_not_stored"], status["rows_refused"]) == (10, 0)
+    config = json.loads(store_query(stack, f"SELECT config FROM runs WHERE run_id = "
+                                           f"'{run_id}'")[0]["config"])
+    spaces = config["config"]["spaces"] if "spaces" not in config else config["spaces"]
+    assert spaces["env"]["observation"]["stored"] is False
+    assert spaces["env1"]["observation"]["offsets"] == {"pos": [0, 2], "room": [2, 3]}

@@ -236,7 +236,8 @@ def test_dead_letters_are_kept_with_their_reason(store: Store) -> None:
     assert rows(store, "SELECT count(*) FROM metrics") == [(1,)]
 
 
-def test_a_full_buffer_is_due_and_goes_in_one_flush(store: Store) -> None:
+def test_a_full_buffer_is_due_and_goes_in_one_flush(db_path: Path) -> None:
+    store = Store(db_path, clock=lambda: 0.0)  # no time passes: only the row count is due
     frames = FLUSH_ROWS // 1000 + 1
     for seq in range(frames):
         assert not store.flush_due()
@@ -246,6 +247,7 @@ def test_a_full_buffer_is_due_and_goes_in_one_flush(store: Store) -> None:
     assert store.stats()["flushes"] == 1
     assert rows(store, "SELECT count(*), count(obs), count(obs_vec) FROM steps") == [
         (frames * 1000, (frames + 1) // 2 * 1000, frames // 2 * 1000)]
+    store.close()
 
 
 def test_a_failed_flush_is_rolled_back_and_its_frames_can_come_again(store: Store) -> None:

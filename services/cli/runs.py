@@ -222,6 +222,9 @@ def status_record(run: dict[str, Any], stats: dict[str, Any] | None) -> dict[str
         "complete": stats.get("complete"),
         "episodes": stats.get("episodes"),
         "steps": stats.get("steps"),
+        # a recorded run's steps stored without their observation, and rows it refused
+        "obs_not_stored": stats.get("obs_not_stored"),
+        "rows_refused": stats.get("rows_refused"),
     }
 
 

@@ -61,6 +61,8 @@ class RunAccount:
     backend: str | None = None
     policy_label: str | None = None
     render_hint: str | None = None
+    obs_not_stored: int | None = None
+    rows_refused: int | None = None
     duplicates: int = 0
     episodes: int = 0
     steps: int = 0
@@ -79,6 +81,8 @@ class RunAccount:
     COUNTERS = ("duplicates", "episodes", "steps", "metrics")
     #: run_started's labels, the last columns of the `runs` row
     LABELS = ("name", "backend", "policy_label", "render_hint")
+    #: run_completed's counts of what a recorded run did not store (docs/python-api.md)
+    NOT_STORED = ("obs_not_stored", "rows_refused")
     #: the frame tables whose rows a run counts (`schema.FRAME_TABLES`), as the counters named so
     ROW_COUNTS = ("episodes", "steps", "metrics")
 
@@ -212,11 +216,13 @@ class RunAccount:
         head = tuple(getattr(self, name) for name in self.ROW_FIELDS)
         return (*head, self.frames_stored, self.last_seq, self.gaps, self.duplicates,
                 self.complete, self.episodes, self.steps, self.metrics,
-                *(getattr(self, name) for name in self.LABELS))
+                *(getattr(self, name) for name in self.LABELS),
+                *(getattr(self, name) for name in self.NOT_STORED))
 
     def stats(self) -> dict[str, Any]:
         """RunStats, as docs/protocol.md defines them."""
         return {"run_id": self.run_id, "status": self.status, "frames_emitted": self.frames_emitted,
                 "frames_stored": self.frames_stored, "last_seq": self.last_seq, "gaps": self.gaps,
                 "duplicates": self.duplicates, "complete": self.complete,
-                "episodes": self.episodes, "steps": self.steps, "metrics": self.metrics}
+                "episodes": self.episodes, "steps": self.steps, "metrics": self.metrics,
+                "obs_not_stored": self.obs_not_stored, "rows_refused": self.rows_refused}

@@ -158,7 +158,8 @@ class Store:
     def _load_runs(self) -> dict[str, RunAccount]:
         """Every run's accounting from the file, so that a restarted ingest drops duplicates."""
         db = self._db()
-        names = RunAccount.ROW_FIELDS + RunAccount.COUNTERS + RunAccount.LABELS
+        names = (RunAccount.ROW_FIELDS + RunAccount.COUNTERS + RunAccount.LABELS
+                 + RunAccount.NOT_STORED)
         select = ", ".join(f"epoch_us({n})" if n.endswith("_at") else n for n in names)
         runs = {}
         for values in db.execute(f"SELECT {select} FROM runs").fetchall():
@@ -230,6 +231,8 @@ class Store:
         elif event is LifecycleEvent.RUN_COMPLETED:
             run.status, run.reason = _opt_str(body.get("status")), _opt_str(body.get("reason"))
             run.ended_at = ts_us
+            for name in RunAccount.NOT_STORED:
+                setattr(run, name, _opt_int(body.get(name)))
             if emitted is not None and emitted >= 0:
                 run.set_emitted(emitted, now_us)
 

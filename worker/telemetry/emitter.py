@@ -350,14 +350,16 @@ class Emitter:
     def artifact(self, name: str, path: str, fmt: str) -> None:
         self.lifecycle(LifecycleEvent.ARTIFACT, name=name, path=path, format=fmt)
 
-    def finish(self, status: str, reason: str | None, episodes: int, steps: int) -> int:
-        """Flush and send `run_completed` (the run's last frame); returns frames_emitted."""
+    def finish(self, status: str, reason: str | None, episodes: int, steps: int,
+               **counts: int) -> int:
+        """Flush and send `run_completed` (the run's last frame, with `counts` of what was not
+        stored, if any); returns frames_emitted."""
         self.flush()
         frames_emitted = self.seq + 1
         self._send(FrameKind.LIFECYCLE, {
             "event": LifecycleEvent.RUN_COMPLETED.value, "status": status,
             "frames_emitted": frames_emitted, "reason": reason, "episodes": episodes,
-            "steps": steps}, 1)
+            "steps": steps, **counts}, 1)
         return frames_emitted
 
     def stats(self) -> dict[str, Any]:
