@@ -274,8 +274,9 @@ def test_cancel_and_ctrl_c_stop_a_script_between_two_steps(stack: Stack, how: st
             with gymbus.run(name="endless") as run:
                 env = run.record(gym.make("CartPole-v1"))
                 env.reset(seed=0)
-                print(json.dumps({"run_id": run.run_id}), flush=True)
                 for t in itertools.count():
+                    if t == 100:  # steps taken before the test stops it
+                        print(json.dumps({"run_id": run.run_id}), flush=True)
                     _, _, term, trunc, _ = env.step(env.action_space.sample())
                     if term or trunc:
                         env.reset()
