@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 
 from gymbus.shared.codec import typed_array
-from gymbus.shared.protocol import FrameKind
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import Layout
 
 STEP_BATCH_ROWS = 1024
+#: a step frame holds at most this many bytes of observations and actions (half the protocol's
+#: frame limit: a frame of 1,024 large observations would be refused whole)
+FRAME_VALUE_BYTES = MAX_FRAME_BYTES // 2
 EPISODE_BATCH_ROWS = 256
 #: seconds the first buffered row waits at most
 FLUSH_INTERVAL = 0.1
@@ -71,6 +74,9 @@ class Steps:
 
     def __init__(self, obs: Layout, action: Layout, info: bool) -> None:
         self.obs, self.action, self.info = obs, action, info
+        #: rows per frame: STEP_BATCH_ROWS, fewer when the values are large
+        self.max_rows = max(1, min(STEP_BATCH_ROWS, FRAME_VALUE_BYTES // max(
+            1, obs.row_bytes + action.row_bytes)))
         self.rows: list[StepRow] = []
         self.chunks: list[dict[str, Any]] = []
         self.chunk_rows = 0
@@ -123,7 +129,7 @@ class Recorder:
             self.deadline = self._clock() + FLUSH_INTERVAL
         steps.chunks.append(chunk)
         steps.chunk_rows += n
-        if steps.chunk_rows >= STEP_BATCH_ROWS or self._clock() >= self.deadline:
+        if steps.chunk_rows >= steps.max_rows or self._clock() >= self.deadline:
             self.flush_steps()
 
     def flush_steps(self) -> None:

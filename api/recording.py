@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
-from gymbus.recorder import FLUSH_INTERVAL, STEP_BATCH_ROWS, Recorder, info_json
+from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json
 from gymbus.spaces import Layout
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         self._obs, self._action = obs, action
         self._info_keys = tuple(info_keys)
         self._steps = recorder.buffer(obs, action, bool(info_keys))
+        # the wrapper's spaces are the env's: looked up per call by a loop that samples
+        # actions, an unset one costs a property and a getattr each time
+        self._action_space, self._observation_space = env.action_space, env.observation_space
         self._bind()
 
     def _bind(self) -> None:
@@ -45,10 +48,9 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         add = rows.append
         clock, flush_steps = rec._clock, rec.flush_steps
         env_step, env_reset = self.env.step, self.env.reset
-        obs_row = None if self._obs.kind == "int" else self._obs.row
-        act_row = None if self._action.kind == "int" else self._action.row
+        obs_row, act_row = self._obs.row_function(), self._action.row_function()
         info_keys = self._info_keys
-        max_rows, interval = STEP_BATCH_ROWS, FLUSH_INTERVAL
+        max_rows, interval = self._steps.max_rows, FLUSH_INTERVAL
         obs_layout, env_index, stop = self._obs, self.env_index, self._stop
         # the episode under way: id, steps so far, return so far; recording its steps or not
         episode, t, ret, recording, started = -1, 0, 0.0, False, False

@@ -251,6 +251,8 @@ class Run:
                 "frames_emitted": emitter.seq, "episodes": rec.episode_count,
                 "steps": rec.steps})
         emitter.close()
+        if emitter.spool is not None:  # drops the writer lock: the run's spool is final now
+            emitter.spool.close()
         if not self.offline and not self.attached:  # a worker's run: its repair stores it
             from gymbus.sync import store_at_end
 

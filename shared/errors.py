@@ -94,6 +94,13 @@ class StoreUnavailable(ServiceUnavailable):
         self.db_path = db_path
 
 
+class NotFound(GymbusError):
+    """What was asked for is not stored (an episode of a run, say). Check the name or number:
+    the message says what is there."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
 #: the exit code of the CLI for each error code a service may answer with
 EXIT_CODES = {
     ErrorCode.INVALID_CONFIG: ExitCode.BAD_INPUT,

@@ -38,6 +38,15 @@ def run(run_id: str) -> str:
             f"WHERE run_id = {sql_str(run_id)}")
 
 
+def runs_started(limit: int) -> str:
+    """The `limit` runs started last, the oldest of them first: run_id, agent_id, env, algo,
+    telemetry, config, name, status (NULL while it runs), reason, frames_emitted."""
+    columns = "run_id, agent_id, env, algo, telemetry, config, name, status, reason, frames_emitted"
+    return (f"SELECT {columns} FROM (SELECT {columns}, started_at FROM runs "
+            f"ORDER BY started_at DESC NULLS LAST, run_id DESC LIMIT {int(limit)}) "
+            "ORDER BY started_at NULLS FIRST, run_id")
+
+
 def run_config(run_id: str) -> str:
     """The run's config (JSON text) alone: one column, no row when the run is not stored."""
     return f"SELECT config FROM runs WHERE run_id = {sql_str(run_id)}"
@@ -126,9 +135,10 @@ def metric_summary(run_id: str) -> str:
 
 
 def metric_curves(run_id: str, points: int) -> str:
-    """Each metric of the run as `points` bucket means in step order: name, bucket, v."""
-    return (f"SELECT name, bucket, avg(value) AS v FROM (SELECT name, value, ntile({int(points)}) "
-            f"OVER (PARTITION BY name ORDER BY step, seq) AS bucket FROM "
+    """Each metric of the run as `points` bucket means in step order: name, bucket, v, and step
+    (the bucket's mean step, where its curve is drawn)."""
+    return (f"SELECT name, bucket, avg(value) AS v, avg(step) AS step FROM (SELECT name, value, "
+            f"step, ntile({int(points)}) OVER (PARTITION BY name ORDER BY step, seq) AS bucket FROM "
             f"{_metric_series(run_id)}) GROUP BY name, bucket ORDER BY name, bucket")
 
 
@@ -151,3 +161,10 @@ SELECT r.run_id, r.env, r.telemetry, r.status, r.complete,
                               ORDER BY e.episode DESC LIMIT 100)) AS mean_return_last_100
 FROM runs r WHERE r.run_id IN {sql_strs(run_ids)} ORDER BY r.run_id
 """
+
+
+def steps_taken(run_ids: Iterable[str]) -> str:
+    """Per run named that stored an episode: run_id, steps (the lengths of its stored episodes
+    summed: what it took in them, in any telemetry mode)."""
+    return (f"SELECT run_id, sum(length) AS steps FROM episodes "
+            f"WHERE run_id IN {sql_strs(run_ids)} GROUP BY run_id ORDER BY run_id")

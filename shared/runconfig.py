@@ -3,7 +3,8 @@
 `parse_config` checks names, types and ranges, from the config alone, and raises ConfigError
 naming the field. Whether the environment exists and the policy of an evaluation run fits is
 the controller's check (services/controller/validation.py); where policies are saved is
-shared/policy_files.py.
+shared/policy_files.py. A command run (`command`) launches a user's own script on a worker
+instead of a built-in agent: its script decides the environment, the budget and the seed.
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ ALGO_OBSERVATIONS: dict[str, frozenset[str]] = {
 ALGO_FAMILIES: dict[str, frozenset[str]] = {
     "bdi": frozenset({"FrozenLake", "FrozenLake8x8", "CliffWalking"}),
 }
+#: the algo of a command run: a user's script, not a built-in agent
+COMMAND_ALGO = "command"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+#: a dotted module name (env_module, and the module part of an entry point)
+MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -107,9 +112,10 @@ class RunConfig:
     Field names are the keys of a run file and of `gymbus submit`."""
 
     env: str
-    """Gymnasium environment id, e.g. FrozenLake-v1"""
+    """Gymnasium environment id (FrozenLake-v1, or module:EnvId-v0), or an entry point
+    module:Attr naming an Env class or a function that makes one; a command run's is a label"""
     algo: str
-    """q-learning, bdi, dqn or random"""
+    """q-learning, bdi, dqn or random; command for a command run"""
     episodes: int | None = None
     """episode budget"""
     total_steps: int | None = None
@@ -138,11 +144,24 @@ class RunConfig:
     """while training, evaluate the greedy policy every N episodes (metrics eval/*)"""
     eval_episodes: int = 100
     """episodes of each evaluation made by eval_every"""
+    env_module: str | None = None
+    """a module imported before gymnasium.make, which registers the environment ids it names"""
+    command: list[str] | None = None
+    """a command run: the program and its arguments, launched on a worker (its gymbus.run()
+    records the run)"""
+    cwd: str | None = None
+    """a command run's working directory, where it was submitted from (the run folder where the
+    worker has no such directory)"""
 
     @property
     def evaluates(self) -> bool:
         """An evaluation run: it loads a policy (eval_from or policy) instead of training one."""
         return self.eval_from is not None or self.policy is not None
+
+    @property
+    def launches(self) -> bool:
+        """A command run: a user's script runs, not a built-in agent."""
+        return self.command is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -166,6 +185,10 @@ def parse_config(raw: Any) -> RunConfig:
     if unknown:
         raise ConfigError(unknown[0], f"unknown field (known: {', '.join(sorted(_FIELDS))})")
     values = {k: v for k, v in raw.items() if v is not None}
+    if "command" in values or values.get("algo") == COMMAND_ALGO:
+        return _parse_command_run(values)
+    if "cwd" in values:
+        raise ConfigError("cwd", "only applies to a command run")
     for name in ("env", "algo"):
         if name not in values:
             raise ConfigError(name, "is required")
@@ -177,19 +200,10 @@ def parse_config(raw: Any) -> RunConfig:
     total_steps = _positive_int(values, "total_steps")
     if episodes is None and total_steps is None:
         raise ConfigError("episodes", "give a budget: episodes, total_steps or both")
-    seed = _int(values, "seed", 0)
+    seed = _int(values, "seed", 0, lo=0)
     if seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {seed}")
-    try:
-        telemetry = TelemetryMode(values.get("telemetry", TelemetryMode.FULL.value))
-    except ValueError:
-        modes = ", ".join(m.value for m in TelemetryMode)
-        raise ConfigError("telemetry", f"must be one of {modes}, got {values['telemetry']!r}") from None
-    every = _positive_int(values, "every")
-    if telemetry is TelemetryMode.SAMPLED and every is None:
-        raise ConfigError("every", "is required with telemetry = sampled")
-    if telemetry is not TelemetryMode.SAMPLED and every is not None:
-        raise ConfigError("every", "only applies with telemetry = sampled")
+    telemetry, every = _telemetry(values)
     agent = _table(values, "agent")
     _check_params(algo, agent)
     agent_id = _string(values, "agent_id", "agent-0")
@@ -205,7 +219,7 @@ def parse_config(raw: Any) -> RunConfig:
         telemetry=telemetry,
         every=every,
         max_episode_steps=_positive_int(values, "max_episode_steps"),
-        env_kwargs=_table(values, "env_kwargs"),
+        env_kwargs=_checked(_table(values, "env_kwargs"), "env_kwargs"),
         agent=agent,
         agent_id=agent_id,
         name=_string(values, "name", ""),
@@ -213,7 +227,68 @@ def parse_config(raw: Any) -> RunConfig:
         policy=policy,
         eval_every=eval_every,
         eval_episodes=_positive_int(values, "eval_episodes") or 100,
+        env_module=_module_name(values, "env_module"),
     )
+
+
+#: fields a command run's script decides for itself: given with a value of their own, refused
+_SCRIPT_DECIDES = ("episodes", "total_steps", "seed", "max_episode_steps", "env_kwargs",
+                   "env_module", "agent", "agent_id", "eval_from", "policy", "eval_every",
+                   "eval_episodes")
+
+
+def _parse_command_run(values: dict[str, Any]) -> RunConfig:
+    """A command run: the program and its arguments, where to run it, a label and telemetry."""
+    command = values.get("command")
+    if command is None:
+        raise ConfigError("command", f"is required with algo = {COMMAND_ALGO}")
+    if not isinstance(command, list | tuple) or not all(isinstance(a, str) for a in command):
+        raise ConfigError("command", "expected a list of strings (the program and its "
+                                     f"arguments), got {command!r}")
+    if not command or not command[0]:
+        raise ConfigError("command", 'is empty: give the program and its arguments, e.g. '
+                                     '["python", "train.py"]')
+    algo = _string(values, "algo", COMMAND_ALGO)
+    if algo != COMMAND_ALGO:
+        raise ConfigError("algo", f"a command run's script is its algorithm: give algo = "
+                                  f"{COMMAND_ALGO} or none, not {algo!r}")
+    for name in _SCRIPT_DECIDES:
+        spec = _FIELDS[name]
+        default = {} if spec.default_factory is not dataclasses.MISSING else spec.default
+        if name in values and values[name] != default:
+            raise ConfigError(name, "does not apply to a command run: its script decides "
+                                    "(give it as an argument in the command)")
+    cwd = _string(values, "cwd") if "cwd" in values else None
+    if cwd is not None and not os.path.isabs(cwd):
+        raise ConfigError("cwd", f"give an absolute path, got {cwd!r}")
+    telemetry, every = _telemetry(values)
+    return RunConfig(env=_string(values, "env", ""), algo=COMMAND_ALGO, telemetry=telemetry,
+                     every=every, name=_string(values, "name", ""), command=list(command),
+                     cwd=cwd)
+
+
+def _telemetry(values: dict[str, Any]) -> tuple[TelemetryMode, int | None]:
+    """The telemetry mode, and `every` with sampled (required there, refused elsewhere)."""
+    try:
+        telemetry = TelemetryMode(values.get("telemetry", TelemetryMode.FULL.value))
+    except ValueError:
+        modes = ", ".join(m.value for m in TelemetryMode)
+        raise ConfigError("telemetry", f"must be one of {modes}, got {values['telemetry']!r}") from None
+    every = _positive_int(values, "every")
+    if telemetry is TelemetryMode.SAMPLED and every is None:
+        raise ConfigError("every", "is required with telemetry = sampled")
+    if telemetry is not TelemetryMode.SAMPLED and every is not None:
+        raise ConfigError("every", "only applies with telemetry = sampled")
+    return telemetry, every
+
+
+def _module_name(values: dict[str, Any], name: str) -> str | None:
+    if name not in values:
+        return None
+    value = _string(values, name)
+    if not MODULE_NAME_RE.match(value):
+        raise ConfigError(name, f"expected a module name such as my_pkg.envs, got {value!r}")
+    return value
 
 
 def _check_evaluation(
@@ -246,17 +321,25 @@ def _string(values: dict[str, Any], name: str, default: str | None = None) -> st
     return value
 
 
-def _int(values: dict[str, Any], name: str, default: int) -> int:
+#: the integers a config may hold: 64-bit signed, what msgpack, SQLite and DuckDB all take
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+def _int(values: dict[str, Any], name: str, default: int, lo: int = INT_MIN) -> int:
+    """An integer field up to INT_MAX; `lo`, the caller's lower bound (which it checks itself,
+    in its own words), is named when the value is too large."""
     value = values.get(name, default)
     if type(value) is not int:
         raise ConfigError(name, f"expected an integer, got {value!r}")
+    if value > INT_MAX:
+        raise ConfigError(name, f"must be between {lo} and {INT_MAX}, got {value}")
     return value
 
 
 def _positive_int(values: dict[str, Any], name: str) -> int | None:
     if name not in values:
         return None
-    value = _int(values, name, 0)
+    value = _int(values, name, 0, lo=1)
     if value <= 0:
         raise ConfigError(name, f"must be > 0, got {value}")
     return value
@@ -267,6 +350,34 @@ def _table(values: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ConfigError(name, f"expected a table of named values, got {value!r}")
     return dict(value)
+
+
+def _checked(table: dict[str, Any], name: str) -> dict[str, Any]:
+    """The table, once `_check_value` passed it (what the environment takes is the controller's
+    check)."""
+    _check_value(name, table)
+    return table
+
+
+def _check_value(name: str, value: Any) -> None:
+    """A value the wire and the stores can carry, at any depth: strings, booleans, numbers
+    (integers within INT_MIN..INT_MAX), lists and tables of them. `name` is its field's path."""
+    if value is None or isinstance(value, bool | float | str):
+        return
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ConfigError(name, f"must be between {INT_MIN} and {INT_MAX} (a 64-bit integer), "
+                                    f"got {value}")
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_value(f"{name}[{i}]", item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(f"{name}.{key}", item)
+        return
+    raise ConfigError(name, f"expected a string, boolean, number, list or table, got {value!r}")
 
 
 def _check_params(algo: str, agent: dict[str, Any]) -> None:
@@ -287,13 +398,17 @@ def _check_params(algo: str, agent: dict[str, Any]) -> None:
             agent[key] = float(value)
         elif isinstance(default, tuple):
             if (not isinstance(value, list | tuple) or not value
-                    or any(type(v) is not int or v <= 0 for v in value)):
-                raise ConfigError(name, f"expected a list of positive integers, got {value!r}")
+                    or any(type(v) is not int or not 0 < v <= INT_MAX for v in value)):
+                raise ConfigError(name, f"expected a list of integers between 1 and {INT_MAX}, "
+                                        f"got {value!r}")
             agent[key] = list(value)
         elif type(value) is not type(default):
             raise ConfigError(name, f"expected {type(default).__name__}, got {value!r}")
         elif isinstance(value, int) and value < (0 if key in _MAY_BE_ZERO else 1):
             raise ConfigError(name, f"must be >= {0 if key in _MAY_BE_ZERO else 1}, got {value}")
+        elif isinstance(value, int) and value > INT_MAX:
+            raise ConfigError(name, f"must be between {0 if key in _MAY_BE_ZERO else 1} and "
+                                    f"{INT_MAX}, got {value}")
         elif isinstance(value, str) and value and key == "plans" and not _PLAN_RE.match(
                 value) and not (os.path.isabs(value) and value.endswith(".asl")):
             raise ConfigError(name, "give a shipped plan file's name (e.g. grid.asl) or an "

@@ -362,3 +362,33 @@ def test_every_space_is_stored_or_counted_as_not_stored(stack: Stack) -> None:
     spaces = config["config"]["spaces"] if "spaces" not in config else config["spaces"]
     assert spaces["env"]["observation"]["stored"] is False
     assert spaces["env1"]["observation"]["offsets"] == {"pos": [0, 2], "room": [2, 3]}
+
+
+def test_large_observations_asked_for_are_stored_in_frames_under_the_limit(stack: Stack) -> None:
+    code = """
+        import json, gymnasium as gym, numpy as np, gymbus
+        from gymnasium import spaces
+
+        class Frames(gym.Env):
+            observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+            action_space = spaces.Discrete(2)
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                return self.observation_space.sample(), {}
+            def step(self, action):
+                return self.observation_space.sample(), 0.0, False, False, {}
+
+        with gymbus.run(name="frames") as run:
+            env = run.record(Frames(), store_large_obs=True)
+            env.reset(seed=0)
+            for _ in range(1100):  # 1,024 rows of 12 KiB would be a frame over 8 MiB
+                env.step(0)
+        print(json.dumps({"run_id": run.run_id}))
+    """
+    run_id = last_json(script(stack, code))["run_id"]
+    row = stored_run(stack, run_id)
+    stored = store_query(stack, f"SELECT count(*) AS n, min(len(obs_vec)) AS w FROM steps "
+                                f"WHERE run_id = '{run_id}'")[0]
+    assert (row["steps"], stored["n"], stored["w"]) == (1100, 1100, 64 * 64 * 3)
+    dead = store_query(stack, "SELECT count(*) AS n FROM dead_letters")[0]["n"]
+    assert dead == 0

@@ -119,8 +119,8 @@ def test_dqn_config_is_checked() -> None:
                                                      target_network_frequency=200,
                                                      buffer_size=2000)
     cases = [({"total_steps": None, "episodes": 10}, "total_steps", "environment steps"),
-             ({"agent": {"hidden_sizes": [0]}}, "agent.hidden_sizes", "positive integers"),
-             ({"agent": {"hidden_sizes": 64}}, "agent.hidden_sizes", "positive integers"),
+             ({"agent": {"hidden_sizes": [0]}}, "agent.hidden_sizes", "integers between 1 and"),
+             ({"agent": {"hidden_sizes": 64}}, "agent.hidden_sizes", "integers between 1 and"),
              ({"agent": {"batch_size": 0}}, "agent.batch_size", "must be >= 1"),
              ({"agent": {"learning_starts": -1}}, "agent.learning_starts", "must be >= 0"),
              ({"agent": {"tau": 1.5}}, "agent.tau", "between 0 and 1")]

@@ -221,7 +221,7 @@ def test_2_killed_worker_makes_its_run_lost_and_a_new_worker_repairs_it(
     stats = assert_stored_exactly_once(bus, run_id)
     assert stats["frames_emitted"] == spooled  # the spool holds all it sent: none lost
     text = gymbus(stack, "status", run_id)
-    assert re.search(r"telemetry\s+complete", text), text  # `gymbus status` says so
+    assert re.search(r"stored\s+complete", text), text  # `gymbus status` says so
     record = json.loads(gymbus(stack, "status", run_id, "--json"))
     assert (record["status"], record["complete"], record["gaps"]) == ("lost", True, 0)
     assert record["frames_emitted"] == record["frames_stored"] == spooled

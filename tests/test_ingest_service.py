@@ -121,7 +121,8 @@ def test_frames_are_stored_and_run_stats_add_up(ingest: Ingest) -> None:
     stats = ingest.client.request(Command.RUN_STATS, {"run_id": RUN})["runs"]
     assert stats == [{"run_id": RUN, "status": "completed", "frames_emitted": 6,
                       "frames_stored": 6, "last_seq": 5, "gaps": 0, "duplicates": 2,
-                      "complete": True, "episodes": 1, "steps": 4, "metrics": 1}]
+                      "complete": True, "episodes": 1, "steps": 4, "metrics": 1,
+                      "obs_not_stored": None, "rows_refused": None}]
     assert ingest.client.request(Command.RUN_STATS)["runs"] == stats
     totals = ingest.client.request(Command.INGEST_STATS)
     assert (totals["frames_stored"], totals["duplicates"], totals["pending"]) == (6, 2, 0)

@@ -99,7 +99,7 @@ def test_fast_mode_stores_episodes_but_no_steps(stack: Stack) -> None:
     status = gymbus_json(stack, "status", run_id)
     assert (status["status"], status["telemetry"], status["gaps"]) == ("completed", "fast", 0)
     assert status["episodes"] == 50
-    assert status["steps"] == 0
+    assert status["steps_stored"] == 0 < status["steps"]  # no step rows of the steps it took
 
 
 def test_cancel_stops_the_run_process(stack: Stack) -> None:

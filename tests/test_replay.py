@@ -105,7 +105,7 @@ def test_a_sampled_run_points_to_an_episode_with_steps(stack: Stack, runs: dict[
 
 def test_absent_episodes_and_runs_have_their_exit_codes(stack: Stack, runs: dict[str, str]) -> None:
     result = gymbus(stack, "replay", runs["lake"], "--episode", "300")
-    assert result.returncode == 2
+    assert result.returncode == 4
     assert "episodes 0 to 299" in result.stderr
     result = gymbus(stack, "replay", "01NOTARUN0000000000000000", "--episode", "0")
     assert result.returncode == 4

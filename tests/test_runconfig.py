@@ -79,12 +79,14 @@ def test_missing_required_fields_are_named() -> None:
 @pytest.mark.parametrize(
     ("changes", "field", "message"),
     [
-        ({"env": "NoSuchEnv-v0"}, "env", "unknown environment 'NoSuchEnv-v0'"),
+        ({"env": "NoSuchEnv-v0"}, "env", "'NoSuchEnv-v0' is not a registered environment"),
         ({"env": "Taxi-v3"}, "env", "use 'Taxi-v4'"),
         ({"env": "CliffWalking-v0"}, "env", "use 'CliffWalking-v1'"),
         ({"env": "CartPole-v1"}, "algo", "q-learning cannot learn CartPole-v1"),
-        ({"env_kwargs": {"map_name": "9x9"}}, "env_kwargs", "refused them"),
-        ({"env_kwargs": {"no_such_arg": 1}}, "env_kwargs", "refused them"),
+        ({"env_kwargs": {"map_name": "9x9"}}, "env_kwargs.map_name",
+         "has no map_name '9x9' \\(it has '4x4', '8x8'\\)"),
+        ({"env_kwargs": {"no_such_arg": 1}}, "env_kwargs.no_such_arg",
+         "takes no argument no_such_arg"),
     ],
 )
 def test_environment_problems_are_named(changes: dict[str, Any], field: str, message: str) -> None:

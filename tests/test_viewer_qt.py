@@ -1,5 +1,6 @@
 """The Qt viewer, offscreen (pytest-qt): a tab per agent from the live stream, replay from DuckDB,
-the runs panel, and a screenshot that is not blank."""
+the runs panel and its form, and a screenshot that is not blank. Requests run on the window's
+request thread: the tests wait for what they bring back."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt is imported
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from gymbus.services.ingest.client import StoreClient
 from gymbus.services.stack.launcher import Stack
 from gymbus.services.viewers.grid import GridWorld
 from gymbus.services.viewers.qt import window as viewer_qt
+from gymbus.services.viewers.qt.tab import AgentTab
 from gymbus.shared.protocol import TERMINAL_STATES
 
 pytestmark = pytest.mark.integration
@@ -54,6 +57,21 @@ def taxi_run(stack: Stack) -> str:
     return submit(stack, env="Taxi-v4", episodes=1500)
 
 
+def load(qtbot: object, tab: AgentTab, episode: int) -> bool:
+    """Load a stored episode in the tab's replay; whether it could."""
+    with qtbot.waitSignal(tab.replay.loaded, timeout=TIMEOUT_MS) as blocker:  # type: ignore[attr-defined]
+        tab.replay.load(episode)
+    return bool(blocker.args[0])
+
+
+def submitted(qtbot: object, window: viewer_qt.MainWindow, config: dict[str, Any]) -> str:
+    """Submit from the runs panel; the run id the controller gave."""
+    with qtbot.waitSignal(window.runs_panel.submitted,  # type: ignore[attr-defined]
+                          timeout=TIMEOUT_MS) as blocker:
+        window.runs_panel.submit(config)
+    return str(blocker.args[0])
+
+
 def test_a_tab_appears_when_a_runs_frames_arrive(qtbot: object, window: viewer_qt.MainWindow,
                                                  stack: Stack, taxi_run: str) -> None:
     wait = qtbot.waitUntil  # type: ignore[attr-defined]
@@ -64,12 +82,12 @@ def test_a_tab_appears_when_a_runs_frames_arrive(qtbot: object, window: viewer_q
     wait(lambda: tab.grid.scene is not None and tab.grid.scene.family == "Taxi",
          timeout=TIMEOUT_MS)
     wait(lambda: window.live.runs[taxi_run].settled, timeout=TIMEOUT_MS)
-    window.on_refresh()
     view = window.live.runs[taxi_run]
-    assert view.episodes == 1500 and view.seqs.missed == 0
+    wait(lambda: view.episodes == 1500, timeout=TIMEOUT_MS)
+    assert view.seqs.missed == 0
     wait(lambda: tab.table.rowCount() > 0 and tab.table.item(0, 0).text() == "1499",
          timeout=TIMEOUT_MS)  # the curves and the table are redrawn twice a second at most
-    assert "completed" in tab.header.text()
+    wait(lambda: "completed" in tab.header.text(), timeout=TIMEOUT_MS)
     xs, _ = tab.returns_points.getData()
     assert xs is not None and len(xs) == 1500
 
@@ -78,7 +96,7 @@ def test_replay_steps_through_the_stored_episode(qtbot: object, window: viewer_q
                                                  stack: Stack, taxi_run: str) -> None:
     wait_until(lambda: stored(stack, taxi_run).get("complete"), 60, "the run to be stored")
     tab = window.open_tab(taxi_run)
-    assert tab.replay.load(1200)
+    assert load(qtbot, tab, 1200)
     reader = StoreClient(stack.settings)
     try:
         rows = reader.rows(f"SELECT step, obs, action FROM steps WHERE run_id = '{taxi_run}' "
@@ -99,24 +117,24 @@ def test_replay_steps_through_the_stored_episode(qtbot: object, window: viewer_q
     qtbot.waitUntil(lambda: tab.replay.slider.value() == len(rows) - 1,  # type: ignore[attr-defined]
                     timeout=TIMEOUT_MS)
     qtbot.waitUntil(lambda: not tab.replay.timer.isActive())  # type: ignore[attr-defined]
-    assert not tab.replay.load(99_999)  # not stored: says so, keeps the loaded one
+    assert not load(qtbot, tab, 99_999)  # not stored: says so, keeps the loaded one
+    assert tab.replay.replay is replay
     assert "not stored" in tab.replay.info.text()
 
 
 def test_a_fast_run_shows_what_was_stored_instead(qtbot: object, window: viewer_qt.MainWindow,
                                                   stack: Stack) -> None:
-    run_id = window.runs_panel.submit({"env": "FrozenLake-v1", "algo": "q-learning",
+    run_id = submitted(qtbot, window, {"env": "FrozenLake-v1", "algo": "q-learning",
                                        "episodes": 300, "telemetry": "fast"})
-    assert run_id is not None
     qtbot.waitUntil(lambda: window.tab_for(run_id) is not None,  # type: ignore[attr-defined]
                     timeout=TIMEOUT_MS)
     wait_until(lambda: stored(stack, run_id).get("complete"), 60, "the run to be stored")
     tab = window.tab_for(run_id)
     assert tab is not None
     assert tab.grid.scene is None and "fast mode" in tab.grid.message
-    assert tab.replay.load(5)
+    assert load(qtbot, tab, 5)
     assert "fast mode: no steps were stored" in tab.replay.info.text()
-    assert tab.replay.stack.currentWidget() is tab.replay.metrics
+    assert tab.replay.stack.currentWidget() is tab.replay.metrics_view
     assert not tab.replay.play_button.isEnabled()
 
 
@@ -132,13 +150,13 @@ def test_the_runs_panel_submits_and_cancels(qtbot: object, window: viewer_qt.Mai
     dialog.telemetry.setCurrentText("sampled")
     dialog.check_and_accept()
     assert dialog.result() and dialog.config()["every"] == 10
-    run_id = window.runs_panel.submit(dialog.config())
-    assert run_id is not None
+    run_id = submitted(qtbot, window, dialog.config())
     qtbot.waitUntil(lambda: window.live.runs.get(run_id) is not None  # type: ignore[attr-defined]
                     and window.live.runs[run_id].state == "running", timeout=TIMEOUT_MS)
-    window.on_refresh()
-    row = next(r for r in range(window.runs_panel.table.rowCount())
-               if window.runs_panel.table.item(r, 0).toolTip() == run_id)
+    table = window.runs_panel.table
+    qtbot.waitUntil(lambda: any(table.item(r, 0).toolTip() == run_id  # type: ignore[attr-defined]
+                                for r in range(table.rowCount())), timeout=TIMEOUT_MS)
+    row = next(r for r in range(table.rowCount()) if table.item(r, 0).toolTip() == run_id)
     window.runs_panel.table.selectRow(row)
     assert window.runs_panel.selected() == run_id
     window.runs_panel.cancel_button.click()
@@ -146,6 +164,26 @@ def test_the_runs_panel_submits_and_cancels(qtbot: object, window: viewer_qt.Mai
     assert run_state(stack, run_id) == "cancelled"
     qtbot.waitUntil(lambda: window.live.runs[run_id].ended,  # type: ignore[attr-defined]
                     timeout=TIMEOUT_MS)
+
+
+def test_the_form_submits_a_dqn_run(qtbot: object, window: viewer_qt.MainWindow,
+                                    stack: Stack) -> None:
+    dialog = viewer_qt.SubmitDialog(window)
+    qtbot.addWidget(dialog)  # type: ignore[attr-defined]
+    dialog.env.setCurrentText("CartPole-v1")
+    dialog.algo.setCurrentText("dqn")  # proposes a step budget
+    assert dialog.total_steps.value() > 0 and dialog.episodes.value() == 0
+    dialog.total_steps.setValue(1500)
+    dialog.agent_args.setText("learning_starts=200 hidden_sizes=[16]")
+    dialog.telemetry.setCurrentText("fast")
+    dialog.check_and_accept()
+    assert dialog.result(), dialog.error.text()
+    run_id = submitted(qtbot, window, dialog.config())
+    wait_until(lambda: run_state(stack, run_id) in TERMINAL_STATES, 60, "the dqn run to end")
+    assert run_state(stack, run_id) == "completed"
+    qtbot.waitUntil(lambda: window.live.runs[run_id].ended,  # type: ignore[attr-defined]
+                    timeout=TIMEOUT_MS)
+    assert window.live.runs[run_id].algo == "dqn"
 
 
 def test_a_screenshot_of_the_window_is_not_blank(qtbot: object, window: viewer_qt.MainWindow,

@@ -49,6 +49,21 @@ def test_once_prints_one_frame_of_every_run(stack: Stack, runs: dict[str, str]) 
     assert "viewer:" in out and "missed 0" in out
 
 
+def test_once_prints_at_120_columns_off_a_terminal_or_at_columns(stack: Stack,
+                                                                 runs: dict[str, str]) -> None:
+    env = {k: v for k, v in stack.process_env().items() if k != "COLUMNS"}
+    for columns, width in ((None, 120), ("80", 80)):
+        result = gymbus_cli({**env, "COLUMNS": columns} if columns else env, "watch", "--once",
+                            runs["taxi"], runs["fast"], timeout=60)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert max(len(line) for line in lines) == width, result.stdout
+        for run_id, episodes in ((runs["taxi"], "200"), (runs["fast"], "300")):
+            row = next(line for line in lines if run_id[-8:] in line)
+            assert f" {episodes} " in row and "completed" in row, row
+        print(f"--- gymbus watch --once at {width} columns\n{result.stdout}")
+
+
 def test_once_json_matches_what_is_stored(stack: Stack, runs: dict[str, str]) -> None:
     result = gymbus(stack, "watch", "--once", "--json", runs["taxi"])
     assert result.returncode == 0, result.stderr

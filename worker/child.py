@@ -280,7 +280,7 @@ class RunProcess:
             self.tensorboard.close()
 
     def _write_result(self, frames_emitted: int, code: RunExit) -> None:
-        """Write result.json atomically, so the daemon never reads half of it."""
+        """Write result.json: how the run ended, its counts, timing and telemetry stats."""
         stats = self.emitter.stats() if self.emitter is not None else {}
         timing = {}
         if self.train_clock is not None:  # from run_started to now, wall and CPU seconds
@@ -301,9 +301,41 @@ class RunProcess:
             "tensorboard": self.tensorboard.stats() if self.tensorboard is not None else None,
             "pid": os.getpid(),
         }
-        tmp = self.run_dir / (RESULT_FILE + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-        os.replace(tmp, self.run_dir / RESULT_FILE)
+        write_result(self.run_dir, result)
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    """Write a run folder's result.json atomically, so that the daemon never reads half of it
+    (a run child's, and a launched script's: gymbus/launched.py)."""
+    tmp = run_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / RESULT_FILE)
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A run's result.json, or None when it is missing, unreadable or has no valid status."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    status = data.get("status")
+    if not isinstance(status, str) or status not in {s.value for s in EXIT_CODES}:
+        return None
+    return data
+
+
+def tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of a text file such as run.log ('' when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 16384, 0))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

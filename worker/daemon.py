@@ -1,4 +1,5 @@
-"""The worker daemon: takes runs from the broker and executes each in its own child process.
+"""The worker daemon: takes runs from the broker and executes each in its own child process
+(a run child, or a command run's script: worker/command.py).
 
 One loop (`Worker.serve`), read top to bottom: poll the broker's socket with a timeout no longer
 than the heartbeat interval, dispatch each message through a table keyed by `Command`, then do
@@ -29,11 +30,12 @@ from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import Message, decode_message, encode_message
 from gymbus.shared.errors import ConfigError, DecodeError
 from gymbus.shared.protocol import Command, RunState
-from gymbus.shared.runconfig import parse_config
+from gymbus.shared.runconfig import RunConfig, parse_config
 from gymbus.shared.service import StopFlag
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import connect, new_socket
-from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE
+from gymbus.worker import command
+from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE, read_result, tail
 from gymbus.worker.telemetry import spool
 from gymbus.worker.telemetry.repair import Repairer
 
@@ -67,6 +69,8 @@ class Child:
     cancel_requested: bool = False
     #: when a cancelled child that is still alive gets SIGKILL (monotonic seconds)
     kill_at: float | None = None
+    #: a command run's script: signals go to its process group, its end is judged by command.py
+    script: bool = False
 
 
 class Worker:
@@ -182,7 +186,10 @@ class Worker:
             self.dispatch_failed(run_id, f"invalid config: {exc}")
             return
         try:
-            self.children[run_id] = self.spawn(run_id, config.to_dict())
+            self.children[run_id] = self.spawn(run_id, config)
+        except command.LaunchError as exc:  # the same on any worker: the run fails
+            self.send_run_update(run_id, RunState.FAILED, reason=str(exc))
+            return
         except (OSError, TypeError, ValueError) as exc:
             self.dispatch_failed(run_id, f"could not start the run process: {exc}")
             return
@@ -205,29 +212,37 @@ class Worker:
 
     # --- children -----------------------------------------------------------------------------
 
-    def spawn(self, run_id: str, config: dict[str, Any]) -> Child:
-        """Create the run folder, write config.json, start the child with output to run.log."""
+    def spawn(self, run_id: str, config: RunConfig) -> Child:
+        """Create the run folder, write config.json, start the child (or the command run's
+        script) with output to run.log."""
         run_dir = self.settings.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESULT_FILE).unlink(missing_ok=True)
         spool.reset(run_dir)  # an earlier attempt's spool: the child starts a new one
-        (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2), "utf-8")
         log_file = open(run_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed when the child is reaped
         cmd = [sys.executable, "-m", "gymbus.worker.child", "--run-dir", str(run_dir),
                "--run-id", run_id, "--worker-id", self.settings.worker_id]
         env = {**os.environ, **settings_mod.env_for(self.settings)}
+        # in a session of its own: a Ctrl-C in the terminal reaches the daemon, which stops runs
         try:
-            # its own session: a Ctrl-C in the terminal reaches the daemon, which stops the runs
-            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            if config.launches:
+                process = command.launch(config, run_id, self.settings.worker_id, run_dir, env,
+                                         log_file)
+            else:
+                process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
+                                           stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)
         except BaseException:
             log_file.close()
             raise
         self.repair.track(run_id, run_dir, running=True)
-        return Child(run_id, process, run_dir, log_file)
+        return Child(run_id, process, run_dir, log_file, script=config.launches)
 
     def signal_child(self, child: Child, signum: int) -> None:
-        if child.process.poll() is None:
+        if child.script and child.process.poll() is None:
+            command.signal_group(child.process, signum)
+        elif child.process.poll() is None:
             try:
                 child.process.send_signal(signum)
             except ProcessLookupError:
@@ -256,7 +271,11 @@ class Worker:
         self.repair.run_ended(child.run_id)
         code = child.process.returncode
         result = read_result(child.run_dir / RESULT_FILE)
-        if result is not None:
+        if child.script:
+            command.end_group(child.process)
+            state, reason = command.outcome(code, result, child.cancel_requested,
+                                            command.last_line(child.run_dir / LOG_FILE))
+        elif result is not None:
             state = RunState(result["status"])
             reason = result.get("reason")
         elif child.cancel_requested:
@@ -362,29 +381,3 @@ class Worker:
             self.sock = None
         self.repair.close()
         self.ctx.term()
-
-
-def read_result(path: Path) -> dict[str, Any] | None:
-    """A child's result.json, or None when it is missing, unreadable or has no valid status."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    status = data.get("status")
-    if not isinstance(status, str) or status not in {s.value for s in _FINAL_STATES}:
-        return None
-    return data
-
-
-def tail(path: Path, lines: int) -> str:
-    """The last `lines` lines of a text file ('' when it cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - 16384, 0))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])

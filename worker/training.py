@@ -19,6 +19,7 @@ from gymnasium import spaces
 
 from gymbus.shared.protocol import TelemetryMode
 from gymbus.shared.runconfig import RunConfig
+from gymbus.worker import envs
 from gymbus.worker.agents.base import Agent, Budget, MetricSink
 
 #: seconds between two `charts/SPS` metrics (checked at episode ends)
@@ -87,16 +88,16 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def make_env(config: RunConfig, greedy: bool = False) -> gym.Env[Any, Any]:
-    """`gymnasium.make` with the config's kwargs and episode limit; the action space seeded.
+    """The config's environment (a registered id or an entry point, after its env_module:
+    worker/envs.py) with its kwargs and episode limit; the action space seeded.
 
     A `greedy` environment (in-training evaluation, and every evaluation run) gets
     GREEDY_STEP_LIMIT when neither the config nor the environment sets a limit.
     """
-    kwargs = dict(config.env_kwargs)
-    if config.max_episode_steps is not None:
-        kwargs["max_episode_steps"] = config.max_episode_steps
-    env = gym.make(config.env, **kwargs)
-    if (greedy or config.evaluates) and (env.spec is None or env.spec.max_episode_steps is None):
+    env = envs.build(config)
+    unlimited = config.max_episode_steps is None and (
+        env.spec is None or env.spec.max_episode_steps is None)
+    if (greedy or config.evaluates) and unlimited:
         env = gym.wrappers.TimeLimit(env, GREEDY_STEP_LIMIT)
     env.action_space.seed(config.seed)
     return env

@@ -1,4 +1,5 @@
-"""Output helpers for the CLI: aligned tables, JSON, CSV, progress lines and sparklines."""
+"""Output helpers for the CLI: aligned tables, JSON, CSV, the `runs` table and the `status`
+lines, progress lines and sparklines."""
 
 from __future__ import annotations
 
@@ -73,17 +74,100 @@ def format_ns(ns: int | None) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def progress_line(run: dict[str, Any], stats: dict[str, Any] | None) -> str:
-    """One line of progress for a run: state, episodes done of the budget, steps stored."""
-    budget = run.get("config", {}).get("episodes")
+def progress_line(run: dict[str, Any], stats: dict[str, Any] | None,
+                  steps_taken: int | None = None) -> str:
+    """One line of progress for a run: state, steps taken of a step budget, episodes done (of
+    their budget), steps and frames stored. `steps_taken` counts while the run has not ended;
+    at its end the controller's count is the run's."""
+    config = run.get("config", {})
     episodes = (stats or {}).get("episodes") or run.get("episodes") or 0
-    parts = [f"{run['run_id']}  {run['state']:<10}", f"episodes {episodes}"]
-    if budget:
-        parts[-1] += f"/{budget} ({100 * episodes / budget:.0f}%)"
+    parts = [f"{run['run_id']}  {run['state']:<10}"]
+    if config.get("total_steps"):
+        steps = run.get("steps") if run.get("steps") is not None else steps_taken
+        parts.append(f"steps {done_of(steps or 0, config['total_steps'], percent=True)}")
+    parts.append(f"episodes {done_of(episodes, config.get('episodes'), percent=True)}")
     if stats:
         parts.append(f"steps stored {stats.get('steps', 0)}")
         parts.append(f"frames {stats.get('frames_stored', 0)}")
     return "  ".join(parts)
+
+
+def done_of(done: int | None, budget: int | None, percent: bool = False) -> str:
+    """`done/budget` (with the percentage), or `done` alone for no budget; `-` when unknown."""
+    if done is None:
+        return "-"
+    if not budget:
+        return str(done)
+    return f"{done}/{budget}" + (f" ({100 * done / budget:.0f}%)" if percent else "")
+
+
+def shown_algo(record: dict[str, Any]) -> str:
+    """The algo, as `eval:ALGO` for an evaluation run."""
+    return f"eval:{record['algo']}" if record.get("evaluation") else str(record["algo"])
+
+
+def runs_table(records: list[dict[str, Any]]) -> str:
+    """The `runs` table of `status_record`s."""
+    return table(
+        ["RUN", "NAME", "ENV", "ALGO", "MODE", "STATUS", "EPISODES", "STEPS", "STEPS STORED",
+         "CREATED"],
+        [[r["run_id"], r["name"], r["env"], shown_algo(r), r["telemetry"], r["status"],
+          done_of(r["episodes"] or 0, r["episodes_budget"]),
+          done_of(r["steps"], r["steps_budget"]), r["steps_stored"],
+          format_ns(r["created_ns"])] for r in records])
+
+
+#: `status` rows: label, and the record's key (None: made from several)
+STATUS_ROWS: tuple[tuple[str, str | None], ...] = (
+    ("run", "run_id"), ("name", "name"), ("status", "status"), ("reason", "reason"),
+    ("env", "env"), ("algo", None), ("evaluates", None), ("mode", "telemetry"),
+    ("worker", "worker_id"), ("created", "created_ns"), ("started", "started_ns"),
+    ("ended", "ended_ns"), ("episodes", None), ("steps", None), ("steps stored", "steps_stored"),
+    ("frames emitted", "frames_emitted"), ("frames stored", "frames_stored"), ("gaps", "gaps"),
+    ("duplicates", "duplicates"), ("stored", None),
+)
+#: record keys that the rows above show in their own way, or that only JSON carries
+_SHOWN_OTHERWISE = frozenset({"algo", "evaluation", "eval_from", "policy", "episodes",
+                              "episodes_budget", "steps", "steps_budget", "complete"})
+
+
+def status_lines(record: dict[str, Any]) -> str:
+    """A `status_record` for people: one labelled row each, times as dates; then what the
+    record holds beyond these rows, labelled by its key."""
+    made = {
+        "algo": shown_algo(record),
+        "evaluates": (f"run {record['eval_from']}" if record.get("eval_from")
+                      else record.get("policy")),
+        "episodes": done_of(record["episodes"], record["episodes_budget"]),
+        "steps": done_of(record["steps"], record["steps_budget"]),
+        "stored": _stored(record),
+    }
+    rows: list[tuple[str, Any]] = []
+    for label, key in STATUS_ROWS:
+        if key is None:
+            value = made[label]
+        elif key.endswith("_ns"):
+            value = format_ns(record.get(key))
+        else:
+            value = record.get(key)
+        if label != "evaluates" or value:
+            rows.append((label, value))
+    keys = {key for _, key in STATUS_ROWS} | _SHOWN_OTHERWISE
+    rows += [(key.replace("_", " "), value) for key, value in record.items()
+             if key not in keys and value is not None]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:>{width}}  {'-' if value is None else value}"
+                     for label, value in rows)
+
+
+def _stored(record: dict[str, Any]) -> str | None:
+    """Whether the ingest holds every frame the run emitted (None: not known yet)."""
+    if record["complete"]:
+        return "complete"
+    emitted, stored = record["frames_emitted"], record["frames_stored"]
+    if emitted is not None and stored is not None:
+        return f"{emitted - stored} frames missing"
+    return None
 
 
 class Progress:
@@ -105,6 +189,15 @@ class Progress:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
             self._last = now
+
+    def note(self, line: str) -> None:
+        """A line of its own between progress lines (on a terminal, the progress line is drawn
+        again below it)."""
+        if self.tty and self._width:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
     def done(self, line: str) -> None:
         if self.tty:

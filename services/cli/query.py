@@ -10,12 +10,12 @@ from __future__ import annotations
 import click
 
 from gymbus.services.cli import output as out
-from gymbus.services.cli.context import Context
+from gymbus.services.cli.context import Context, json_flag
 
 
 @click.command()
 @click.argument("sql")
-@click.option("--json", "as_json", is_flag=True, help="Rows as a JSON list of objects.")
+@json_flag("Rows as a JSON list of objects (and errors as JSON).")
 @click.option("--csv", "as_csv", is_flag=True, help="Rows as CSV.")
 @click.option("--max-rows", default=100_000, show_default=True)
 @click.pass_obj
@@ -23,6 +23,8 @@ def query(obj: Context, sql: str, as_json: bool, as_csv: bool, max_rows: int) ->
     """Read-only SQL over the stored telemetry (tables: runs, frames, lifecycle, episodes,
     steps, metrics, dead_letters, gaps). Answered by the ingest; with no ingest running, read
     from the DuckDB file directly."""
+    if as_json and as_csv:
+        raise click.UsageError("--csv and --json contradict each other: give one of them")
     result = obj.store.query(sql, max_rows)
     columns, rows = result["columns"], result["rows"]
     if as_json:

@@ -6,6 +6,9 @@ comes from the controller, its telemetry accounting from the ingest (`Context.ru
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import shlex
 import sys
 import time
 import tomllib
@@ -17,7 +20,7 @@ from ulid import ULID
 
 from gymbus.services.cli import output as out
 from gymbus.services.cli.context import Context, json_option
-from gymbus.shared.errors import ConfigError, ExitCode, RemoteError, ServiceUnavailable
+from gymbus.shared.errors import ConfigError, ExitCode, RemoteError
 from gymbus.shared.policy_files import POLICY_FILES, guess_policy_algo
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
 from gymbus.shared.runconfig import parse_config
@@ -50,9 +53,11 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(option, f"expected key=value, got {pair!r}")
         try:
-            result[key] = tomllib.loads(f"v = {raw}")["v"]
+            value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            result[key] = raw
+            value = raw
+        # a TOML date or time is text here: no environment or agent takes one
+        result[key] = raw if isinstance(value, dt.date | dt.time) else value
     return result
 
 
@@ -81,6 +86,11 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--eval-every", type=int,
               help="While training, evaluate the greedy policy every N episodes (eval/* metrics).")
 @click.option("--eval-episodes", type=int, help="Episodes per --eval-every evaluation (100).")
+@click.option("--env-module", metavar="MODULE",
+              help="A module imported before gymnasium.make: it registers your environment ids.")
+@click.option("--command", metavar="CMD",
+              help="Run your own script on a worker instead of a built-in agent, e.g. "
+                   "\"python train.py --seed 1\"; its gymbus.run() records the run.")
 @click.option("--idempotency-key", help="Resubmitting with the same key makes one run.")
 @click.option("--wait", is_flag=True, help="Wait for the end; exit 0 only if it completed.")
 @json_option
@@ -102,12 +112,12 @@ def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[st
                            **parse_assignments(agent_args, "--agent-arg")}
     config = complete_evaluation(obj, config)
     absolute_plans(config)
+    split_command(config)
     parse_config(config)  # types and ranges, before any service is asked
     body = {"config": config, "idempotency_key": idempotency_key or str(ULID())}
-    try:
-        reply = obj.controller.request(Command.SUBMIT, body)
-    except ServiceUnavailable:
-        reply = obj.controller.request(Command.SUBMIT, body)  # same key: still one run
+    # one try, within the request timeout: its message says how long it waited (a submit
+    # that timed out is resubmitted safely with --idempotency-key: still one run)
+    reply = obj.controller.request(Command.SUBMIT, body)
     run_id = reply["run_id"]
     if not wait:
         if as_json:
@@ -118,8 +128,9 @@ def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[st
     run = wait_for_end(obj, run_id)
     stats = (obj.run_stats(run_id) or {}).get(run_id)
     if as_json:
+        taken = uncounted_steps(obj, [run], stats).get(run_id)
         out.emit_json({"run_id": run_id, "status": run["state"], "reason": run.get("reason"),
-                       **status_record(run, stats)})
+                       **status_record(run, stats, taken)})
     else:
         click.echo(run_id)
     if run["state"] != RunState.COMPLETED:
@@ -182,29 +193,79 @@ def absolute_plans(config: dict[str, Any]) -> None:
             agent["plans"] = str(path.resolve())
 
 
+def split_command(config: dict[str, Any]) -> None:
+    """A command run's `command` given as one string is split as a shell would; the run
+    records the directory it was submitted from (its script runs there, if the worker has it)."""
+    command = config.get("command")
+    if isinstance(command, str):
+        try:
+            config["command"] = shlex.split(command)
+        except ValueError as exc:
+            raise ConfigError("command", f"cannot split {command!r}: {exc}") from None
+    if command is not None and "cwd" not in config:
+        config["cwd"] = os.getcwd()
+
+
+#: seconds between two notices that no worker is connected, while a run waits queued
+NO_WORKER_EVERY = 10.0
+NO_WORKER = ("no worker is connected to the controller: the run stays queued until one is "
+             "(start the whole stack with `make up`, or a worker with `python -m gymbus.worker`)")
+
+
+class WorkerNotice:
+    """When a waiting command asks the controller whether any worker is connected: at once,
+    then every `every` seconds, while its run is queued."""
+
+    def __init__(self, every: float = NO_WORKER_EVERY) -> None:
+        self.every = every
+        self._next: float | None = None
+
+    def due(self, now: float) -> bool:
+        return self._next is None or now >= self._next
+
+    def checked(self, now: float) -> None:
+        self._next = now + self.every
+
+
 def wait_for_end(obj: Context, run_id: str) -> dict[str, Any]:
-    """Poll the run until it is terminal, showing progress on stderr; then its record."""
+    """Poll the run until it is terminal, showing progress on stderr (and, while it is queued
+    with no worker connected, saying so); then its record."""
     progress = out.Progress()
+    notice = WorkerNotice()
     while True:
         run: dict[str, Any] = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
         stats = (obj.run_stats(run_id) or {}).get(run_id)
-        line = out.progress_line(run, stats)
+        by_steps = bool(run.get("config", {}).get("total_steps")) and stats is not None
+        taken = obj.steps_taken([run_id]).get(run_id) if by_steps else None
+        line = out.progress_line(run, stats, taken)
         if run["state"] in TERMINAL_STATES:
             progress.done(line)
             return run
-        progress.show(line, time.monotonic())
+        now = time.monotonic()
+        if run["state"] == RunState.QUEUED and notice.due(now):
+            notice.checked(now)
+            if not obj.controller.request(Command.LIST_WORKERS)["workers"]:
+                progress.note(NO_WORKER)
+        progress.show(line, now)
         time.sleep(POLL_SECONDS)
 
 
 # --- runs, status, cancel -------------------------------------------------------------------------
 
 
-def status_record(run: dict[str, Any], stats: dict[str, Any] | None) -> dict[str, Any]:
-    """The telemetry accounting of a run: the controller's view merged with the ingest's."""
+def status_record(run: dict[str, Any], stats: dict[str, Any] | None,
+                  steps_taken: int | None = None) -> dict[str, Any]:
+    """A run as `status` and `runs` show it: the controller's record merged with the ingest's
+    accounting. `steps` are the steps the run took (the controller's count at its end, else
+    `steps_taken`: those of its stored episodes), `steps_stored` the step rows the ingest holds
+    (none in fast mode); `episodes_budget` and `steps_budget` its budget."""
     stats = stats or {}
+    config = run.get("config") or {}
     emitted = run.get("frames_emitted")
     if emitted is None:
         emitted = stats.get("frames_emitted")
+    steps = run.get("steps")
+    episodes = stats.get("episodes")
     return {
         "run_id": run["run_id"],
         "name": run.get("name") or None,
@@ -220,36 +281,47 @@ def status_record(run: dict[str, Any], stats: dict[str, Any] | None) -> dict[str
         "gaps": stats.get("gaps"),
         "duplicates": stats.get("duplicates"),
         "complete": stats.get("complete"),
-        "episodes": stats.get("episodes"),
-        "steps": stats.get("steps"),
+        "episodes": episodes if episodes is not None else run.get("episodes"),
+        "steps": steps if steps is not None else steps_taken,
         # a recorded run's steps stored without their observation, and rows it refused
         "obs_not_stored": stats.get("obs_not_stored"),
         "rows_refused": stats.get("rows_refused"),
+        "steps_stored": stats.get("steps"),
+        "episodes_budget": config.get("episodes"),
+        "steps_budget": config.get("total_steps"),
+        "evaluation": bool(config.get("eval_from") or config.get("policy")),
+        "eval_from": config.get("eval_from"),
+        "policy": config.get("policy"),
+        "started_ns": run.get("started_ns"),
+        "ended_ns": run.get("ended_ns"),
     }
+
+
+def uncounted_steps(obj: Context, records: list[dict[str, Any]],
+                    stats: dict[str, Any] | None) -> dict[str, int]:
+    """The steps taken, from their stored episodes, by the runs whose record does not count
+    them (yet): a run still running, or one whose worker was lost. None asked when the ingest
+    did not answer for `stats` (the store would wait out its timeout again)."""
+    if stats is None:
+        return {}
+    return obj.steps_taken(r["run_id"] for r in records if r.get("steps") is None)
 
 
 @click.command()
 @json_option
 @click.pass_obj
 def runs(obj: Context, as_json: bool) -> None:
-    """Every run: id, env, algo, mode, status, episodes done, created time."""
+    """Every run: id, name, env, algo (eval:ALGO for an evaluation run), mode, status, episodes
+    and steps done, steps stored, created time."""
     records = obj.controller.request(Command.LIST_RUNS)["runs"]
-    stats = obj.run_stats() or {}
-    rows = []
-    for run in records:
-        st = stats.get(run["run_id"], {})
-        episodes = st.get("episodes", run.get("episodes"))
-        rows.append({**status_record(run, st), "episodes": episodes,
-                     "episodes_budget": run["config"].get("episodes")})
+    stats = obj.run_stats()
+    taken = uncounted_steps(obj, records, stats)
+    rows = [status_record(run, (stats or {}).get(run["run_id"]), taken.get(run["run_id"]))
+            for run in records]
     if as_json:
         out.emit_json(rows)
         return
-    click.echo(out.table(
-        ["RUN", "ENV", "ALGO", "MODE", "STATUS", "EPISODES", "CREATED"],
-        [[r["run_id"], r["env"], r["algo"], r["telemetry"], r["status"],
-          f"{r['episodes'] or 0}/{r['episodes_budget'] or '-'}", out.format_ns(r["created_ns"])]
-         for r in rows],
-    ))
+    click.echo(out.runs_table(rows))
 
 
 @click.command()
@@ -262,18 +334,12 @@ def status(obj: Context, run_id: str, as_json: bool) -> None:
     stats = obj.run_stats(run_id)
     if stats is None:
         click.echo("warning: the ingest did not answer; stored counts unknown", err=True)
-    record = status_record(run, (stats or {}).get(run_id))
+    taken = uncounted_steps(obj, [run], stats).get(run_id)
+    record = status_record(run, (stats or {}).get(run_id), taken)
     if as_json:
         out.emit_json(record)
         return
-    for key, value in record.items():
-        shown = out.format_ns(value) if key == "created_ns" else value
-        click.echo(f"{key:>15}  {'-' if shown is None else shown}")
-    if record["complete"]:
-        click.echo(f"{'telemetry':>15}  complete")
-    elif record["frames_emitted"] is not None and record["frames_stored"] is not None:
-        missing = record["frames_emitted"] - record["frames_stored"]
-        click.echo(f"{'telemetry':>15}  {missing} frames missing")
+    click.echo(out.status_lines(record))
 
 
 @click.command()

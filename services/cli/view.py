@@ -6,6 +6,7 @@ Registered in main.py; each takes the shared `Context` with `@click.pass_obj`.
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 import click
@@ -15,6 +16,20 @@ from gymbus.services.cli import output as out
 from gymbus.services.cli.context import Context, json_option
 from gymbus.shared.errors import ExitCode
 from gymbus.shared.protocol import Command
+
+#: the columns `watch` draws in off a terminal (a pipe, a file), unless COLUMNS says otherwise
+OFF_TERMINAL_WIDTH = 120
+
+
+def _console(width: int | None) -> Console:
+    """Where `watch` draws: `--width` columns, else the terminal's width (COLUMNS honoured), else
+    OFF_TERMINAL_WIDTH (rich's own default off a terminal is 80)."""
+    if width:
+        return Console(width=width)
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        return Console(width=OFF_TERMINAL_WIDTH)
+    return console
 
 
 def _check_runs(obj: Context, run_ids: tuple[str, ...]) -> None:
@@ -28,7 +43,8 @@ def _check_runs(obj: Context, run_ids: tuple[str, ...]) -> None:
 @click.option("--once", is_flag=True, help="Print one frame of the dashboard and exit.")
 @click.option("--until-done", is_flag=True,
               help="Exit once every shown run has ended (and print its last frame).")
-@click.option("--width", type=int, help="Columns to draw in (default: the terminal's).")
+@click.option("--width", type=int,
+              help="Columns to draw in (default: the terminal's; 120 off a terminal).")
 @json_option
 @click.pass_obj
 def watch(obj: Context, run_ids: tuple[str, ...], once: bool, until_done: bool,
@@ -43,7 +59,7 @@ def watch(obj: Context, run_ids: tuple[str, ...], once: bool, until_done: bool,
     from gymbus.services.viewers.watch import watch as follow
 
     _check_runs(obj, run_ids)
-    console = Console(width=width) if width else Console()
+    console = _console(width)
     live = Live(obj.settings, run_ids)
     dash = Dashboard(live, run_ids[0] if run_ids else None)
     try:
@@ -63,7 +79,8 @@ def watch(obj: Context, run_ids: tuple[str, ...], once: bool, until_done: bool,
 @click.pass_obj
 def viewer(obj: Context, run_ids: tuple[str, ...]) -> None:
     """Open the desktop viewer: a tab per agent with its grid world, curves and episodes, replay
-    of stored episodes, and a runs panel to submit and cancel (needs `pip install 'gymbus[qt]'`)."""
+    of stored episodes, and a runs panel to submit and cancel (needs `pip install 'gymbus[qt]'`
+    and a display; without one, `gymbus watch` shows the runs in the terminal)."""
     try:
         from gymbus.services.viewers.qt import window as viewer_qt
     except ImportError as exc:

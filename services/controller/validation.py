@@ -1,8 +1,10 @@
 """The controller's checks of a submitted run against this host: the environment and the policy.
 
-`check_run` builds the environment once to check that it exists here and suits the algorithm,
-and finds an evaluation run's saved policy under the controller's runs folder and checks that it
-fits. Both raise ConfigError naming the field. Building an environment or reading a policy may
+`check_run` builds the environment once to check that it exists here and suits the algorithm
+(found as a run child finds it: worker/envs.py, importing the config's env_module or entry
+point), and finds an evaluation run's saved policy under the controller's runs folder and checks
+that it fits. Both raise ConfigError naming the field. A command run's environments are its
+script's: nothing is built for it. Building an environment or reading a policy may
 take a while, so `Validator` runs the checks on threads of its own and hands the results back
 to the controller's loop.
 """
@@ -17,12 +19,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from gymbus.services.controller import env_args
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.policy_files import policy_path, read_network_meta
 from gymbus.shared.runconfig import ALGO_FAMILIES, ALGO_OBSERVATIONS, RunConfig
 from gymbus.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from gymbus.worker.envs import EnvSource
 
 log = logging.getLogger("gymbus.controller")
 
@@ -40,24 +46,29 @@ def check_run(config: RunConfig, settings: Settings) -> str:
 
 
 def check_environment(config: RunConfig, runs_dir: Path | None = None) -> str:
-    """Build the environment once; return its observation kind ("discrete" or "box").
+    """Build the environment once; return its observation kind ("discrete" or "box"; "" for a
+    command run, whose environment is not built).
 
     Raises ConfigError for an id this Gymnasium lacks (naming the current version when only
-    the version is off), bad env_kwargs, spaces or an environment the algorithm cannot handle,
-    and, for an evaluation run, a policy that is missing or does not fit the environment
-    (looked for under `runs_dir`, which an evaluation run needs).
+    the version is off, else the closest ids), an env_module or entry point that does not
+    import or lacks the attribute, bad env_kwargs, spaces or an environment the algorithm
+    cannot handle, and, for an evaluation run, a policy that is missing or does not fit the
+    environment (looked for under `runs_dir`, which an evaluation run needs).
     """
-    import gymnasium as gym
+    if config.launches:
+        return ""
+    from gymbus.worker import envs  # gymnasium, imported on the validation threads only
 
-    if config.env not in gym.envs.registry:
-        raise ConfigError("env", _unknown_env_message(config.env, tuple(gym.envs.registry)))
+    source = envs.resolve(config)
+    env_args.check(config, source)
     families = ALGO_FAMILIES.get(config.algo)
     if families is not None and _family(config.env) not in families:
         raise ConfigError("algo", f"{config.algo} needs a grid world ({', '.join(sorted(families))}"
                                   f"); {config.env} is not one")
-    key = (config.env, repr(sorted(config.env_kwargs.items())), config.algo)
+    key = (config.env, config.env_module or "", repr(sorted(config.env_kwargs.items())),
+           config.algo)
     if key not in _SPACES_CACHE:
-        _SPACES_CACHE[key] = _spaces(config.env, config.env_kwargs, config.algo)
+        _SPACES_CACHE[key] = _spaces(config, source)
     found = _SPACES_CACHE[key]
     plans = config.agent.get("plans", "")
     if plans and os.path.isabs(plans) and not os.path.isfile(plans):
@@ -77,31 +88,30 @@ class _Spaces:
     n_actions: int
 
 
-#: (env, env_kwargs, algo) -> its spaces; shared by the validation threads (a lost race only
-#: builds the environment twice)
-_SPACES_CACHE: dict[tuple[str, str, str], _Spaces] = {}
+#: (env, env_module, env_kwargs, algo) -> its spaces; shared by the validation threads (a lost
+#: race only builds the environment twice)
+_SPACES_CACHE: dict[tuple[str, str, str, str], _Spaces] = {}
 
 
 def _family(env_id: str) -> str:
     return env_id.split(":")[-1].rsplit("-v", 1)[0]
 
 
-def _unknown_env_message(env_id: str, known: tuple[str, ...]) -> str:
-    base = env_id.rsplit("-v", 1)[0]
-    same_base = sorted(k for k in known if k.rsplit("-v", 1)[0] == base)
-    if same_base:
-        return f"{env_id!r} is not in this Gymnasium; use {same_base[-1]!r}"
-    return f"unknown environment {env_id!r}"
-
-
-def _spaces(env_id: str, kwargs: dict[str, Any], algo: str) -> _Spaces:
-    import gymnasium as gym
+def _spaces(config: RunConfig, source: EnvSource) -> _Spaces:
     from gymnasium import spaces
 
+    from gymbus.worker import envs
+
+    env_id, algo = config.env, config.algo
     try:
-        env = gym.make(env_id, **kwargs)
+        env = envs.build(config, source)
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - an environment may raise anything for bad kwargs
-        raise ConfigError("env_kwargs", f"{env_id} refused them: {exc}") from None
+        if config.env_kwargs:
+            raise env_args.refusal(config, source, exc) from None
+        raise ConfigError("env", f"{env_id} could not be built: {type(exc).__name__}: "
+                                 f"{exc}") from None
     try:
         if not isinstance(env.action_space, spaces.Discrete):
             raise ConfigError("env", f"{env_id} has a {env.action_space} action space; "

@@ -34,6 +34,10 @@ class StoreClient:
                  ctx: zmq.Context[Any] | None = None) -> None:
         self.settings = settings
         self.client = Client(settings.ingest, "ingest", timeout or settings.request_timeout, ctx)
+        #: False: `query` reads the file without asking the ingest first (a caller that has just
+        #: found the ingest down, so that each statement does not wait out its timeout again);
+        #: a query the ingest does not answer sets it False too, until a caller sets it back
+        self.ask_ingest = True
 
     def query(self, sql: str, max_rows: int = DEFAULT_MAX_ROWS) -> dict[str, Any]:
         """One read-only statement's `{"columns", "types", "rows", "truncated"}`.
@@ -41,9 +45,12 @@ class StoreClient:
         Raises RemoteError when the statement is refused or fails, StoreUnavailable when neither
         the ingest nor the file answers.
         """
+        if not self.ask_ingest:
+            return self._read_file(sql, max_rows)
         try:
             return self.client.request(Command.QUERY, {"sql": sql, "max_rows": max_rows})
         except ServiceUnavailable:
+            self.ask_ingest = False
             return self._read_file(sql, max_rows)
 
     def rows(self, sql: str, max_rows: int = ROWS_LIMIT) -> list[dict[str, Any]]:

@@ -109,6 +109,14 @@ def action_name(env_id: str, action: int) -> str:
     return names[action] if 0 <= action < len(names) else str(action)
 
 
+def obs_text(obs: Any) -> str:
+    """An observation as the viewers print it: an integer as it is, a vector's numbers to four
+    significant digits ("[0.0246, 0.173, -0.000519, -0.245]")."""
+    if isinstance(obs, list | tuple):
+        return "[" + ", ".join(obs_text(x) for x in obs) + "]"
+    return f"{obs:.4g}" if isinstance(obs, float) else str(obs)
+
+
 @dataclass(frozen=True)
 class GridWorld:
     """The fixed layout of one environment; `scene(obs)` places the agent."""

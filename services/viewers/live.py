@@ -5,7 +5,9 @@ Threads: `LiveFeed` runs one receiver thread ("live-feed") that only moves messa
 falls behind and counting what it drops. Everything else runs on the viewer's own thread (the
 watch loop, the Qt GUI thread): `Live.poll` decodes, discards by seq what is held already and
 updates the `RunView`s; `Live.refresh` asks the controller and the ingest, takes snapshots and
-backfills gaps from the store (through a `StoreClient`). A viewer never blocks a worker: the
+backfills gaps from the store. Its requests are a `Reader`'s (reader.py), and its two halves
+(`apply_status`, then `due` and `apply_stored`) take what a reader returned, so that the Qt
+viewer can make the requests on a thread of their own. A viewer never blocks a worker: the
 broker drops for it instead.
 """
 
@@ -20,14 +22,13 @@ from typing import Any
 
 import zmq
 
-from gymbus.services.ingest.client import StoreClient
-from gymbus.services.viewers.live_runs import MAX_EPISODES, SPS_METRIC, RunView
-from gymbus.shared import queries
+from gymbus.services.viewers.live_runs import RunView
+from gymbus.services.viewers.reader import Fetch, Reader, Status, Stored
 from gymbus.shared.codec import Frame, decode_frame
-from gymbus.shared.errors import DecodeError, GymbusError, RemoteError, ServiceUnavailable
-from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix
+from gymbus.shared.errors import DecodeError, GymbusError
+from gymbus.shared.protocol import TERMINAL_STATES, FrameKind, topic_prefix
 from gymbus.shared.settings import Settings
-from gymbus.shared.transport import Client, connect, new_socket
+from gymbus.shared.transport import connect, new_socket
 
 #: messages the SUB holds while the receiver thread is busy (the broker holds LIVE_HWM more),
 #: and its kernel buffer: small, since the receiver thread drains both at once into the queue
@@ -161,16 +162,21 @@ class Live:
         prefixes = [topic_prefix(kind, run_id) for kind in FrameKind
                     for run_id in (self.named or [""])]
         self.feed = LiveFeed(settings.telemetry_live, prefixes, ctx, **feed_options)
-        self.controller = Client(settings.controller, "controller", timeout, ctx)
-        self.store = StoreClient(settings, timeout, ctx)
+        #: the requests of `refresh` (the Qt viewer makes them on its request thread instead)
+        self.reader = Reader(settings, timeout, ctx)
         self.rejected = 0
         self.controller_ok = self.ingest_ok = False
-        self.order: list[str] = []  # run ids as the controller lists them, oldest first
+        #: whether a refresh has asked the services yet (before, `ingest_ok` says nothing)
+        self.asked = False
+        self.order: list[str] = []  # run ids as the controller (or store) lists them, oldest first
 
-    def start(self) -> None:
-        """Subscribe first, then snapshot, so that nothing falls between the two."""
+    def start(self, refresh: bool = True) -> None:
+        """Subscribe first, then snapshot, so that nothing falls between the two (without
+        `refresh`, the caller's first refresh takes the snapshot: the Qt viewer's, off its GUI
+        thread)."""
         self.feed.start()
-        self.refresh()
+        if refresh:
+            self.refresh()
 
     # --- the live stream ------------------------------------------------------------------------
 
@@ -206,80 +212,73 @@ class Live:
     # --- the services ---------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Run states from the controller, accounting from the ingest, snapshots, backfill."""
-        self._refresh_runs()
-        try:
-            stats = self.store.run_stats()
-            self.ingest_ok = True
-        except (ServiceUnavailable, RemoteError):
-            self.ingest_ok = False
-            return
-        for run_id, view in self.runs.items():
-            if run_id in stats:
-                view.set_stats(stats[run_id], self.clock())
-        for view in list(self.runs.values()):
-            if not view.loaded:
-                self.snapshot(view)
-        self.backfill()
+        """Run states from the controller (or the store), accounting from the ingest, snapshots,
+        backfill. Blocks for the requests: on a thread that may wait (the watch loop)."""
+        self.apply_status(self.reader.status())
+        self.apply_stored(self.reader.read(self.due()))
 
-    def _refresh_runs(self) -> None:
-        try:
-            records = self.controller.request(Command.LIST_RUNS)["runs"]
-            self.controller_ok = True
-        except (ServiceUnavailable, RemoteError):
-            self.controller_ok = False
-            return
-        self.order = [r["run_id"] for r in records]
+    def apply_status(self, status: Status) -> None:
+        """What a reader's `status` found: run records, or stored runs, and the accounting."""
+        self.asked = True
+        self.controller_ok = status.records is not None
+        self.ingest_ok = status.stats is not None
+        if status.records is not None:
+            self._show_runs(status.records, lambda r: r["state"] in TERMINAL_STATES)
+            for record in status.records:
+                if record["run_id"] in self.runs:
+                    self.runs[record["run_id"]].set_record(record)
+        elif status.stored_runs is not None:
+            self._show_runs(status.stored_runs, lambda r: r["status"] is not None)
+            for row in status.stored_runs:
+                if row["run_id"] in self.runs:
+                    self.runs[row["run_id"]].set_stored_run(row)
+        for run_id, stats in (status.stats or {}).items():
+            if run_id in self.runs:
+                self.runs[run_id].set_stats(stats, self.clock())
+
+    def _show_runs(self, runs: list[dict[str, Any]], ended: Callable[[dict[str, Any]], bool]) -> None:
+        """Follow the named runs, or the active ones and the RECENT_RUNS last finished."""
+        self.order = [r["run_id"] for r in runs]
         if self.named:
-            wanted = [r for r in records if r["run_id"] in self.named]
+            wanted = [r for r in runs if r["run_id"] in self.named]
         else:
-            done = [r for r in records if r["state"] in TERMINAL_STATES]
-            recent = {r["run_id"] for r in done[-RECENT_RUNS:]}
-            wanted = [r for r in records
-                      if r["state"] not in TERMINAL_STATES or r["run_id"] in recent
-                      or r["run_id"] in self.runs]
-        for record in wanted:
-            self.view(record["run_id"]).set_record(record)
+            recent = {r["run_id"] for r in [r for r in runs if ended(r)][-RECENT_RUNS:]}
+            wanted = [r for r in runs
+                      if not ended(r) or r["run_id"] in recent or r["run_id"] in self.runs]
+        for r in wanted:
+            self.view(r["run_id"])
 
-    def snapshot(self, view: RunView) -> None:
-        """Everything stored of a run so far (its first load)."""
-        self.fetch(view, 0, MAX_SEQ)
-        view.loaded = True
-
-    def backfill(self) -> int:
-        """Fetch from the store the seqs of gaps older than BACKFILL_AGE; the seqs recovered."""
-        recovered = 0
+    def due(self) -> list[Fetch]:
+        """What to read from the store now: the snapshot of each run not loaded yet, and the gaps
+        older than BACKFILL_AGE (each gap is asked for once)."""
+        fetches = [Fetch(v.run_id, 0, MAX_SEQ, run_row=not v.env, snapshot=True)
+                   for v in self.runs.values() if not v.loaded]
         now = self.clock()
         for view in self.runs.values():
-            due = view.seqs.due_gaps(now - BACKFILL_AGE)
-            if due:
-                recovered += self.fetch(view, min(g[0] for g in due), max(g[1] for g in due))
-        return recovered
+            gaps = view.seqs.due_gaps(now - BACKFILL_AGE) if view.loaded else []
+            if gaps:
+                fetches.append(Fetch(view.run_id, min(g[0] for g in gaps),
+                                     max(g[1] for g in gaps), run_row=not view.env))
+        return fetches
 
-    def fetch(self, view: RunView, lo: int, hi: int) -> int:
-        """Load the stored frames of `view`'s run with seq in lo..hi that it does not hold yet."""
-        run_id = view.run_id
-        try:
-            stored = [r["seq"] for r in self.store.rows(queries.stored_seqs(run_id, lo, hi))]
-            new = {seq for seq in stored if view.seqs.take(seq, live=False, now=self.clock())}
+    def apply_stored(self, stored: list[Stored]) -> int:
+        """Take what a reader read of `due()`'s fetches: the frames not held yet. The seqs taken."""
+        taken = 0
+        for s in stored:
+            view = self.view(s.fetch.run_id)
+            new = {seq for seq in s.seqs if view.seqs.take(seq, live=False, now=self.clock())}
+            if s.fetch.snapshot:
+                view.loaded = True
             if not new:
-                return 0
-            first, last = min(new), max(new)  # what the other tables are read for
-            if not view.env:
-                for row in self.store.rows(queries.run(run_id)):
-                    view.set_stored_run(row)
-            view.add_lifecycle([r for r in self.store.rows(
-                queries.lifecycle_events(run_id, first, last)) if r["seq"] in new])
-            view.add_episode_rows([r for r in self.store.rows(
-                queries.latest_episodes(run_id, first, last, MAX_EPISODES)) if r["seq"] in new])
-            view.add_stored_metrics([r for r in self.store.rows(
-                queries.latest_metric(run_id, first, last, SPS_METRIC)) if r["seq"] in new])
-            view.add_stored_steps([r for r in self.store.rows(
-                queries.latest_step(run_id, first, last)) if r["seq"] in new])
-        except (ServiceUnavailable, RemoteError):
-            self.ingest_ok = False
-            return 0
-        return len(new)
+                continue
+            for row in s.run:
+                view.set_stored_run(row)
+            view.add_lifecycle([r for r in s.lifecycle if r["seq"] in new])
+            view.add_episode_rows([r for r in s.episodes if r["seq"] in new])
+            view.add_stored_metrics([r for r in s.metrics if r["seq"] in new])
+            view.add_stored_steps([r for r in s.steps if r["seq"] in new])
+            taken += len(new)
+        return taken
 
     # --- accounting -----------------------------------------------------------------------------
 
@@ -303,5 +302,4 @@ class Live:
 
     def close(self) -> None:
         self.feed.close()
-        self.controller.close()
-        self.store.close()
+        self.reader.close()

@@ -140,13 +140,19 @@ class RunView:
             self.env_kwargs = config["env_kwargs"]
 
     def set_stored_run(self, row: dict[str, Any]) -> None:
-        """The ingest's `runs` row (config as JSON)."""
+        """The ingest's `runs` row (config as JSON; name, status, reason and frames_emitted
+        where the row has them: what a viewer knows of a run when the controller is down)."""
         try:
             config = json.loads(row.get("config") or "{}")
         except ValueError:
             config = {}
         self.agent_id = self.agent_id or row.get("agent_id") or ""
+        self.name = row.get("name") or self.name
         self._set_config(config if isinstance(config, dict) else {}, row)
+        if row.get("status"):
+            self.status, self.reason = row["status"], row.get("reason") or self.reason
+        if row.get("frames_emitted") is not None:
+            self.frames_emitted = row["frames_emitted"]
 
     def set_stats(self, stats: dict[str, Any], now: float) -> None:
         """The ingest's RunStats; a known `frames_emitted` shows a missing tail as a gap."""

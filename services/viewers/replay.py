@@ -21,7 +21,7 @@ from gymbus.services.cli.output import sparkline
 from gymbus.services.ingest.client import StoreClient
 from gymbus.services.viewers.grid import GridWorld, Scene, action_name, to_rich
 from gymbus.shared import queries
-from gymbus.shared.errors import RemoteError
+from gymbus.shared.errors import NotFound, RemoteError
 from gymbus.shared.protocol import ErrorCode, TelemetryMode
 
 #: buckets of a metric curve in the fast-mode fallback
@@ -81,7 +81,8 @@ class Replay:
 
 
 def load_episode(store: StoreClient, run_id: str, episode: int) -> Replay:
-    """The run's episode and its steps; RemoteError unknown_run / bad_request when absent."""
+    """The run's episode and its steps; RemoteError unknown_run when the run is absent, NotFound
+    when the episode is."""
     run = store.rows(queries.run(run_id))
     if not run:
         raise RemoteError(ErrorCode.UNKNOWN_RUN.value, f"no run {run_id} is stored")
@@ -90,8 +91,7 @@ def load_episode(store: StoreClient, run_id: str, episode: int) -> Replay:
     if not rows:
         span = store.rows(queries.episode_span(run_id))[0]
         held = f"episodes {span['lo']} to {span['hi']}" if span["n"] else "no episodes"
-        raise RemoteError(ErrorCode.BAD_REQUEST.value,
-                          f"episode {episode} of run {run_id} is not stored ({held} are)")
+        raise NotFound(f"episode {episode} of run {run_id} is not stored ({held} are)")
     e = rows[0]
     try:
         config = json.loads(r["config"] or "{}")
@@ -110,15 +110,19 @@ def load_episode(store: StoreClient, run_id: str, episode: int) -> Replay:
 
 
 def fallback_metrics(store: StoreClient, run_id: str) -> list[dict[str, Any]]:
-    """Every metric of the run: name, count, min, max, last value, and a curve of CURVE_POINTS
-    bucket means (what a fast-mode run stored instead of steps). `charts/episodic_return` and
-    `charts/episodic_length` come from the episode rows (at the global step of each episode's
-    end), unless the run's metrics hold them (a run imported from TensorBoard files)."""
+    """Every metric of the run: name, count, min, max, last value, a curve of CURVE_POINTS
+    bucket means and the mean step of each bucket, where its point is drawn (what a fast-mode run
+    stored instead of steps). `charts/episodic_return` and `charts/episodic_length` come from the
+    episode rows (at the global step of each episode's end), unless the run's metrics hold them
+    (a run imported from TensorBoard files)."""
     summary = store.rows(queries.metric_summary(run_id))
     curves: dict[str, list[float]] = {}
+    steps: dict[str, list[float]] = {}
     for row in store.rows(queries.metric_curves(run_id, CURVE_POINTS)):
         curves.setdefault(row["name"], []).append(float(row["v"]))
-    return [{**row, "curve": curves.get(row["name"], [])} for row in summary]
+        steps.setdefault(row["name"], []).append(float(row["step"]))
+    return [{**row, "curve": curves.get(row["name"], []), "steps": steps.get(row["name"], [])}
+            for row in summary]
 
 
 # --- printing -------------------------------------------------------------------------------------

@@ -32,8 +32,22 @@ REFRESH_SECONDS = 1.0
 ONCE_SETTLE = 0.5
 CURVE_HEIGHT = 8
 BLOCKS = " ▁▂▃▄▅▆▇█"
-#: characters of a run id the table shows (its end: the random part of a ULID)
-RUN_CHARS = 10
+#: characters of a run id the table shows where the whole id does not fit (its end: the random
+#: part of a ULID)
+RUN_CHARS = 8
+#: the run table's columns, left to right: header, priority, right-aligned. Where the terminal
+#: is too narrow for all of them, the highest priority numbers are left out first; those of
+#: priority 0 are always shown. A column is never cut: it is shown whole or not at all.
+COLUMNS: tuple[tuple[str, int, bool], ...] = (
+    ("RUN", 0, False), ("NAME", 6, False), ("AGENT", 9, False), ("ENV", 1, False),
+    ("ALGO", 2, False), ("MODE", 4, False), ("STATE", 0, False), ("EPISODES", 0, True),
+    ("STEPS/S", 0, True), ("LAST RET", 7, True), ("MEAN RET", 0, True), ("STORED", 8, True),
+    ("GAPS", 5, True), ("MISSED", 3, True),
+)
+#: columns of space between two of the table's columns
+GUTTER = 2
+#: the widest a run's name is shown (a longer one ends in an ellipsis)
+NAME_CHARS = 24
 
 
 def curve_lines(values: Sequence[float], width: int, height: int = CURVE_HEIGHT) -> list[str]:
@@ -73,6 +87,23 @@ def _int(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _cell_len(cell: str | Text) -> int:
+    return (Text(cell) if isinstance(cell, str) else cell).cell_len
+
+
+def fit_columns(widths: Sequence[int], priorities: Sequence[int], width: int) -> list[int]:
+    """The columns (their indexes, in order) shown in `width`: those of priority 0, then the
+    others in priority order for as long as the next one fits."""
+    shown = [i for i, p in enumerate(priorities) if p == 0]
+    used = sum(widths[i] for i in shown) + GUTTER * (len(shown) - 1)
+    for i in sorted((i for i, p in enumerate(priorities) if p > 0), key=lambda i: priorities[i]):
+        if used + GUTTER + widths[i] > width:
+            break
+        shown.append(i)
+        used += GUTTER + widths[i]
+    return sorted(shown)
+
+
 class Dashboard:
     """What `gymbus watch` draws from a `Live`; the selection moves with n/p."""
 
@@ -105,48 +136,79 @@ class Dashboard:
 
     def render(self, width: int = 120) -> RenderableType:
         current = self.current()
-        parts: list[RenderableType] = [self.header(), self.table()]
+        parts: list[RenderableType] = [self.header(width), self.table(width)]
         if current is not None:
             parts.append(self.detail(current, width))
-        parts.append(self.footer())
+        elif not self.live.controller_ok:
+            parts.append(Text("no runs: the controller does not answer and the store holds none "
+                              "(start the stack with `make up` or `honcho start`)\n", style="dim"))
+        else:
+            parts.append(Text("no runs yet: submit one with `gymbus submit`\n", style="dim"))
+        parts.append(self.footer(width))
         return Group(*parts)
 
-    def header(self) -> Text:
+    def header(self, width: int = 120) -> Text:
+        """One line: the services' state, then the live endpoint and the time where they fit."""
         live = self.live
         text = Text("gymbus watch", style="bold")
         text.append(f"  {len(live.runs)} runs  ")
         for name, ok in (("controller", live.controller_ok), ("ingest", live.ingest_ok)):
             text.append(f"{name} {'ok' if ok else 'down'}  ", style="green" if ok else "bold red")
-        text.append(f"live {live.settings.telemetry_live}  {time.strftime('%H:%M:%S')}", style="dim")
+        clock, endpoint = time.strftime("%H:%M:%S"), f"live {live.settings.telemetry_live}  "
+        if text.cell_len + len(endpoint) + len(clock) <= width:
+            text.append(endpoint, style="dim")
+        text.append(clock, style="dim")
         return text
 
-    def table(self) -> Table:
-        table = Table(box=box.SIMPLE_HEAD, expand=True, header_style="bold", pad_edge=False,
-                      padding=(0, 1))
-        for name in ("", "RUN", "AGENT", "ENV", "ALGO", "MODE", "STATE"):
-            table.add_column(name, no_wrap=True, overflow="ellipsis")
-        for name in ("EPISODES", "STEPS/S", "LAST RET", "MEAN RET", "STORED", "GAPS", "MISSED"):
-            table.add_column(name, no_wrap=True, justify="right")
-        for v in self.views():
+    def table(self, width: int = 120) -> Table:
+        """The runs, one a line, with the columns that fit in `width` (COLUMNS)."""
+        views = self.views()
+        cells: list[list[str | Text]] = []
+        for v in views:
             state = v.status if v.status and v.state in ("", "running") else v.state or "?"
             missed = v.seqs.missed
-            table.add_row(
-                "▶" if v.run_id == self.selected else "", v.run_id[-RUN_CHARS:], v.agent_id,
+            cells.append([
+                f"{'▶' if v.run_id == self.selected else ' '} {v.run_id}", v.name, v.agent_id,
                 v.env, v.algo, v.telemetry, Text(state, style=_state_style(state)),
                 str(v.episodes), _num(v.sps), _num(v.returns[-1] if v.returns else None),
                 _num(v.mean_return()), _int(v.stats.get("frames_stored")),
                 _int(v.stats.get("gaps")), Text(str(missed), style="bold yellow" if missed else ""),
-            )
+            ])
+        widths = [max([len(header)] + [_cell_len(c[i]) for c in cells])
+                  for i, (header, _, _) in enumerate(COLUMNS)]
+        whole_id = widths[0]
+        widths[0] = min(whole_id, 2 + RUN_CHARS)
+        widths[1] = min(widths[1], NAME_CHARS)
+        candidates = [i for i in range(len(COLUMNS)) if i != 1 or any(v.name for v in views)]
+        shown = [candidates[i] for i in fit_columns(
+            [widths[i] for i in candidates], [COLUMNS[i][1] for i in candidates], width)]
+        used = sum(widths[i] for i in shown) + GUTTER * (len(shown) - 1)
+        if len(shown) == len(candidates) and used + whole_id - widths[0] <= width:
+            widths[0] = whole_id  # every column fits, and the whole run id too
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False,
+                      padding=(0, GUTTER // 2), collapse_padding=True)
+        for i in shown:
+            header, _, right = COLUMNS[i]
+            table.add_column(header, justify="right" if right else "left", no_wrap=True,
+                             width=widths[i], overflow="ellipsis")
+        for row in cells:
+            if widths[0] < whole_id:  # the end of the id, after the selection mark
+                row[0] = f"{str(row[0])[:2]}{str(row[0])[-RUN_CHARS:]}"
+            table.add_row(*(row[i] for i in shown))
         return table
 
     def detail(self, v: RunView, width: int) -> RenderableType:
         """The selected run: its return curve, and the board of a grid world."""
         returns = v.returns
         # the panel's inside: 3/5 of the width beside a board, less borders, padding, labels
-        curve_width = max(10, (width * 3 // 5 if v.world else width) - 4 - 9)
+        panel_width = width * 3 // 5 if v.world else width
+        curve_width = max(10, panel_width - 4 - 9)
         lines = curve_lines(returns, curve_width)
-        title = f"returns of {v.run_id}, last {len(returns)} episodes (mean of 100: " \
-                f"{_num(v.mean_return())})"
+        mean, tail = _num(v.mean_return()), v.run_id[-RUN_CHARS:]
+        titles = [f"returns of {run}, last {len(returns)} episodes (mean of 100: {mean})"
+                  for run in (v.run_id, tail)] + [f"returns of {tail}, mean(100) {mean}"]
+        # the first that fits beside the border's corners and the title's padding
+        title = next((t for t in titles if len(t) + 6 <= panel_width), titles[-1])
         if lines:
             curve = Text(no_wrap=True, overflow="crop")
             hi, lo = max(returns), min(returns)
@@ -181,18 +243,21 @@ class Dashboard:
             body.append(f"  {step.label}", style="italic")
         return Panel(body, title=f"board: {v.env}", title_align="left")
 
-    def footer(self) -> Text:
+    def footer(self, width: int = 120) -> Text:
         t = self.live.totals()
         text = Text(f"viewer: {t['live']} live frames, {t['duplicates']} duplicates discarded, "
                     f"{t['from_store']} from the store; missed {t['missed']} "
                     f"(dropped here {t['dropped']}), rejected {t['rejected']}", style="dim")
-        text.append("    n/p: select  q: quit", style="dim")
+        keys = "n/p: select  q: quit"
+        text.append("    " if text.cell_len + 4 + len(keys) <= width else "\n")
+        text.append(keys, style="dim")
         return text
 
     def to_json(self) -> dict[str, Any]:
         """The dashboard's numbers, for `--json`."""
         runs = [{
-            "run_id": v.run_id, "agent_id": v.agent_id, "env": v.env, "algo": v.algo,
+            "run_id": v.run_id, "name": v.name, "agent_id": v.agent_id, "env": v.env,
+            "algo": v.algo,
             "telemetry": v.telemetry, "state": v.state, "status": v.status,
             "episodes": v.episodes, "sps": v.sps,
             "last_return": v.returns[-1] if v.returns else None, "mean_return": v.mean_return(),
@@ -241,12 +306,16 @@ def read_key(fd: int | None, timeout: float) -> str:
 
 
 def settle(live: Live, seconds: float) -> None:
-    """Take what the stream delivers for `seconds` (frames in flight at the snapshot)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        live.poll()
-        time.sleep(0.05)  # paces the poll; the feed queues meanwhile
-    live.refresh()
+    """Take what the stream delivers for `seconds` (frames in flight at the snapshot), then
+    refresh. Not when neither the controller nor the ingest answered the last time: no run is
+    under way that they know of, what the store's file holds was read then, and asking again
+    would only wait out their timeouts."""
+    if live.controller_ok or live.ingest_ok:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            live.poll()
+            time.sleep(0.05)  # paces the poll; the feed queues meanwhile
+        live.refresh()
     live.poll()
 
 

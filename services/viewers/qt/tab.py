@@ -1,14 +1,15 @@
 """One agent's tab of the Qt viewer: the live grid world, return and episode-length curves, the
 episodes table, and the replay of a stored episode (slider, play/pause).
 
-Everything here runs on the GUI thread: the window calls `AgentTab.update_view` from its timers;
-the replay reads DuckDB through the ingest's query API, or the file when no ingest answers (a
-`StoreClient`: a short blocking request).
+Everything here runs on the GUI thread: the window calls `AgentTab.update_view` from its timers.
+The replay reads DuckDB through the ingest's query API, or the file when no ingest answers (a
+`StoreClient`), on the window's request thread; what it read comes back to the GUI thread.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,10 @@ import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
 from gymbus.services.ingest.client import StoreClient
-from gymbus.services.viewers.grid import action_name
+from gymbus.services.viewers.grid import action_name, obs_text
 from gymbus.services.viewers.live_runs import RunView
 from gymbus.services.viewers.qt.grid import GridWidget
+from gymbus.services.viewers.qt.requests import Requests
 from gymbus.services.viewers.replay import Replay, fallback_metrics, load_episode
 from gymbus.shared.errors import GymbusError
 from gymbus.shared.settings import Settings
@@ -29,19 +31,40 @@ TABLE_ROWS = 200
 REDRAW_SECONDS = 0.5
 PLAY_INTERVAL_MS = 150
 REQUEST_TIMEOUT = 3.0
+#: the least a plot is given, in pixels: the layouts shrink other things first
+PLOT_MIN_WIDTH, PLOT_MIN_HEIGHT = 240, 160
+CURVE_COLOURS = ("#08519c", "#fd8d3c", "#31a354", "#756bb1", "#e6550d", "#636363")
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    """A number in four significant digits, or whole with thousands separated (41,543)."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+
+
+def _wrapping_label(text: str = "") -> QtWidgets.QLabel:
+    """A label that wraps its text to the width it is given instead of asking for more."""
+    label = QtWidgets.QLabel(text)
+    label.setWordWrap(True)
+    label.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored,
+                        QtWidgets.QSizePolicy.Policy.Minimum)
+    return label
 
 
 class ReplayPanel(QtWidgets.QWidget):
     """Pick a stored episode of the run and step through it (GUI thread)."""
 
-    def __init__(self, view: RunView, settings: Settings) -> None:
+    #: an episode was loaded (True) or could not be (False)
+    loaded = QtCore.Signal(bool)
+
+    def __init__(self, view: RunView, settings: Settings, requests: Requests,
+                 ask_ingest: Callable[[], bool] = lambda: True) -> None:
         super().__init__()
         self.view = view
         self.settings = settings
+        self.requests = requests
+        self.ask_ingest = ask_ingest
         self.replay: Replay | None = None
         self.episode = QtWidgets.QSpinBox()
         self.episode.setRange(0, 0)
@@ -50,16 +73,25 @@ class ReplayPanel(QtWidgets.QWidget):
         self.play_button.setEnabled(False)
         self.slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
         self.slider.setEnabled(False)
-        self.info = QtWidgets.QLabel("pick an episode and load it")
-        self.info.setWordWrap(True)
+        self.info = _wrapping_label("pick an episode and load it")
         self.grid = GridWidget()
         self.grid.message = "no episode loaded"
+        #: what a run that is not a grid world shows: its observation along the episode
+        self.obs_plot = pg.PlotWidget(background="w")
+        self.obs_plot.setLabel("bottom", "step")
+        self.obs_plot.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200),
+                                labelTextColor="#343a40")
+        self.obs_cursor = pg.InfiniteLine(angle=90, pen=pg.mkPen("#c0392b", width=1))
         #: what a run without stored steps shows instead of the board: its metric curves
         self.metrics = pg.GraphicsLayoutWidget()
         self.metrics.setBackground("w")
+        self.metrics_view = QtWidgets.QScrollArea()  # as many plots as the run has metrics
+        self.metrics_view.setWidgetResizable(True)
+        self.metrics_view.setWidget(self.metrics)
         self.stack = QtWidgets.QStackedWidget()
-        self.stack.addWidget(self.grid)
-        self.stack.addWidget(self.metrics)
+        for widget in (self.grid, self.obs_plot, self.metrics_view):
+            self.stack.addWidget(widget)
+        self.stack.setMinimumHeight(PLOT_MIN_HEIGHT)
         self.timer = QtCore.QTimer(self)
         self.timer.setInterval(PLAY_INTERVAL_MS)
         controls = QtWidgets.QHBoxLayout()
@@ -79,47 +111,80 @@ class ReplayPanel(QtWidgets.QWidget):
     def set_episodes(self, count: int) -> None:
         self.episode.setMaximum(max(0, count - 1))
 
-    def load(self, episode: int) -> bool:
-        """Read the episode and its steps from the store; False (and says why) when it cannot."""
+    def load(self, episode: int) -> None:
+        """Read the episode and its steps from the store, on the request thread; `loaded` says
+        whether it could (and the panel why not)."""
         self.timer.stop()
         self.play_button.setText("Play")
-        store = StoreClient(self.settings, REQUEST_TIMEOUT)
-        try:
-            replay = load_episode(store, self.view.run_id, episode)
-            metrics = [] if replay.steps else fallback_metrics(store, self.view.run_id)
-        except GymbusError as exc:
-            self.info.setText(f"cannot replay episode {episode}: {exc}")
-            return False
-        finally:
-            store.close()
+        self.load_button.setEnabled(False)
+        self.info.setText(f"loading episode {episode}…")
+        settings, run_id, ask_ingest = self.settings, self.view.run_id, self.ask_ingest()
+
+        def read() -> tuple[Replay, list[dict[str, Any]]]:  # on the request thread
+            with StoreClient(settings, REQUEST_TIMEOUT) as store:
+                store.ask_ingest = ask_ingest
+                replay = load_episode(store, run_id, episode)
+                return replay, [] if replay.steps else fallback_metrics(store, run_id)
+
+        self.requests.call(read, self._show_loaded, lambda exc: self._load_failed(episode, exc))
+
+    def _load_failed(self, episode: int, exc: Exception) -> None:
+        self.load_button.setEnabled(True)
+        if not isinstance(exc, GymbusError):
+            raise exc
+        self.info.setText(f"cannot replay episode {episode}: {exc}")
+        self.loaded.emit(False)
+
+    def _show_loaded(self, loaded: tuple[Replay, list[dict[str, Any]]]) -> None:
+        replay, metrics = loaded
+        self.load_button.setEnabled(True)
         self.replay = replay
-        self.episode.setValue(episode)
+        self.episode.setValue(replay.episode)
         has_steps = bool(replay.steps)
         self.slider.setEnabled(has_steps)
         self.play_button.setEnabled(has_steps)
         if not has_steps:
-            self.info.setText(f"{replay.why_no_steps()}. Stored instead: episode {episode} "
+            self.info.setText(f"{replay.why_no_steps()}. Stored instead: episode {replay.episode} "
                               f"returned {replay.ret:g} in {replay.length} steps; the run's "
                               f"metrics below.")
             self.show_metrics(metrics)
-            return True
-        self.stack.setCurrentWidget(self.grid)
-        self.slider.blockSignals(True)
-        self.slider.setRange(0, len(replay.steps) - 1)
-        self.slider.setValue(0)
-        self.slider.blockSignals(False)
-        self.show_step(0)
-        return True
+        else:
+            if replay.world is None:
+                self.show_observations(replay)
+            self.stack.setCurrentWidget(self.grid if replay.world is not None else self.obs_plot)
+            self.slider.blockSignals(True)
+            self.slider.setRange(0, len(replay.steps) - 1)
+            self.slider.setValue(0)
+            self.slider.blockSignals(False)
+            self.show_step(0)
+        self.loaded.emit(True)
 
     def show_metrics(self, metrics: list[dict[str, Any]]) -> None:
-        """One small plot per metric (its curve of bucket means), instead of the board."""
+        """One plot per metric (its bucket means against the run's steps), instead of the board."""
         self.metrics.clear()
         for i, m in enumerate(metrics):
             plot = self.metrics.addPlot(row=i // 2, col=i % 2,
                                         title=f"{m['name']} (last {m['last']:.4g})")
-            plot.plot(m["curve"], pen=pg.mkPen("#08519c", width=2),
+            plot.setLabel("bottom", "step")
+            plot.plot(m["steps"], m["curve"], pen=pg.mkPen("#08519c", width=2),
                       symbol="o" if len(m["curve"]) < 3 else None)
-        self.stack.setCurrentWidget(self.metrics)
+        self.metrics.setMinimumHeight((len(metrics) + 1) // 2 * PLOT_MIN_HEIGHT)
+        self.stack.setCurrentWidget(self.metrics_view)
+
+    def show_observations(self, replay: Replay) -> None:
+        """The episode's observation, one curve per component, against the step."""
+        self.obs_plot.clear()
+        held = [s for s in replay.steps if s["obs"] is not None]  # a recording may omit it
+        steps = np.asarray([s["step"] for s in held], dtype=float)
+        try:
+            values = np.asarray([s["obs"] if isinstance(s["obs"], list) else [s["obs"]]
+                                 for s in held], dtype=float)
+        except (TypeError, ValueError):  # not numbers of one length: nothing to plot
+            values = np.empty((0, 0))
+        for j in range(values.shape[1] if values.ndim == 2 else 0):
+            self.obs_plot.plot(steps, values[:, j], name=f"obs[{j}]",
+                               pen=pg.mkPen(CURVE_COLOURS[j % len(CURVE_COLOURS)], width=2))
+        self.obs_plot.addItem(self.obs_cursor)
 
     def show_step(self, index: int) -> None:
         replay = self.replay
@@ -127,11 +192,13 @@ class ReplayPanel(QtWidgets.QWidget):
             return
         s = replay.steps[index]
         text = (f"episode {replay.episode} (return {replay.ret:g}, {replay.length} steps): "
-                f"step {s['step']}  {action_name(replay.env, s['action'])}  reward {s['reward']:g}")
+                f"step {s['step']}  action {action_name(replay.env, s['action'])}  "
+                f"reward {s['reward']:g}")
         if s["label"]:
             text += f"  {replay.label_name}: {s['label']}"
         if replay.world is None:
-            text += f"  obs {s['obs']}"
+            text += f"  obs {obs_text(s['obs'])}"
+            self.obs_cursor.setValue(s["step"])
         self.info.setText(text)
         self.grid.show_scene(replay.scene(index), "not a grid world")
 
@@ -153,20 +220,26 @@ class ReplayPanel(QtWidgets.QWidget):
 
 
 class AgentTab(QtWidgets.QWidget):
-    """One agent of one run: live board, curves, episodes, replay."""
+    """One agent of one run: live board (grid worlds), curves, episodes, replay.
 
-    def __init__(self, view: RunView, settings: Settings) -> None:
+    Above, the board beside the curves (the curves alone for other environments) and the last
+    step; below, the episodes and the replay, in a splitter that keeps both in view."""
+
+    def __init__(self, view: RunView, settings: Settings, requests: Requests,
+                 ask_ingest: Callable[[], bool] = lambda: True) -> None:
         super().__init__()
         self.view = view
-        self.header = QtWidgets.QLabel()
+        self.header = _wrapping_label()
         self.header.setTextFormat(QtCore.Qt.TextFormat.RichText)
-        self.header.setWordWrap(True)
         self.grid = GridWidget()
-        self.step = QtWidgets.QLabel("")
+        self.step = _wrapping_label()
         self.curves = pg.GraphicsLayoutWidget()
         self.curves.setBackground("w")
+        self.curves.setMinimumSize(PLOT_MIN_WIDTH, 2 * PLOT_MIN_HEIGHT + 20)
         self.returns_plot = self.curves.addPlot(row=0, col=0, title="return per episode")
         self.lengths_plot = self.curves.addPlot(row=1, col=0, title="episode length")
+        for plot in (self.returns_plot, self.lengths_plot):
+            plot.setLabel("bottom", "episode")
         self.returns_points = self.returns_plot.plot(pen=pg.mkPen("#9ecae1", width=1))
         self.returns_mean = self.returns_plot.plot(pen=pg.mkPen("#08519c", width=2))
         self.lengths_line = self.lengths_plot.plot(pen=pg.mkPen("#fd8d3c", width=1))
@@ -174,20 +247,29 @@ class AgentTab(QtWidgets.QWidget):
         self.table.setHorizontalHeaderLabels(["episode", "return", "length", "mean (100)"])
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QtWidgets.QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.replay = ReplayPanel(view, settings)
-        board = QtWidgets.QVBoxLayout()
-        board.addWidget(self.grid, 1)
-        board.addWidget(self.step)
-        top = QtWidgets.QHBoxLayout()
-        top.addLayout(board, 2)
-        top.addWidget(self.curves, 3)
-        bottom = QtWidgets.QTabWidget()
-        bottom.addTab(self.table, "Episodes")
-        bottom.addTab(self.replay, "Replay")
+        self.replay = ReplayPanel(view, settings, requests, ask_ingest)
+        boards = QtWidgets.QHBoxLayout()
+        boards.addWidget(self.grid, 2)
+        boards.addWidget(self.curves, 3)
+        top = QtWidgets.QWidget()
+        top_layout = QtWidgets.QVBoxLayout(top)
+        top_layout.setContentsMargins(0, 0, 0, 0)
+        top_layout.addLayout(boards, 1)
+        top_layout.addWidget(self.step)
+        self.bottom = QtWidgets.QTabWidget()
+        self.bottom.addTab(self.table, "Episodes")
+        self.bottom.addTab(self.replay, "Replay")
+        self.bottom.setMinimumHeight(PLOT_MIN_HEIGHT + 80)  # the replay's controls and its plot
+        self.splitter = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        self.splitter.addWidget(top)
+        self.splitter.addWidget(self.bottom)
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 2)
+        self.splitter.setSizes([450, 300])
         layout = QtWidgets.QVBoxLayout(self)
         layout.addWidget(self.header)
-        layout.addLayout(top, 3)
-        layout.addWidget(bottom, 2)
+        layout.addWidget(self.splitter, 1)
         self._drawn_episodes = -1
         self._drawn_at = 0.0
         self.update_view(force=True)
@@ -197,8 +279,9 @@ class AgentTab(QtWidgets.QWidget):
         v = self.view
         state = v.status if v.status and v.state in ("", "running") else v.state or "?"
         stats = v.stats
+        name = f" &nbsp; <i>{v.name}</i>" if v.name else ""
         self.header.setText(
-            f"<b>{v.run_id}</b> &nbsp; {v.agent_id} &nbsp; {v.env} &nbsp; {v.algo} &nbsp; "
+            f"<b>{v.run_id}</b>{name} &nbsp; {v.agent_id} &nbsp; {v.env} &nbsp; {v.algo} &nbsp; "
             f"{v.telemetry} &nbsp; <b>{state}</b> &nbsp; episodes {v.episodes} &nbsp; "
             f"steps/s {_fmt(v.sps)} &nbsp; last return "
             f"{_fmt(v.returns[-1] if v.returns else None)} &nbsp; mean(100) {_fmt(v.mean_return())}"
@@ -213,6 +296,8 @@ class AgentTab(QtWidgets.QWidget):
 
     def _update_board(self) -> None:
         v, step = self.view, self.view.last_step
+        # a board only for grid worlds: the curves take the width of the others
+        self.grid.setVisible(v.world is not None or not v.env)
         if v.world is None:
             message = f"{v.env or 'the environment'} is not a grid world"
         elif v.telemetry == "fast":
@@ -221,12 +306,12 @@ class AgentTab(QtWidgets.QWidget):
             message = "no steps yet"
         self.grid.show_scene(v.scene(), message)
         if step is not None:
-            text = (f"episode {step.episode} step {step.step}: {action_name(v.env, step.action)}, "
-                    f"reward {step.reward:g}")
+            text = (f"episode {step.episode} step {step.step}: action "
+                    f"{action_name(v.env, step.action)}, reward {step.reward:g}")
             if step.label:
                 text += f", {step.label}"
             if v.world is None:
-                text += f", obs {step.obs}"
+                text += f", obs {obs_text(step.obs)}"
             self.step.setText(text)
 
     def _update_curves(self) -> None:

@@ -1,100 +1,54 @@
 """`gymbus viewer`: the desktop viewer (PySide6, pyqtgraph), an optional extra (`gymbus[qt]`).
 
 A tab per agent, opened when its first live frame arrives (or from the runs panel); a runs panel
-to submit (a small form), cancel and see states. Threads: the GUI thread does everything except
-the `LiveFeed`'s receiver thread; a 50 ms timer drains the feed, a 1 s timer refreshes run
-states and the ingest's accounting. Requests to the services are short and bounded (2-3 s).
+to submit (a form), cancel and see states. Threads: the GUI thread draws and holds the model;
+the `LiveFeed`'s receiver thread fills its queue, which a 50 ms timer drains; the request thread
+(`Requests`) asks the controller and the ingest, or reads the store when they do not answer,
+and hands what it got back to the GUI thread: a 1 s timer starts such a refresh when none is in
+flight, and submit, cancel and replay go the same way. A service that does not answer never
+stalls the window.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 os.environ.setdefault("PYQTGRAPH_QT_LIB", "PySide6")
 
 from PySide6 import QtCore, QtWidgets
 
-from gymbus.services.controller.validation import check_environment
 from gymbus.services.viewers.live import Live
 from gymbus.services.viewers.live_runs import RunView
+from gymbus.services.viewers.qt.requests import Requests
+from gymbus.services.viewers.qt.submit import SubmitDialog
 from gymbus.services.viewers.qt.tab import AgentTab
-from gymbus.shared.errors import GymbusError
-from gymbus.shared.protocol import Command, TelemetryMode
-from gymbus.shared.runconfig import ALGO_PARAMS, parse_config
+from gymbus.services.viewers.reader import Status, Stored
+from gymbus.shared.errors import ExitCode, GymbusError, RemoteError
+from gymbus.shared.protocol import Command
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
+
+__all__ = ["RUN_COLUMNS", "MainWindow", "RunsPanel", "SubmitDialog", "main"]
 
 POLL_MS = 50
 REFRESH_MS = 1000
 REQUEST_TIMEOUT = 3.0
-ENVIRONMENTS = ("FrozenLake-v1", "FrozenLake8x8-v1", "Taxi-v4", "CliffWalking-v1", "CartPole-v1")
-RUN_COLUMNS = ("run", "env", "algo", "mode", "state", "episodes", "missed")
-
-
-class SubmitDialog(QtWidgets.QDialog):
-    """A small form for a run config; `config()` is what it submits."""
-
-    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setWindowTitle("Submit a run")
-        self.env = QtWidgets.QComboBox()
-        self.env.setEditable(True)
-        self.env.addItems(ENVIRONMENTS)
-        self.algo = QtWidgets.QComboBox()
-        self.algo.addItems(list(ALGO_PARAMS))
-        self.episodes = QtWidgets.QSpinBox()
-        self.episodes.setRange(1, 10_000_000)
-        self.episodes.setValue(500)
-        self.seed = QtWidgets.QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.telemetry = QtWidgets.QComboBox()
-        self.telemetry.addItems([m.value for m in TelemetryMode])
-        self.every = QtWidgets.QSpinBox()
-        self.every.setRange(1, 1_000_000)
-        self.every.setValue(10)
-        self.agent_id = QtWidgets.QLineEdit("agent-0")
-        self.name = QtWidgets.QLineEdit()
-        self.error = QtWidgets.QLabel("")
-        self.error.setStyleSheet("color: #c0392b")
-        form = QtWidgets.QFormLayout(self)
-        for label, widget in (("environment", self.env), ("algorithm", self.algo),
-                              ("episodes", self.episodes), ("seed", self.seed),
-                              ("telemetry", self.telemetry), ("every (sampled)", self.every),
-                              ("agent id", self.agent_id), ("name", self.name)):
-            form.addRow(label, widget)
-        buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.StandardButton.Ok
-                                             | QtWidgets.QDialogButtonBox.StandardButton.Cancel)
-        buttons.accepted.connect(self.check_and_accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(self.error)
-        form.addRow(buttons)
-
-    def config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "env": self.env.currentText().strip(), "algo": self.algo.currentText(),
-            "episodes": self.episodes.value(), "seed": self.seed.value(),
-            "telemetry": self.telemetry.currentText(), "agent_id": self.agent_id.text().strip(),
-        }
-        if config["telemetry"] == TelemetryMode.SAMPLED.value:
-            config["every"] = self.every.value()
-        if self.name.text().strip():
-            config["name"] = self.name.text().strip()
-        return config
-
-    def check_and_accept(self) -> None:
-        try:
-            check_environment(parse_config(self.config()))
-        except GymbusError as exc:
-            self.error.setText(str(exc))
-            return
-        self.accept()
+#: the runs panel's columns: what tells runs apart and how far they are first
+RUN_COLUMNS = ("run", "state", "episodes", "name", "env", "algo", "mode", "missed")
+#: what the tab area says while no tab is open
+NO_TAB = ("No run is open. A run's tab opens when its first live frame arrives; to look at a "
+          "finished one, double-click it in the list (or select it and press Open). Submit… "
+          "starts a new run.")
 
 
 class RunsPanel(QtWidgets.QWidget):
     """Runs with their states; Submit, Cancel, Open (a tab for the selected run)."""
+
+    #: a run was submitted: its id
+    submitted = QtCore.Signal(str)
 
     def __init__(self, window: MainWindow) -> None:
         super().__init__()
@@ -129,9 +83,12 @@ class RunsPanel(QtWidgets.QWidget):
         self.table.setRowCount(len(views))
         for row, v in enumerate(views):
             state = v.status if v.status and v.state in ("", "running") else v.state or "?"
-            for col, text in enumerate((v.run_id[-10:], v.env, v.algo, v.telemetry, state,
-                                        str(v.episodes), str(v.seqs.missed))):
+            for col, text in enumerate((v.run_id[-10:], state, str(v.episodes), v.name, v.env,
+                                        v.algo, v.telemetry, str(v.seqs.missed))):
                 item = QtWidgets.QTableWidgetItem(text)
+                if RUN_COLUMNS[col] in ("episodes", "missed"):
+                    item.setTextAlignment(QtCore.Qt.AlignmentFlag.AlignRight
+                                          | QtCore.Qt.AlignmentFlag.AlignVCenter)
                 item.setData(QtCore.Qt.ItemDataRole.UserRole, v.run_id)
                 item.setToolTip(v.run_id)
                 self.table.setItem(row, col, item)
@@ -140,34 +97,55 @@ class RunsPanel(QtWidgets.QWidget):
         self.table.resizeColumnsToContents()
 
     def ask_and_submit(self) -> None:
+        """The form; what it accepts is submitted, and a refusal opens it again, saying why."""
         dialog = SubmitDialog(self)
-        if dialog.exec() == QtWidgets.QDialog.DialogCode.Accepted:
-            self.submit(dialog.config())
+        dialog.accepted.connect(lambda: self.submit(dialog.config(), dialog))
+        dialog.open()
 
-    def submit(self, config: dict[str, Any]) -> str | None:
-        """Submit a run config to the controller; its run id (None, and a message, if refused)."""
-        try:
-            reply = self.window_.controller.request(Command.SUBMIT,
-                                                    {"config": config, "idempotency_key": ""})
-        except GymbusError as exc:
+    def submit(self, config: dict[str, Any], dialog: SubmitDialog | None = None) -> None:
+        """Submit a run config to the controller (on the request thread); `submitted` gives its
+        run id, the status bar a refusal (and the form, open again, the field it names)."""
+        controller = self.window_.controller
+        body = {"config": config, "idempotency_key": ""}
+
+        def submitted(reply: dict[str, Any]) -> None:
+            run_id: str = reply["run_id"]
+            self.window_.say(f"submitted {run_id}")
+            self.window_.live.view(run_id).set_record(reply["run"])
+            if dialog is not None:
+                dialog.deleteLater()
+            self.submitted.emit(run_id)
+
+        def refused(exc: Exception) -> None:
+            if not isinstance(exc, GymbusError):
+                raise exc
             self.window_.say(f"submit refused: {exc}")
-            return None
-        run_id: str = reply["run_id"]
-        self.window_.say(f"submitted {run_id}")
-        self.window_.live.view(run_id).set_record(reply["run"])
-        return run_id
+            if dialog is not None:
+                field = exc.field if isinstance(exc, RemoteError) else None
+                dialog.show_error(field, str(exc).removeprefix(f"{field}: "))
+                dialog.open()
+
+        self.window_.requests.call(lambda: controller.request(Command.SUBMIT, body), submitted,
+                                   refused)
 
     def cancel(self, run_id: str | None) -> None:
+        """Ask the controller to cancel the run (on the request thread)."""
         if run_id is None:
             self.window_.say("select a run to cancel")
             return
-        try:
-            run = self.window_.controller.request(Command.CANCEL, {"run_id": run_id})["run"]
-        except GymbusError as exc:
+        controller = self.window_.controller
+
+        def cancelled(reply: dict[str, Any]) -> None:
+            self.window_.live.view(run_id).set_record(reply["run"])
+            self.window_.say(f"cancelling {run_id}: {reply['run']['state']}")
+
+        def refused(exc: Exception) -> None:
+            if not isinstance(exc, GymbusError):
+                raise exc
             self.window_.say(f"cannot cancel {run_id}: {exc}")
-            return
-        self.window_.live.view(run_id).set_record(run)
-        self.window_.say(f"cancelling {run_id}: {run['state']}")
+
+        self.window_.requests.call(
+            lambda: controller.request(Command.CANCEL, {"run_id": run_id}), cancelled, refused)
 
     def open(self, run_id: str | None) -> None:
         if run_id is not None:
@@ -184,19 +162,31 @@ class MainWindow(QtWidgets.QMainWindow):
         self.setWindowTitle("gymbus viewer")
         self.live = live or Live(settings, run_ids)
         self.named = list(run_ids)
+        self.requests = Requests()
+        #: used on the request thread only (submit, cancel), like the live model's reader
         self.controller = Client(settings.controller, "controller", REQUEST_TIMEOUT)
+        #: a refresh is in flight (its requests on the request thread)
+        self.refreshing = False
         self.agent_tabs: dict[tuple[str, str], AgentTab] = {}
         self.tabs = QtWidgets.QTabWidget()
         self.tabs.setTabsClosable(True)
         self.tabs.tabCloseRequested.connect(self.close_tab)
+        self.no_tab = QtWidgets.QLabel(NO_TAB)
+        self.no_tab.setWordWrap(True)
+        self.no_tab.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.no_tab.setMargin(40)
+        self.no_tab.setStyleSheet("color: #6c757d")
+        self.tab_area = QtWidgets.QStackedWidget()
+        self.tab_area.addWidget(self.no_tab)
+        self.tab_area.addWidget(self.tabs)
         self.runs_panel = RunsPanel(self)
         splitter = QtWidgets.QSplitter()
         splitter.addWidget(self.runs_panel)
-        splitter.addWidget(self.tabs)
+        splitter.addWidget(self.tab_area)
         splitter.setStretchFactor(1, 3)
         splitter.setSizes([380, 900])
         self.setCentralWidget(splitter)
-        self.accounting = QtWidgets.QLabel()
+        self.accounting = QtWidgets.QLabel("asking the services…")
         self.statusBar().addPermanentWidget(self.accounting)
         self.poll_timer = QtCore.QTimer(self)
         self.poll_timer.setInterval(POLL_MS)
@@ -207,8 +197,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.resize(1280, 800)
 
     def start(self) -> None:
-        """Subscribe, snapshot, open the named runs' tabs, start the timers (GUI thread)."""
-        self.live.start()
+        """Subscribe, open the named runs' tabs, start the timers and the first refresh (GUI
+        thread; the snapshot comes with that refresh, so that nothing falls between the two)."""
+        self.live.start(refresh=False)
         for run_id in self.named:
             self.open_tab(run_id)
         self.on_refresh()
@@ -227,15 +218,23 @@ class MainWindow(QtWidgets.QMainWindow):
         key = (run_id, agent_id or view.agent_id or "agent")
         tab = self.agent_tabs.get(key) or self.tab_for(run_id)
         if tab is None:
-            tab = self.agent_tabs[key] = AgentTab(view, self.settings)
+            tab = self.agent_tabs[key] = AgentTab(view, self.settings, self.requests,
+                                                  self.ask_ingest)
             self.tabs.addTab(tab, f"{key[1]} · {run_id[-6:]}")
             self.tabs.setTabToolTip(self.tabs.indexOf(tab), f"{key[1]} of run {run_id}")
+            self.tab_area.setCurrentWidget(self.tabs)
         return tab
+
+    def ask_ingest(self) -> bool:
+        """Whether reads ask the ingest first: unless the last refresh found it down."""
+        return self.live.ingest_ok or not self.live.asked
 
     def close_tab(self, index: int) -> None:
         widget = self.tabs.widget(index)
         self.tabs.removeTab(index)
         self.agent_tabs = {k: t for k, t in self.agent_tabs.items() if t is not widget}
+        if not self.agent_tabs:
+            self.tab_area.setCurrentWidget(self.no_tab)
 
     def on_poll(self) -> None:
         """Drain the live feed; a run's first frame opens its agent's tab (GUI thread)."""
@@ -244,30 +243,96 @@ class MainWindow(QtWidgets.QMainWindow):
         for run_id, agent_id in touched:
             self.open_tab(run_id, agent_id).update_view()
 
+    # --- a refresh: status, then what is due from the store, each on the request thread ---------
+
     def on_refresh(self) -> None:
-        """Run states and accounting from the services, then every tab and the runs panel."""
-        self.live.refresh()
+        """Start a refresh unless one is in flight (GUI thread)."""
+        if self.refreshing:
+            return
+        self.refreshing = True
+        self.requests.call(self.live.reader.status, self._got_status, self._refresh_failed)
+
+    def _got_status(self, status: Status) -> None:
+        self.live.apply_status(status)
+        self.redraw()
+        fetches = self.live.due()
+        if not fetches:
+            self.refreshing = False
+            return
+        reader = self.live.reader
+        self.requests.call(lambda: reader.read(fetches), self._got_stored, self._refresh_failed)
+
+    def _got_stored(self, stored: list[Stored]) -> None:
+        self.refreshing = False
+        if self.live.apply_stored(stored):
+            self.redraw()
+
+    def _refresh_failed(self, exc: Exception) -> None:
+        self.refreshing = False
+        if not isinstance(exc, GymbusError):
+            raise exc
+        self.say(f"cannot refresh: {exc}")
+
+    def redraw(self) -> None:
+        """Every tab, the runs panel and the accounting, from the live model (GUI thread)."""
         order = {run_id: i for i, run_id in enumerate(self.live.order)}
         views = sorted(self.live.runs.values(), key=lambda v: order.get(v.run_id, len(order)))
         self.runs_panel.show_runs(views)
-        for tab in self.agent_tabs.values():
+        for (run_id, agent), tab in self.agent_tabs.items():
             tab.update_view()
+            agent = tab.view.agent_id or agent  # a tab opened before the run's first frame
+            self.tabs.setTabText(self.tabs.indexOf(tab), f"{agent} · {run_id[-6:]}")
         t = self.live.totals()
         self.accounting.setText(
             f"controller {'ok' if self.live.controller_ok else 'down'} · ingest "
-            f"{'ok' if self.live.ingest_ok else 'down'} · live frames {t['live']} · missed "
-            f"{t['missed']} (dropped here {t['dropped']}) · from store {t['from_store']}")
+            f"{'ok' if self.live.ingest_ok else 'down (reading the file)'} · live frames "
+            f"{t['live']} · missed {t['missed']} (dropped here {t['dropped']}) · from store "
+            f"{t['from_store']}")
 
     def closeEvent(self, event: Any) -> None:
         self.shutdown()
         super().closeEvent(event)
 
     def shutdown(self) -> None:
-        """Stop the timers and the feed; idempotent."""
+        """Stop the timers, the request thread (closing its sockets there) and the feed;
+        idempotent."""
         self.poll_timer.stop()
         self.refresh_timer.stop()
-        self.live.close()
+        self.requests.close(last=self._close_clients)
+        self.live.feed.close()
+
+    def _close_clients(self) -> None:
+        """On the request thread, where they were used."""
+        self.live.reader.close()
         self.controller.close()
+
+
+class NoDisplay(GymbusError):
+    """There is no display to open a window on. Run the viewer in a desktop session (or over
+    `ssh -X`), or watch the runs in the terminal with `gymbus watch`."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+#: QT_QPA_PLATFORM values that draw on a display; the others (offscreen, vnc, eglfs, ...) need none
+DISPLAY_PLATFORMS = ("xcb", "wayland")
+
+
+def check_display(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> None:
+    """Raise NoDisplay where Qt would find no display and abort the process (Linux: neither
+    DISPLAY nor WAYLAND_DISPLAY set, and no QT_QPA_PLATFORM that needs none). Checked before the
+    QApplication is made: Qt's own message on abort advises reinstalling, which does not help."""
+    if not platform.startswith("linux") or environ.get("DISPLAY") or environ.get(
+            "WAYLAND_DISPLAY"):
+        return
+    qpa = environ.get("QT_QPA_PLATFORM", "")
+    if qpa and not qpa.split(":")[0].startswith(DISPLAY_PLATFORMS):
+        return
+    platform_said = f"QT_QPA_PLATFORM is {qpa}" if qpa else "QT_QPA_PLATFORM is not offscreen"
+    raise NoDisplay(
+        f"no display: DISPLAY and WAYLAND_DISPLAY are unset and {platform_said}, so the Qt "
+        "viewer cannot open a window. Watch the runs in this terminal with `gymbus watch`, or "
+        "run the viewer in a desktop session (or over `ssh -X`)")
 
 
 class BrokenBindings(GymbusError):
@@ -302,6 +367,7 @@ def check_bindings() -> None:
 
 def main(settings: Settings, run_ids: Sequence[str] = ()) -> int:
     """Run the viewer until its window closes; the exit code."""
+    check_display()
     check_bindings()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     window = MainWindow(settings, run_ids)

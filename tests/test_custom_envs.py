@@ -1,0 +1,149 @@
+"""Users' own environments for the built-in agents: an entry point (`--env module:Attr`) and a
+module that registers ids (`--env-module`), through a real stack whose processes find the module
+on PYTHONPATH, as a user's would.
+
+A bad module, attribute or id is refused at submit (exit code 2, the field named, nothing
+stored); a good one trains, and every step is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import STACK_ENV, gymbus_cli, gymbus_cli_json, make_stack, store_query, stored_run
+
+from gymbus.services.stack.launcher import Stack
+from gymbus.shared.errors import ExitCode
+
+PACKAGE = "my_grid_envs"
+ENVS = '''
+    """A corridor: start in cell 0, move left (0) or right (1), reward 1 in the last cell."""
+    import gymnasium as gym
+    from gymnasium import spaces
+
+
+    class GridEnv(gym.Env):
+        def __init__(self, length=5):
+            self.length = length
+            self.observation_space = spaces.Discrete(length)
+            self.action_space = spaces.Discrete(2)
+            self.pos = 0
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.pos = 0
+            return self.pos, {}
+
+        def step(self, action):
+            self.pos = min(max(self.pos + (1 if action == 1 else -1), 0), self.length - 1)
+            done = self.pos == self.length - 1
+            return self.pos, float(done), done, False, {}
+'''
+REGISTER = f'''
+    import gymnasium as gym
+
+    gym.register(id="MyCorridor-v0", entry_point="{PACKAGE}.envs:GridEnv", max_episode_steps=50)
+'''
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack whose controller and worker find PACKAGE on PYTHONPATH."""
+    root = tmp_path_factory.mktemp("custom-envs")
+    package = root / "pkgs" / PACKAGE
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "envs.py").write_text(textwrap.dedent(ENVS))
+    (package / "register.py").write_text(textwrap.dedent(REGISTER))
+    path = os.pathsep.join(p for p in (str(root / "pkgs"), os.environ.get("PYTHONPATH")) if p)
+    with make_stack(root / "home", **STACK_ENV, PYTHONPATH=path) as s:
+        s.start()
+        yield s
+
+
+def submit(stack: Stack, *args: str) -> tuple[int, Any, str]:
+    """`gymbus submit ... --wait --json`: (exit code, the JSON printed or None, stderr)."""
+    result = gymbus_cli(stack.process_env(), "submit", *args, "--wait", "--json", timeout=120)
+    printed = json.loads(result.stdout) if result.stdout.strip() else None
+    return result.returncode, printed, result.stderr
+
+
+def episodes_of(stack: Stack, run_id: str) -> list[dict[str, Any]]:
+    return store_query(stack, "SELECT episode, length, terminated, truncated FROM episodes "
+                              f"WHERE run_id = '{run_id}' ORDER BY episode")
+
+
+def test_an_entry_point_env_trains_with_its_kwargs_and_time_limit(stack: Stack) -> None:
+    """A corridor of 30 cells cannot be crossed in 10 steps: with the TimeLimit that
+    max_episode_steps asks for, every episode is truncated at exactly 10 steps."""
+    code, printed, stderr = submit(
+        stack, "--env", f"{PACKAGE}.envs:GridEnv", "--env-arg", "length=30", "--algo",
+        "q-learning", "--episodes", "20", "--max-episode-steps", "10")
+    assert code == 0, stderr
+    assert printed["status"] == "completed"
+    run_id = printed["run_id"]
+    row = stored_run(stack, run_id)
+    assert (row["env"], row["steps"], row["episodes"]) == (f"{PACKAGE}.envs:GridEnv", 200, 20)
+    steps = store_query(stack, f"SELECT count(*) AS n FROM steps WHERE run_id = '{run_id}'")
+    assert steps[0]["n"] == 200
+    episodes = episodes_of(stack, run_id)
+    assert [(e["length"], e["truncated"], e["terminated"]) for e in episodes] == \
+        [(10, True, False)] * 20
+
+
+@pytest.mark.parametrize("env_args", [
+    ("--env-module", f"{PACKAGE}.register", "--env", "MyCorridor-v0"),
+    ("--env", f"{PACKAGE}.register:MyCorridor-v0"),  # Gymnasium's own module:EnvId form
+], ids=["env-module", "module-colon-id"])
+def test_an_id_registered_by_a_module_trains(stack: Stack, env_args: tuple[str, ...]) -> None:
+    code, printed, stderr = submit(stack, *env_args, "--algo", "q-learning", "--episodes", "15")
+    assert code == 0, stderr
+    assert printed["status"] == "completed"
+    run_id = printed["run_id"]
+    row = stored_run(stack, run_id)
+    assert row["episodes"] == 15 and row["steps"] > 0
+    steps = store_query(stack, f"SELECT count(*) AS n FROM steps WHERE run_id = '{run_id}'")
+    assert steps[0]["n"] == row["steps"] == sum(e["length"] for e in episodes_of(stack, run_id))
+    assert all(e["length"] <= 50 for e in episodes_of(stack, run_id))  # the registered limit
+
+
+@pytest.mark.parametrize(("env_args", "message"), [
+    (("--env", "no_such_pkg.envs:GridEnv"), "env: no module named 'no_such_pkg'"),
+    (("--env", f"{PACKAGE}.nothing:GridEnv"), f"env: no module named '{PACKAGE}.nothing'"),
+    (("--env", f"{PACKAGE}.envs:NoSuchEnv"), f"env: {PACKAGE}.envs has no attribute NoSuchEnv"),
+    (("--env", "Zzyzx-v0"),
+     ("env: 'Zzyzx-v0' is not a registered environment (register it in a module named "
+      "with --env-module)")),
+    (("--env-module", f"{PACKAGE}.register", "--env", "MyCorridr-v0"),
+     "env: 'MyCorridr-v0' is not a registered environment (did you mean 'MyCorridor-v0'?"),
+    (("--env-module", "no_such_module", "--env", "FrozenLake-v1"),
+     "env_module: no module named 'no_such_module'"),
+], ids=["module", "submodule", "attribute", "id", "id-near-a-registered-one", "env-module"])
+def test_a_wrong_module_attribute_or_id_is_refused_at_submit(
+    stack: Stack, env_args: tuple[str, ...], message: str,
+) -> None:
+    before = [run["run_id"] for run in gymbus_cli_json(stack.process_env(), "runs")]
+    result = gymbus_cli(stack.process_env(), "submit", *env_args, "--algo", "q-learning",
+                        "--episodes", "5")
+    assert result.returncode == ExitCode.BAD_INPUT, result.stderr
+    assert message in result.stderr
+    after = [run["run_id"] for run in gymbus_cli_json(stack.process_env(), "runs")]
+    assert after == before  # nothing stored
+
+
+def test_an_id_a_module_registered_needs_that_module_named(stack: Stack) -> None:
+    """The controller's process keeps the ids one submit's module registered; a config that
+    names no module is refused for them, as its worker could not make the environment."""
+    code, printed, stderr = submit(stack, "--env-module", f"{PACKAGE}.register", "--env",
+                                   "MyCorridor-v0", "--algo", "q-learning", "--episodes", "1")
+    assert code == 0 and printed["status"] == "completed", stderr
+    result = gymbus_cli(stack.process_env(), "submit", "--env", "MyCorridor-v0", "--algo",
+                        "q-learning", "--episodes", "1")
+    assert result.returncode == ExitCode.BAD_INPUT, result.stderr
+    assert ("env: 'MyCorridor-v0' is registered by a module this run does not import: name it "
+            "with --env-module") in result.stderr
