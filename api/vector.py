@@ -59,6 +59,8 @@ class RecordedVectorEnv(VectorWrapper):
         self._resetting = np.zeros(n, np.bool_)
         self._reset_rows: list[dict[str, Any]] = [{} for _ in range(n)]
         self._index = np.arange(n, dtype=np.int64)
+        #: sub-envs whose steps are recorded: an episode under way, of a recorded episode
+        self._live = np.zeros(n, np.bool_)
         self._steps = recorder.buffer(obs, action, bool(info_keys))
 
     # --- episodes -------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class RecordedVectorEnv(VectorWrapper):
         self._episode[i], self._t[i], self._ret[i] = episode, 0, 0.0
         self._started[i] = True
         self._recording[i] = self._policy(episode)
+        self._live[i] = self._recording[i]
         layout = self._obs
         self._reset_rows[i] = {
             "env_index": i, "seed": seed, "_obs_layout": layout,
@@ -85,6 +88,7 @@ class RecordedVectorEnv(VectorWrapper):
             "length": int(self._t[i]), "terminated": terminated, "truncated": truncated,
             **self._reset_rows[i]})
         self._started[i] = False
+        self._live[i] = False
 
     def finish(self) -> None:
         """End every episode under way (the run is ending): stored as far as they went."""
@@ -118,14 +122,32 @@ class RecordedVectorEnv(VectorWrapper):
             raise KeyboardInterrupt(self._stop[0])
         result = self.env.step(actions)
         obs, rewards, terminated, truncated, infos = result
+        reward = np.asarray(rewards, np.float64)
+        terminated = np.asarray(terminated, np.bool_)
+        truncated = np.asarray(truncated, np.bool_)
+        if self._live.all() and not self._resetting.any():
+            # the common call: every sub-env took a recorded step, so no masks are needed
+            done = terminated | truncated
+            self._add_rows(None, actions, obs, reward, terminated, truncated, infos, done)
+            self._t += 1
+            self._ret += reward
+            if not done.any():
+                return result
+        else:
+            stepped = ~self._resetting  # NEXT_STEP: a sub-env that ended last call reset now
+            done = (terminated | truncated) & stepped
+            rows = stepped & self._live
+            if rows.any():
+                self._add_rows(rows, actions, obs, reward, terminated, truncated, infos, done)
+            self._t[stepped] += 1
+            self._ret[stepped] += reward[stepped]
+        self._step_ends(done, obs, terminated, truncated, infos)
+        return result
+
+    def _step_ends(self, done: np.ndarray[Any, Any], obs: Any, terminated: np.ndarray[Any, Any],
+                   truncated: np.ndarray[Any, Any], infos: dict[str, Any]) -> None:
+        """Episodes that ended this call, and those that start (autoreset)."""
         mode = self.autoreset_mode
-        stepped = ~self._resetting  # NEXT_STEP: a sub-env that ended last call only reset now
-        done = (np.asarray(terminated) | np.asarray(truncated)) & stepped
-        rows = stepped & self._recording & self._started
-        if rows.any():
-            self._add_rows(rows, actions, obs, rewards, terminated, truncated, infos, done)
-        self._t[stepped] += 1
-        self._ret[stepped] += np.asarray(rewards, np.float64)[stepped]
         for i in np.flatnonzero(done & self._started):
             self._end(int(i), bool(terminated[i]), bool(truncated[i]))
         if mode is AutoresetMode.NEXT_STEP:
@@ -137,34 +159,37 @@ class RecordedVectorEnv(VectorWrapper):
             for i in np.flatnonzero(done):
                 self._start(int(i), self._obs_value(obs, int(i)),
                             _sub_info(infos, int(i), self._info_keys), None)
-        return result
+        self._live = self._recording & self._started
 
-    def _add_rows(self, rows: np.ndarray[Any, Any], actions: Any, obs: Any, rewards: Any,
-                  terminated: Any, truncated: Any, infos: dict[str, Any],
+    def _add_rows(self, rows: np.ndarray[Any, Any] | None, actions: Any, obs: Any,
+                  reward: np.ndarray[Any, Any], terminated: np.ndarray[Any, Any],
+                  truncated: np.ndarray[Any, Any], infos: dict[str, Any],
                   done: np.ndarray[Any, Any]) -> None:
+        """Buffer the rows of the sub-envs in `rows` (None: all of them; the arrays are copied
+        either way, since an env may reuse its own)."""
         n = self.num_envs
+        every = slice(None) if rows is None else rows
         chunk: dict[str, Any] = {
-            "episode": self._episode[rows], "step": self._t[rows],
-            "reward": np.asarray(rewards, np.float64)[rows],
-            "terminated": np.asarray(terminated, np.bool_)[rows],
-            "truncated": np.asarray(truncated, np.bool_)[rows],
-            "env_index": self._index[rows],
+            "episode": self._episode[every].copy(), "step": self._t[every].copy(),
+            "reward": reward[every].copy(), "terminated": terminated[every].copy(),
+            "truncated": truncated[every].copy(), "env_index": self._index[every],
         }
         if self._action.stored:
-            chunk["action"] = self._action.rows(actions, n)[rows]
+            chunk["action"] = self._action.rows(actions, n)[every]
         if self._obs.stored:
             values = self._obs.rows(obs, n)
             if self.autoreset_mode is AutoresetMode.SAME_STEP and done.any():
                 final = infos["final_obs"]
                 for i in np.flatnonzero(done):  # the step's own observation, not the reset's
                     values[i] = self._obs.rows(_stack_one(final[i]), 1)[0]
-            chunk["obs"] = values[rows]
+            chunk["obs"] = values[every]
+        which = np.flatnonzero(rows) if rows is not None else self._index
         if self._info_keys:
             source = infos.get("final_info", infos) if done.any() else infos
             chunk["info"] = np.array([info_json(_sub_info(
                 source if done[i] else infos, int(i), self._info_keys), self._info_keys)
-                for i in np.flatnonzero(rows)], dtype=object)
-        self._recorder.add_chunk(self._steps, chunk, int(rows.sum()))
+                for i in which], dtype=object)
+        self._recorder.add_chunk(self._steps, chunk, len(which))
 
 
 def _stack_one(value: Any) -> Any:

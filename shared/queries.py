@@ -168,3 +168,11 @@ def steps_taken(run_ids: Iterable[str]) -> str:
     summed: what it took in them, in any telemetry mode)."""
     return (f"SELECT run_id, sum(length) AS steps FROM episodes "
             f"WHERE run_id IN {sql_strs(run_ids)} GROUP BY run_id ORDER BY run_id")
+
+
+def stored_runs(run_ids: Iterable[str]) -> str:
+    """The stored rows of the runs named, in the shape of the controller's run records: run_id,
+    name, env, algo, telemetry, status, reason, frames_emitted, steps, episodes, started_ns."""
+    return ("SELECT run_id, name, env, algo, telemetry, status, reason, frames_emitted, steps, "
+            "episodes, epoch_ns(started_at) AS started_ns FROM runs "
+            f"WHERE run_id IN {sql_strs(run_ids)} ORDER BY started_at NULLS LAST, run_id")

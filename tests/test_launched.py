@@ -165,8 +165,8 @@ def test_a_script_that_exits_without_ending_its_run_fails(stack: Stack, tmp_path
 FOREVER = """
     import os, signal, subprocess, sys, gymnasium as gym, gymbus
     # a process of its own that ignores SIGTERM: only the group's SIGKILL ends it
-    helper = subprocess.Popen([sys.executable, "-c", "import signal, time; "
-                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    helper = subprocess.Popen([sys.executable, "-c", "import signal; "
+                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()"])
     if sys.argv[1] == "ignores-sigterm":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with gymbus.run(name="forever") as run:

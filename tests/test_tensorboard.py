@@ -177,6 +177,10 @@ def test_import_tb_of_a_run_stores_its_points_once(stack: Stack, fast_run: str) 
                          f"WHERE run_id = '{first['run_id']}'")[0]
     assert stats["complete"] is True and stats["duplicates"] == again["frames"]
     assert stats["env"] == "FrozenLake-v1"
+    # the controller never made it: `gymbus runs` lists it from the store
+    listed = [r for r in gymbus_json(stack, "runs") if r["run_id"] == first["run_id"]]
+    assert [(r["env"], r["source"]) for r in listed] == [("FrozenLake-v1", "store")]
+    assert first["run_id"][-8:] in gymbus(stack, "runs").stdout
 
 
 def test_import_tb_of_another_tools_files(stack: Stack, tmp_path: Path) -> None:

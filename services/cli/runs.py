@@ -20,6 +20,7 @@ from ulid import ULID
 
 from gymbus.services.cli import output as out
 from gymbus.services.cli.context import Context, json_option
+from gymbus.shared import queries
 from gymbus.shared.errors import ConfigError, ExitCode, RemoteError
 from gymbus.shared.policy_files import POLICY_FILES, guess_policy_algo
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
@@ -307,6 +308,22 @@ def uncounted_steps(obj: Context, records: list[dict[str, Any]],
     return obj.steps_taken(r["run_id"] for r in records if r.get("steps") is None)
 
 
+def store_only(obj: Context, records: list[dict[str, Any]],
+               stats: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Runs the store holds that the controller never made (`gymbus import-tb` makes them),
+    as records of the controller's shape; their state is what their run_completed said."""
+    known = {r["run_id"] for r in records}
+    missing = sorted(set(stats or {}) - known)
+    if not missing:
+        return []
+    rows = obj.store.rows(queries.stored_runs(missing))
+    return [{"run_id": r["run_id"], "name": r["name"] or "", "state": r["status"] or "stored",
+             "env": r["env"] or "", "algo": r["algo"] or "", "telemetry": r["telemetry"] or "",
+             "config": {}, "created_ns": r["started_ns"], "worker_id": None,
+             "reason": r["reason"], "frames_emitted": r["frames_emitted"],
+             "steps": r["steps"], "episodes": r["episodes"], "source": "store"} for r in rows]
+
+
 @click.command()
 @json_option
 @click.pass_obj
@@ -315,9 +332,10 @@ def runs(obj: Context, as_json: bool) -> None:
     and steps done, steps stored, created time."""
     records = obj.controller.request(Command.LIST_RUNS)["runs"]
     stats = obj.run_stats()
+    records += store_only(obj, records, stats)
     taken = uncounted_steps(obj, records, stats)
-    rows = [status_record(run, (stats or {}).get(run["run_id"]), taken.get(run["run_id"]))
-            for run in records]
+    rows = [{**status_record(run, (stats or {}).get(run["run_id"]), taken.get(run["run_id"])),
+             "source": run.get("source", "controller")} for run in records]
     if as_json:
         out.emit_json(rows)
         return
