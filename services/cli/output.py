@@ -53,16 +53,23 @@ def write_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     writer.writerows(rows)
 
 
-def sparkline(values: Sequence[float], width: int = 24) -> str:
-    """A tiny curve: the values averaged into `width` buckets, drawn with block characters."""
-    if not values:
-        return ""
+def bucket_means(values: Sequence[float], buckets: int) -> list[float]:
+    """`values` averaged into `buckets` runs of consecutive values (fewer when there are
+    fewer values), in order: the points of a curve drawn `buckets` characters wide."""
     n = len(values)
-    buckets = min(width, n)
+    buckets = min(buckets, n)
     means = []
     for b in range(buckets):
         chunk = values[b * n // buckets:(b + 1) * n // buckets]
         means.append(sum(chunk) / len(chunk))
+    return means
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """A tiny curve: the values averaged into `width` buckets, drawn with block characters."""
+    if not values:
+        return ""
+    means = bucket_means(values, width)
     lo, hi = min(means), max(means)
     span = (hi - lo) or 1.0
     return "".join(SPARK[min(len(SPARK) - 1, int((m - lo) / span * len(SPARK)))] for m in means)

@@ -22,6 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gymbus.services.cli.output import bucket_means
 from gymbus.services.viewers.grid import action_name, to_rich
 from gymbus.services.viewers.live import Live
 from gymbus.services.viewers.live_runs import RunView
@@ -55,12 +56,7 @@ def curve_lines(values: Sequence[float], width: int, height: int = CURVE_HEIGHT)
     (the top line first); the lowest value sits on the bottom row, the highest fills a column."""
     if not values or width <= 0 or height <= 0:
         return []
-    n = len(values)
-    cols = min(width, n)
-    means = []
-    for b in range(cols):
-        chunk = values[b * n // cols:(b + 1) * n // cols]
-        means.append(sum(chunk) / len(chunk))
+    means = bucket_means(values, width)
     lo, hi = min(means), max(means)
     span = (hi - lo) or 1.0
     eighths = [1 + round((m - lo) / span * (height * 8 - 1)) for m in means]
