@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run
+from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run, wait_until
 
 from gymbus.services.stack.launcher import Stack, free_endpoints
 
@@ -392,3 +392,19 @@ def test_large_observations_asked_for_are_stored_in_frames_under_the_limit(stack
     assert (row["steps"], stored["n"], stored["w"]) == (1100, 1100, 64 * 64 * 3)
     dead = store_query(stack, "SELECT count(*) AS n FROM dead_letters")[0]["n"]
     assert dead == 0
+
+
+def test_a_script_killed_inside_its_run_is_marked_lost(stack: Stack) -> None:
+    code = """
+        import json, os, signal, gymbus
+        with gymbus.run(name="killed") as run:
+            print(json.dumps({"run_id": run.run_id}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no close_run: the controller hears nothing
+    """
+    result = script(stack, code)
+    assert result.returncode == -signal.SIGKILL
+    run_id = json.loads(result.stdout.splitlines()[0])["run_id"]
+    status = wait_until(
+        lambda: (s := gymbus_cli_json(stack.process_env(), "status", run_id))["status"] == "lost"
+        and s, 10, "the killed script's run marked lost")
+    assert "its script was not heard of" in status["reason"]
