@@ -15,6 +15,14 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gymbus.shared.config_values import (
+    INT_MAX,
+    checked,
+    integer,
+    positive_int,
+    string,
+    table,
+)
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.protocol import TelemetryMode
 
@@ -192,21 +200,21 @@ def parse_config(raw: Any) -> RunConfig:
     for name in ("env", "algo"):
         if name not in values:
             raise ConfigError(name, "is required")
-    env = _string(values, "env")
-    algo = _string(values, "algo")
+    env = string(values, "env")
+    algo = string(values, "algo")
     if algo not in ALGO_PARAMS:
         raise ConfigError("algo", f"unknown algorithm {algo!r} (known: {', '.join(ALGO_PARAMS)})")
-    episodes = _positive_int(values, "episodes")
-    total_steps = _positive_int(values, "total_steps")
+    episodes = positive_int(values, "episodes")
+    total_steps = positive_int(values, "total_steps")
     if episodes is None and total_steps is None:
         raise ConfigError("episodes", "give a budget: episodes, total_steps or both")
-    seed = _int(values, "seed", 0, lo=0)
+    seed = integer(values, "seed", 0, lo=0)
     if seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {seed}")
     telemetry, every = _telemetry(values)
-    agent = _table(values, "agent")
+    agent = table(values, "agent")
     _check_params(algo, agent)
-    agent_id = _string(values, "agent_id", "agent-0")
+    agent_id = string(values, "agent_id", "agent-0")
     if not _NAME_RE.match(agent_id):
         raise ConfigError("agent_id", "use 1 to 64 letters, digits, and . _ : -")
     eval_from, policy, eval_every = _check_evaluation(values, algo, total_steps)
@@ -218,15 +226,15 @@ def parse_config(raw: Any) -> RunConfig:
         seed=seed,
         telemetry=telemetry,
         every=every,
-        max_episode_steps=_positive_int(values, "max_episode_steps"),
-        env_kwargs=_checked(_table(values, "env_kwargs"), "env_kwargs"),
+        max_episode_steps=positive_int(values, "max_episode_steps"),
+        env_kwargs=checked(table(values, "env_kwargs"), "env_kwargs"),
         agent=agent,
         agent_id=agent_id,
-        name=_string(values, "name", ""),
+        name=string(values, "name", ""),
         eval_from=eval_from,
         policy=policy,
         eval_every=eval_every,
-        eval_episodes=_positive_int(values, "eval_episodes") or 100,
+        eval_episodes=positive_int(values, "eval_episodes") or 100,
         env_module=_module_name(values, "env_module"),
     )
 
@@ -248,7 +256,7 @@ def _parse_command_run(values: dict[str, Any]) -> RunConfig:
     if not command or not command[0]:
         raise ConfigError("command", 'is empty: give the program and its arguments, e.g. '
                                      '["python", "train.py"]')
-    algo = _string(values, "algo", COMMAND_ALGO)
+    algo = string(values, "algo", COMMAND_ALGO)
     if algo != COMMAND_ALGO:
         raise ConfigError("algo", f"a command run's script is its algorithm: give algo = "
                                   f"{COMMAND_ALGO} or none, not {algo!r}")
@@ -258,12 +266,12 @@ def _parse_command_run(values: dict[str, Any]) -> RunConfig:
         if name in values and values[name] != default:
             raise ConfigError(name, "does not apply to a command run: its script decides "
                                     "(give it as an argument in the command)")
-    cwd = _string(values, "cwd") if "cwd" in values else None
+    cwd = string(values, "cwd") if "cwd" in values else None
     if cwd is not None and not os.path.isabs(cwd):
         raise ConfigError("cwd", f"give an absolute path, got {cwd!r}")
     telemetry, every = _telemetry(values)
-    return RunConfig(env=_string(values, "env", ""), algo=COMMAND_ALGO, telemetry=telemetry,
-                     every=every, name=_string(values, "name", ""), command=list(command),
+    return RunConfig(env=string(values, "env", ""), algo=COMMAND_ALGO, telemetry=telemetry,
+                     every=every, name=string(values, "name", ""), command=list(command),
                      cwd=cwd)
 
 
@@ -274,7 +282,7 @@ def _telemetry(values: dict[str, Any]) -> tuple[TelemetryMode, int | None]:
     except ValueError:
         modes = ", ".join(m.value for m in TelemetryMode)
         raise ConfigError("telemetry", f"must be one of {modes}, got {values['telemetry']!r}") from None
-    every = _positive_int(values, "every")
+    every = positive_int(values, "every")
     if telemetry is TelemetryMode.SAMPLED and every is None:
         raise ConfigError("every", "is required with telemetry = sampled")
     if telemetry is not TelemetryMode.SAMPLED and every is not None:
@@ -285,7 +293,7 @@ def _telemetry(values: dict[str, Any]) -> tuple[TelemetryMode, int | None]:
 def _module_name(values: dict[str, Any], name: str) -> str | None:
     if name not in values:
         return None
-    value = _string(values, name)
+    value = string(values, name)
     if not MODULE_NAME_RE.match(value):
         raise ConfigError(name, f"expected a module name such as my_pkg.envs, got {value!r}")
     return value
@@ -295,9 +303,9 @@ def _check_evaluation(
     values: dict[str, Any], algo: str, total_steps: int | None
 ) -> tuple[str | None, str | None, int | None]:
     """eval_from, policy and eval_every: at most one policy source; no in-run evaluation there."""
-    eval_from = _string(values, "eval_from") if "eval_from" in values else None
-    policy = _string(values, "policy") if "policy" in values else None
-    eval_every = _positive_int(values, "eval_every")
+    eval_from = string(values, "eval_from") if "eval_from" in values else None
+    policy = string(values, "policy") if "policy" in values else None
+    eval_every = positive_int(values, "eval_every")
     if eval_from is not None and not _RUN_ID_RE.match(eval_from):
         raise ConfigError("eval_from", f"expected a run id, got {eval_from!r}")
     if policy is not None and not os.path.isabs(policy):
@@ -312,72 +320,6 @@ def _check_evaluation(
     if algo == "dqn" and not evaluates and total_steps is None:
         raise ConfigError("total_steps", "dqn trains for a number of environment steps: give it")
     return eval_from, policy, eval_every
-
-
-def _string(values: dict[str, Any], name: str, default: str | None = None) -> str:
-    value = values.get(name, default)
-    if not isinstance(value, str):
-        raise ConfigError(name, f"expected a string, got {value!r}")
-    return value
-
-
-#: the integers a config may hold: 64-bit signed, what msgpack, SQLite and DuckDB all take
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
-
-
-def _int(values: dict[str, Any], name: str, default: int, lo: int = INT_MIN) -> int:
-    """An integer field up to INT_MAX; `lo`, the caller's lower bound (which it checks itself,
-    in its own words), is named when the value is too large."""
-    value = values.get(name, default)
-    if type(value) is not int:
-        raise ConfigError(name, f"expected an integer, got {value!r}")
-    if value > INT_MAX:
-        raise ConfigError(name, f"must be between {lo} and {INT_MAX}, got {value}")
-    return value
-
-
-def _positive_int(values: dict[str, Any], name: str) -> int | None:
-    if name not in values:
-        return None
-    value = _int(values, name, 0, lo=1)
-    if value <= 0:
-        raise ConfigError(name, f"must be > 0, got {value}")
-    return value
-
-
-def _table(values: dict[str, Any], name: str) -> dict[str, Any]:
-    value = values.get(name, {})
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(name, f"expected a table of named values, got {value!r}")
-    return dict(value)
-
-
-def _checked(table: dict[str, Any], name: str) -> dict[str, Any]:
-    """The table, once `_check_value` passed it (what the environment takes is the controller's
-    check)."""
-    _check_value(name, table)
-    return table
-
-
-def _check_value(name: str, value: Any) -> None:
-    """A value the wire and the stores can carry, at any depth: strings, booleans, numbers
-    (integers within INT_MIN..INT_MAX), lists and tables of them. `name` is its field's path."""
-    if value is None or isinstance(value, bool | float | str):
-        return
-    if isinstance(value, int):
-        if not INT_MIN <= value <= INT_MAX:
-            raise ConfigError(name, f"must be between {INT_MIN} and {INT_MAX} (a 64-bit integer), "
-                                    f"got {value}")
-        return
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_value(f"{name}[{i}]", item)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_value(f"{name}.{key}", item)
-        return
-    raise ConfigError(name, f"expected a string, boolean, number, list or table, got {value!r}")
 
 
 def _check_params(algo: str, agent: dict[str, Any]) -> None:
