@@ -72,7 +72,7 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
             reset_row.clear()
             reset_row.update(
                 env_index=env_index, seed=seed, _obs_layout=obs_layout,
-                reset_obs=obs if obs_row is None else obs_row(obs) if obs_layout.stored else None,
+                reset_obs=obs if obs_row is None else obs_row(obs),  # None when not stored
                 reset_info=info_json(info, info_keys) if info_keys else None)
             return obs, info
 

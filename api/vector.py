@@ -159,7 +159,6 @@ class RecordedVectorEnv(VectorWrapper):
             for i in np.flatnonzero(done):
                 self._start(int(i), self._obs_value(obs, int(i)),
                             _sub_info(infos, int(i), self._info_keys), None)
-        self._live = self._recording & self._started
 
     def _add_rows(self, rows: np.ndarray[Any, Any] | None, actions: Any, obs: Any,
                   reward: np.ndarray[Any, Any], terminated: np.ndarray[Any, Any],
