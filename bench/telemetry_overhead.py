@@ -147,7 +147,7 @@ class JsonLines:
                   terminated=bool(terminated), truncated=bool(truncated), agent_id="agent-0")
 
     def episode(self, episode: int, ret: float, length: int, terminated: bool,
-                truncated: bool) -> None:
+                truncated: bool, seed: int | None = None, reset_obs: Any = None) -> None:
         self.emit("episode", episode=episode, total_reward=ret, steps=length,
                   terminated=bool(terminated), truncated=bool(truncated), agent_id="agent-0")
 

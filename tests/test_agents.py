@@ -28,7 +28,8 @@ class Recorder:
     def step(self, *row: Any) -> None:
         self.steps.append(row)
 
-    def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool) -> None:
+    def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool,
+                seed: int | None = None, reset_obs: Any = None) -> None:
         self.returns.append(float(ret))
         self.lengths.append(length)
 

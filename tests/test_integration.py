@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import msgpack
+import numpy as np
 import pytest
 import zmq
 from conftest import (
@@ -90,6 +92,35 @@ def test_a_frozenlake_run_is_stored_whole(stack: Stack) -> None:
     artifact = query(stack, f"SELECT path FROM lifecycle WHERE run_id = '{run_id}' "
                             f"AND event = '{LifecycleEvent.ARTIFACT.value}'")
     assert artifact and (stack.settings.run_dir(run_id) / artifact[0]["path"]).is_file()
+
+
+def test_episodes_of_a_built_in_agent_carry_their_seed_and_reset_observation(
+        stack: Stack) -> None:
+    """Each stored episode has N+1 observations: the reset one, then one per step; the first
+    episode's seed is the run's (later resets continue its generator and have none)."""
+    reply = gymbus_json(stack, "submit", "--env", "CartPole-v1", "--algo", "random",
+                        "--episodes", "5", "--seed", "7", "--wait")
+    run_id = reply["run_id"]
+    assert reply["status"] == "completed"
+    episodes = query(stack, f"SELECT episode, seed, reset_obs_vec FROM episodes "
+                            f"WHERE run_id = '{run_id}' ORDER BY episode")
+    assert [e["episode"] for e in episodes] == list(range(5))
+    assert [e["seed"] for e in episodes] == [7, None, None, None, None]
+    expected, _ = gym.make("CartPole-v1").reset(seed=7)
+    np.testing.assert_array_equal(np.asarray(episodes[0]["reset_obs_vec"], np.float32), expected)
+    assert all(len(e["reset_obs_vec"]) == 4 for e in episodes)
+    first_steps = query(stack, f"SELECT episode, obs_vec FROM steps WHERE run_id = '{run_id}' "
+                               f"AND step = 0 ORDER BY episode")
+    assert len(first_steps) == 5  # a reset observation is not a step's observation
+    for e in episodes[1:]:
+        assert e["reset_obs_vec"] != first_steps[e["episode"]]["obs_vec"]
+
+    reply = gymbus_json(stack, "submit", "--env", "FrozenLake-v1", "--algo", "random",
+                        "--episodes", "3", "--seed", "2", "--wait")
+    frozen = query(stack, f"SELECT seed, reset_obs FROM episodes "
+                          f"WHERE run_id = '{reply['run_id']}' ORDER BY episode")
+    assert frozen == [{"seed": 2, "reset_obs": 0}, {"seed": None, "reset_obs": 0},
+                      {"seed": None, "reset_obs": 0}]
 
 
 def test_fast_mode_stores_episodes_but_no_steps(stack: Stack) -> None:

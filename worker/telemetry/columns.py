@@ -107,6 +107,47 @@ def rows_body(kind: FrameKind, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
     return typed_columns(body, KINDS[kind], len(rows))
 
 
+#: an episode row's fields after the six every row has: env_index, seed, reset_obs
+_EPISODE_BASE = 6
+_SEED, _RESET_OBS = 7, 8
+
+
+def episode_bodies(rows: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], int]]:
+    """Episode rows as columnar bodies, one per set of the optional seed and reset_obs that
+    its rows carry (a frame's optional columns are in all its rows or in none).
+
+    A row is the six columns every episode has, or those and (env_index, seed, reset_obs),
+    either of the last two None. A reset observation is an integer (Discrete) or an array,
+    sent as one typed array of the observations' dtype and shape (rows, values per row).
+    """
+    groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        key = (len(row) > _EPISODE_BASE and row[_SEED] is not None,
+               len(row) > _EPISODE_BASE and row[_RESET_OBS] is not None)
+        groups.setdefault(key, []).append(row)
+    bodies = []
+    for (has_seed, has_obs), group in groups.items():
+        n = len(group)
+        body = rows_body(FrameKind.EPISODE, [row[:_EPISODE_BASE] for row in group])
+        if has_seed:
+            seeds = np.fromiter((row[_SEED] for row in group), np.int64, n)
+            body["seed"] = typed_array_of(seeds.dtype, [n], seeds.tobytes())
+        if has_obs:
+            body["reset_obs"] = _obs_column([row[_RESET_OBS] for row in group])
+        bodies.append((body, n))
+    return bodies
+
+
+def _obs_column(values: list[Any]) -> Any:
+    """Observations as a column: integers as they are, arrays as one 2-D typed array."""
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        return [int(v) for v in values]
+    arr = np.stack([np.asarray(v).reshape(-1) for v in values])
+    if arr.dtype.str not in TYPED_ARRAY_DTYPES:
+        arr = arr.astype(np.float64)
+    return typed_array_of(arr.dtype, list(arr.shape), np.ascontiguousarray(arr).tobytes())
+
+
 class StepColumns:
     """How a run's step rows become a step frame's body, by its observations and labels."""
 

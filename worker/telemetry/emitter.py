@@ -219,9 +219,14 @@ class Emitter:
                 flush_steps()
 
         def episode(episode: int, ret: float, length: int, terminated: bool,
-                    truncated: bool) -> None:
-            """Buffer one finished episode; a due episode batch flushes steps and metrics too."""
-            add_episode((episode, ret, length, terminated, truncated, time_ns()))
+                    truncated: bool, seed: int | None = None, reset_obs: Any = None) -> None:
+            """Buffer one finished episode (with the seed of its reset, if it was seeded, and
+            the observation it started from); a due batch flushes steps and metrics too."""
+            if seed is None and reset_obs is None:
+                add_episode((episode, ret, length, terminated, truncated, time_ns()))
+            else:
+                add_episode((episode, ret, length, terminated, truncated, time_ns(), None,
+                             seed, reset_obs))
             if len(episode_rows) >= max_episodes or clock() >= episodes.deadline:
                 flush()
 
@@ -300,8 +305,8 @@ class Emitter:
         episodes = self._episodes
         if episodes.rows:
             self._observers.taking_episodes()
-            rows = episodes.take(now)
-            self._send_rows(FrameKind.EPISODE, rows)
+            for body, n in columns.episode_bodies(episodes.take(now)):
+                self._send_body(FrameKind.EPISODE, body, n)
         self._send_metrics(metrics)
 
     def _flush_metrics(self) -> None:
@@ -328,12 +333,14 @@ class Emitter:
         self._send_rows(FrameKind.METRIC, rows)
 
     def _send_rows(self, kind: FrameKind, rows: list[Any]) -> None:
-        body = columns.rows_body(kind, rows)
+        self._send_body(kind, columns.rows_body(kind, rows), len(rows))
+
+    def _send_body(self, kind: FrameKind, body: dict[str, Any], rows: int) -> None:
         try:
             parts = self._encode(kind, body)
         except DecodeError:  # numpy scalars somewhere: convert by column type, once
             parts = self._encode(kind, columns.normalized(body, KINDS[kind]))
-        self._publish(kind, parts, len(rows))
+        self._publish(kind, parts, rows)
 
     def send_columns(self, kind: FrameKind, body: dict[str, Any], rows: int) -> None:
         """Send a columnar body built elsewhere (the recording API's step and episode frames),
