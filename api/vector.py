@@ -17,14 +17,16 @@ is (docs/python-api.md):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
-from gymbus.recorder import Recorder, info_json
+from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json
 from gymbus.spaces import Layout
+from gymbus.vector_block import Block, End, EnvState, Start, Taken
 
 if TYPE_CHECKING:
     from gymbus.session import StepPolicy
@@ -41,7 +43,9 @@ class RecordedVectorEnv(VectorWrapper):
 
     def __init__(self, env: VectorEnv, recorder: Recorder, policy: StepPolicy,
                  obs: Layout, action: Layout, info_keys: Sequence[str] = (),
-                 stop: list[str] | None = None) -> None:
+                 stop: list[str] | None = None, *, blocks: bool = True) -> None:
+        """`blocks=False` takes every call apart as it comes (as named info keys and the
+        DISABLED mode always do) instead of in blocks (vector_block.py)."""
         super().__init__(env)
         self._stop = stop if stop is not None else []
         self._recorder, self._policy = recorder, policy
@@ -62,6 +66,14 @@ class RecordedVectorEnv(VectorWrapper):
         #: sub-envs whose steps are recorded: an episode under way, of a recorded episode
         self._live = np.zeros(n, np.bool_)
         self._steps = recorder.buffer(obs, action, bool(info_keys))
+        self._block: Block | None = None
+        if blocks and not info_keys and self.autoreset_mode is not AutoresetMode.DISABLED:
+            self._block = Block(n, obs, action,
+                                next_step=self.autoreset_mode is AutoresetMode.NEXT_STEP)
+            self.step = self._step_block  # type: ignore[method-assign]
+        self._same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
+        #: when the block's first call is due to be sent (FLUSH_INTERVAL after it)
+        self._due = 0.0
 
     # --- episodes -------------------------------------------------------------------------
 
@@ -92,6 +104,7 @@ class RecordedVectorEnv(VectorWrapper):
 
     def finish(self) -> None:
         """End every episode under way (the run is ending): stored as far as they went."""
+        self._take_block()
         for i in np.flatnonzero(self._started & (self._t > 0)):
             self._end(int(i), False, False)
 
@@ -99,6 +112,7 @@ class RecordedVectorEnv(VectorWrapper):
 
     def reset(self, *, seed: int | list[int | None] | None = None,
               options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        self._take_block()
         obs, infos = self.env.reset(seed=seed, options=options)  # type: ignore[arg-type]
         mask = (options or {}).get("reset_mask")
         which = np.flatnonzero(mask) if mask is not None else self._index
@@ -144,6 +158,57 @@ class RecordedVectorEnv(VectorWrapper):
         self._step_ends(done, obs, terminated, truncated, infos)
         return result
 
+    def _step_block(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        """`step`, when calls are kept in blocks: the call's arrays written into the block."""
+        if self._stop:
+            raise KeyboardInterrupt(self._stop[0])
+        result = self.env.step(actions)
+        obs, rewards, terminated, truncated, infos = result
+        block = self._block
+        assert block is not None
+        first = block.k == 0
+        full = block.put(actions, obs, rewards, terminated, truncated,
+                         infos if self._same_step else None)
+        if first:
+            self._due = time.monotonic() + FLUSH_INTERVAL
+        elif full or time.monotonic() >= self._due:
+            self._take_block()
+        return result
+
+    def _take_block(self) -> None:
+        """The block's steps into the run's buffer, its episodes ended and started in order."""
+        block = self._block
+        if block is None or not block.k:
+            return
+        state = EnvState(self._episode, self._t, self._ret, self._live, self._resetting)
+        taken = block.take(state, self._recorder.new_episode, self._policy)
+        self._recorder.add_chunk(self._steps, taken.chunk, taken.rows)
+        self._block_episodes(taken)
+
+    def _block_episodes(self, taken: Taken) -> None:
+        """A block's ended and started episodes, in call order (an episode's end before the
+        start of the next one of its sub-env, which SAME_STEP puts on the same row)."""
+        layout = self._obs
+        started: dict[int, dict[str, Any]] = {}
+        events: list[tuple[int, int, int, End | tuple[Start, int]]] = sorted(
+            [(e.k, e.i, 0, e) for e in taken.ends]
+            + [(s.k, s.i, 1, (s, ep)) for s, ep in taken.starts], key=lambda event: event[:3])
+        for _, i, _, event in events:
+            if isinstance(event, End):
+                self._recorder.episode({
+                    "episode": event.episode, "return": event.ret, "length": event.length,
+                    "terminated": event.terminated, "truncated": event.truncated,
+                    **started.pop(event.episode, self._reset_rows[i])})
+                continue
+            start, episode = event
+            started[episode] = self._reset_rows[i] = {
+                "env_index": i, "seed": None, "_obs_layout": layout,
+                "reset_obs": (None if start.obs is None else int(start.obs)
+                              if layout.kind == "int" else start.obs.tobytes()),
+                "reset_info": None}
+        self._recording[:] = self._live
+        self._started[:] = ~self._resetting
+
     def _step_ends(self, done: np.ndarray[Any, Any], obs: Any, terminated: np.ndarray[Any, Any],
                    truncated: np.ndarray[Any, Any], infos: dict[str, Any]) -> None:
         """Episodes that ended this call, and those that start (autoreset)."""
@@ -178,6 +243,7 @@ class RecordedVectorEnv(VectorWrapper):
         if self._obs.stored:
             values = self._obs.rows(obs, n)
             if self.autoreset_mode is AutoresetMode.SAME_STEP and done.any():
+                values = values.copy()  # an int layout's rows may be the env's own array
                 final = infos["final_obs"]
                 for i in np.flatnonzero(done):  # the step's own observation, not the reset's
                     values[i] = self._obs.rows(_stack_one(final[i]), 1)[0]

@@ -254,7 +254,7 @@ class Emitter:
         self.step: Callable[..., None] = (
             step if not self._steps.vector_obs else step_vector if obs_dtype is None
             else step_bytes)
-        self.episode: Callable[[int, float, int, bool, bool], None] = episode
+        self.episode: Callable[..., None] = episode
         self.metric: Callable[[str, int, float], None] = metric
 
     def flush_steps(self) -> None:

@@ -1,0 +1,242 @@
+"""The steps of a vector env kept as blocks of arrays, and turned into rows and episodes later.
+
+Per `step` call, `Block.put` writes the call's arrays into row k of preallocated (rows, envs)
+arrays: a handful of slice assignments. Which rows are steps, which episode each belongs to, its
+step index, and where episodes end and start are worked out when the block is full (or due),
+for the whole block at once (`Block.take`), with a loop per episode, not per step.
+
+Gymnasium's two autoreset modes (docs/python-api.md):
+- NEXT_STEP: the row after a sub-environment's last step is its reset: not a step, and its
+  observation is the next episode's reset observation.
+- SAME_STEP: the last step's row returns the next episode's reset observation; the step's own
+  observation is `info["final_obs"]`, kept apart (`finals`) for the stored row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gymbus.spaces import Layout
+
+#: sub-environment steps a block holds, over all sub-environments (a block of 8 envs: 128 calls)
+BLOCK_VALUES = 1024
+
+
+@dataclass
+class Start:
+    """An episode that starts within the block: at row `k` of sub-env `i` (its reset row under
+    NEXT_STEP, its predecessor's last row under SAME_STEP), from observation row `obs`."""
+
+    k: int
+    i: int
+    obs: Any
+
+
+@dataclass
+class End:
+    """An episode that ended within the block: its row, return and length so far."""
+
+    k: int
+    i: int
+    episode: int
+    ret: float
+    length: int
+    terminated: bool
+    truncated: bool
+
+
+@dataclass
+class Taken:
+    """What a block held: the step rows (a chunk of arrays, `rows` long, in call order), and
+    the episodes that ended and started in it, each in call order."""
+
+    chunk: dict[str, Any]
+    rows: int
+    ends: list[End] = field(default_factory=list)
+    starts: list[tuple[Start, int]] = field(default_factory=list)
+
+
+class Block:
+    """Preallocated arrays for `size` step calls of a vector env of `n` sub-environments."""
+
+    def __init__(self, n: int, obs: Layout, action: Layout, *, next_step: bool,
+                 size: int = 0) -> None:
+        self.n, self.next_step = n, next_step
+        self.size = size or max(16, BLOCK_VALUES // n)
+        self.k = 0
+        self.reward = np.zeros((self.size, n), np.float64)
+        self.terminated = np.zeros((self.size, n), np.bool_)
+        self.truncated = np.zeros((self.size, n), np.bool_)
+        self.obs_layout, self.action_layout = obs, action
+        self.obs = _values(obs, self.size, n)
+        self.action = _values(action, self.size, n)
+        #: SAME_STEP: (row, sub-env, final observation row) of the steps that ended episodes
+        self.finals: list[tuple[int, int, Any]] = []
+        self._index = np.tile(np.arange(n, dtype=np.int64), self.size)
+
+    def put(self, actions: Any, obs: Any, rewards: Any, terminated: Any, truncated: Any,
+            infos: dict[str, Any] | None) -> bool:
+        """Write one call's arrays at the next row; True when the block is full. `infos` is
+        given under SAME_STEP, where an episode's final observation comes from it."""
+        k = self.k
+        self.reward[k] = rewards
+        self.terminated[k] = terminated
+        self.truncated[k] = truncated
+        if self.action is not None:
+            _put(self.action_layout, self.action, k, actions, self.n)
+        if self.obs is not None:
+            _put(self.obs_layout, self.obs, k, obs, self.n)
+            if infos is not None and "final_obs" in infos:
+                final, mask = infos["final_obs"], infos.get("_final_obs")
+                for i in np.flatnonzero(mask if mask is not None else
+                                        np.asarray(terminated) | np.asarray(truncated)):
+                    one = _stack_one(final[i])
+                    self.finals.append((k, int(i), self.obs_layout.rows(one, 1)[0]))
+        self.k = k + 1
+        return self.k == self.size
+
+    def take(self, state: EnvState, new_episode: Callable[[], int],
+             recorded: Callable[[int], bool]) -> Taken:
+        """The block's rows as steps and episodes; `state` (each sub-env's episode under way)
+        is carried into the next block. `new_episode()` numbers each episode that starts, in
+        call order (row, then sub-env); `recorded(episode)` says whether its steps are kept."""
+        K, n = self.k, self.n
+        self.k = 0
+        term, trunc, reward = self.terminated[:K], self.truncated[:K], self.reward[:K]
+        ended = term | trunc
+        valid = np.ones((K, n), np.bool_)
+        if self.next_step:
+            valid[0] = ~state.resetting
+            valid[1:] = ~ended[:-1]
+            ended &= valid
+            starts_at = ~valid
+        else:
+            starts_at = ended
+        taken = Taken({}, 0)
+        episode, step, keep = self._segments(K, state, valid, ended, starts_at, reward,
+                                             new_episode, recorded, taken)
+        mask = keep.reshape(-1)
+        chunk: dict[str, Any] = {
+            "episode": episode.reshape(-1)[mask], "step": step.reshape(-1)[mask],
+            "reward": reward.reshape(-1)[mask], "terminated": term.reshape(-1)[mask],
+            "truncated": trunc.reshape(-1)[mask], "env_index": self._index[:K * n][mask]}
+        if self.action is not None:
+            chunk["action"] = _flat(self.action, K, n)[mask]
+        if self.obs is not None:
+            obs = _flat(self.obs, K, n)
+            if self.finals:
+                obs = obs.copy()
+                for k, i, row in self.finals:
+                    obs[k * n + i] = row
+                self.finals.clear()
+            chunk["obs"] = obs[mask]
+        taken.chunk, taken.rows = chunk, int(mask.sum())
+        return taken
+
+    def _segments(self, K: int, state: EnvState, valid: np.ndarray[Any, Any],
+                  ended: np.ndarray[Any, Any], starts_at: np.ndarray[Any, Any],
+                  reward: np.ndarray[Any, Any], new_episode: Callable[[], int],
+                  recorded: Callable[[int], bool],
+                  taken: Taken) -> tuple[np.ndarray[Any, Any], ...]:
+        """Each row's episode and step index, and whether it is kept, as (K, n) arrays; the
+        block's ended and started episodes into `taken`; `state` as the block leaves it.
+
+        Each sub-env's rows fall into segments, one per episode: a start at row s begins a new
+        episode at row s + 1 (under NEXT_STEP row s itself is the reset, no step; under
+        SAME_STEP it is the last step of the episode before). The work is done on the block
+        taken sub-env by sub-env (transposed), all sub-envs at once, so that it costs a few
+        array operations per block and a little Python per episode, never per step.
+        """
+        n = self.n
+        V, E = valid.T.reshape(-1), ended.T.reshape(-1)
+        S = starts_at.T.reshape(-1)
+        begins = np.zeros(n * K, np.bool_)
+        begins[1:] = S[:-1]
+        begins[::K] = True
+        seg = np.cumsum(begins) - 1
+        nseg = int(seg[-1]) + 1
+        first = seg[::K]  # each sub-env's first segment: its episode under way
+        # new episodes, numbered in call order (row, then sub-env)
+        ks, is_ = np.nonzero(starts_at)
+        ids = np.array([new_episode() for _ in range(ks.size)], np.int64)
+        live_ids = np.array([recorded(int(e)) for e in ids], np.bool_)
+        seg_ep = np.empty(nseg, np.int64)
+        seg_live = np.empty(nseg, np.bool_)
+        offset = np.zeros(nseg, np.int64)
+        base = np.zeros(nseg, np.float64)
+        seg_ep[first], seg_live[first] = state.episode, state.live
+        offset[first], base[first] = state.t, state.ret
+        inner = ks < K - 1
+        after = seg[is_[inner] * K + ks[inner] + 1]
+        seg_ep[after], seg_live[after] = ids[inner], live_ids[inner]
+        for (k, i), e in zip(zip(ks.tolist(), is_.tolist(), strict=True), ids.tolist(),
+                             strict=True):
+            taken.starts.append((Start(k, i, None if self.obs is None else
+                                       self.obs[k, i].copy()), e))
+        # step index: valid rows before it in its segment, after those of earlier blocks
+        before = np.cumsum(V) - V
+        seg_begin = np.flatnonzero(begins)
+        step = before - before[seg_begin][seg] + offset[seg]
+        count = np.bincount(seg, weights=V, minlength=nseg).astype(np.int64) + offset
+        total = np.bincount(seg, weights=reward.T.reshape(-1) * V, minlength=nseg) + base
+        for p in np.flatnonzero(E).tolist():
+            g = int(seg[p])
+            k, i = p % K, p // K
+            taken.ends.append(End(k, i, int(seg_ep[g]), float(total[g]), int(count[g]),
+                                  bool(self.terminated[k, i]), bool(self.truncated[k, i])))
+        taken.ends.sort(key=lambda e: (e.k, e.i))
+        last = seg[K - 1::K]
+        state.episode[:], state.live[:] = seg_ep[last], seg_live[last]
+        state.t[:], state.ret[:] = count[last], total[last]
+        if (~inner).any():  # an episode that starts on the block's last row has no row yet
+            j = is_[~inner]
+            state.episode[j], state.live[j] = ids[~inner], live_ids[~inner]
+            state.t[j], state.ret[j] = 0, 0.0
+        # under NEXT_STEP an episode that ended on the last row starts in the next block
+        state.resetting[:] = ended[K - 1] if self.next_step else False
+        keep = (V & seg_live[seg]).reshape(n, K).T
+        return (seg_ep[seg].reshape(n, K).T, step.reshape(n, K).T, keep)
+
+
+@dataclass
+class EnvState:
+    """Each sub-environment's episode under way (id, steps, return, recorded or not), and
+    under NEXT_STEP whether its next call is its reset; carried from block to block."""
+
+    episode: np.ndarray[Any, Any]
+    t: np.ndarray[Any, Any]
+    ret: np.ndarray[Any, Any]
+    live: np.ndarray[Any, Any]
+    resetting: np.ndarray[Any, Any]
+
+
+def _values(layout: Layout, size: int, n: int) -> np.ndarray[Any, Any] | None:
+    if layout.kind == "int":
+        return np.zeros((size, n), np.int64)
+    if not layout.stored:
+        return None
+    return np.zeros((size, n, layout.size), layout.dtype)
+
+
+def _put(layout: Layout, into: np.ndarray[Any, Any], k: int, values: Any, n: int) -> None:
+    if layout.kind == "int" or not layout.leaves:
+        into[k] = np.reshape(values, into.shape[1:])
+    else:
+        into[k] = layout.rows(values, n)
+
+
+def _flat(values: np.ndarray[Any, Any], K: int, n: int) -> np.ndarray[Any, Any]:
+    return values[:K].reshape((K * n,) + values.shape[2:])
+
+
+def _stack_one(value: Any) -> Any:
+    """One sub-environment's value with a first axis of 1, for `Layout.rows`."""
+    if isinstance(value, dict):
+        return {k: _stack_one(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_stack_one(v) for v in value)
+    return np.asarray(value)[None]

@@ -1,0 +1,110 @@
+"""The vector wrapper's block path (api/vector_block.py) against its call-by-call path.
+
+Both record the same seeded loop into a Recorder whose frames are encoded and decoded as the
+ingest would see them; every step row and every episode row must be the same, for both
+autoreset modes, for Discrete, Box and Dict observations, with every episode recorded and with
+only some (a sampled run), across block boundaries and explicit resets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+from gymbus.recorder import Recorder
+from gymbus.shared.codec import decode_frame, encode_frame
+from gymbus.shared.protocol import FrameKind
+from gymbus.spaces import layout
+from gymbus.vector import RecordedVectorEnv
+from gymbus.vector_block import Block
+
+
+class DictObs(gym.ObservationWrapper[Any, Any, Any]):
+    """CartPole's observation as a Dict of two Boxes."""
+
+    def __init__(self, env: gym.Env[Any, Any]) -> None:
+        super().__init__(env)
+        box = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.observation_space = gym.spaces.Dict({"pos": box, "vel": box})
+
+    def observation(self, obs: Any) -> Any:
+        return {"pos": obs[[0, 2]], "vel": obs[[1, 3]]}
+
+
+ENVS = {
+    "cartpole": lambda: gym.make("CartPole-v1"),
+    "frozenlake": lambda: gym.make("FrozenLake-v1", max_episode_steps=12),
+    "dict": lambda: DictObs(gym.make("CartPole-v1")),
+}
+
+
+def record(make: Any, mode: AutoresetMode, blocks: bool, every: int,
+           calls: int = 700) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Step rows and episode rows of a seeded random loop, as decoded frames hold them."""
+    frames: list[Any] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
+
+    recorder = Recorder(send)
+    envs = SyncVectorEnv([make] * 3, autoreset_mode=mode)
+    wrapped = RecordedVectorEnv(envs, recorder, lambda e: e % every == 0,
+                                layout(envs.single_observation_space),
+                                layout(envs.single_action_space, "action"), blocks=blocks)
+    wrapped.reset(seed=5)
+    envs.action_space.seed(5)
+    for call in range(calls):
+        wrapped.step(envs.action_space.sample())
+        if call == 400:  # an explicit reset mid-run cuts every episode under way
+            wrapped.reset(seed=9)
+    wrapped.finish()
+    recorder.flush()
+    steps: list[tuple[Any, ...]] = []
+    episodes: list[tuple[Any, ...]] = []
+    for frame in frames:
+        body = frame.body
+        if frame.kind is FrameKind.STEP:
+            obs = body.get("obs")
+            for r in range(frame.rows):
+                steps.append((int(body["episode"][r]), int(body["step"][r]),
+                              int(body["env_index"][r]), np.asarray(body["action"][r]).tolist(),
+                              np.asarray(obs[r]).tolist(), float(body["reward"][r]),
+                              bool(body["terminated"][r]), bool(body["truncated"][r])))
+        elif frame.kind is FrameKind.EPISODE:
+            reset_obs = body.get("reset_obs")
+            for r in range(frame.rows):
+                episodes.append((int(body["episode"][r]), float(body["return"][r]),
+                                 int(body["length"][r]), bool(body["terminated"][r]),
+                                 bool(body["truncated"][r]), int(body["env_index"][r]),
+                                 None if reset_obs is None else
+                                 np.asarray(reset_obs[r]).tolist()))
+    return sorted(steps), sorted(episodes)
+
+
+@pytest.mark.parametrize("env", sorted(ENVS))
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+@pytest.mark.parametrize("every", [1, 3])
+def test_blocks_record_what_call_by_call_recording_does(env: str, mode: AutoresetMode,
+                                                        every: int) -> None:
+    steps, episodes = record(ENVS[env], mode, True, every)
+    expected_steps, expected_episodes = record(ENVS[env], mode, False, every)
+    assert len(episodes) > 20 and len(steps) > 100  # many episodes, several blocks
+    assert episodes == expected_episodes
+    assert steps == expected_steps
+    # each recorded episode's step rows number its length, indices 0..length-1
+    for episode, _, length, *_ in episodes:
+        mine = [s[1] for s in steps if s[0] == episode]
+        assert mine in ([], list(range(length)))
+
+
+def test_a_block_sends_when_full_and_keeps_rows_in_call_order() -> None:
+    obs, action = layout(gym.spaces.Discrete(4)), layout(gym.spaces.Discrete(2), "action")
+    block = Block(2, obs, action, next_step=True, size=16)
+    full = [block.put(np.array([k % 2, 1]), np.array([k, k + 1]), np.ones(2),
+                      np.zeros(2, bool), np.zeros(2, bool), None) for k in range(16)]
+    assert full == [False] * 15 + [True]
+    assert block.size == 16 and block.k == 16
