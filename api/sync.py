@@ -75,14 +75,15 @@ def read_spool(run_dir: Path) -> Spooled:
         raise SyncError(f"{path}: {reader.damage}")
     if reader.count == 0:
         raise SyncError(f"{path} holds no frames")
-    first = _frame(reader, 0)
+    first = _frame(reader, reader.first)
     last = _frame(reader, reader.count - 1)
-    if first.kind is not FrameKind.LIFECYCLE or first.body.get("event") != \
-            LifecycleEvent.RUN_STARTED.value:
+    trimmed = reader.first > 0  # the ingest holds the frames before, run_started included
+    if not trimmed and (first.kind is not FrameKind.LIFECYCLE or first.body.get("event") !=
+                        LifecycleEvent.RUN_STARTED.value):
         raise SyncError(f"{path}: its first frame is not the run's run_started")
     ended = last.kind is FrameKind.LIFECYCLE and \
         last.body.get("event") == LifecycleEvent.RUN_COMPLETED.value
-    return Spooled(first.run_id, run_dir, reader.count, dict(first.body),
+    return Spooled(first.run_id, run_dir, reader.count, {} if trimmed else dict(first.body),
                    last.body.get("status") if ended else None,
                    last.body.get("reason") if ended else None, False)
 

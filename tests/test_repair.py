@@ -128,7 +128,7 @@ def test_spool_status_reports_holes_records_them_and_sees_them_filled(ingest: In
 
     answer = spool_status(ingest, n, final=False)
     assert answer == {"missing": [[3, 5]], "stored": n - 3, "last_seq": n - 1,
-                      "frames_emitted": n, "complete": False}
+                      "frames_emitted": n, "complete": False, "durable": None}
     assert ingest.query("SELECT first_seq, last_seq, filled_at FROM gaps")["rows"] == [[3, 5, None]]
 
     for seq in (3, 4, 5):  # the replay
@@ -146,6 +146,22 @@ def test_spool_status_reports_holes_records_them_and_sees_them_filled(ingest: In
     assert stored(ingest, n)
     assert ingest.scalar("SELECT sum(step) FROM steps") == steps_before
     assert ingest.scalar("SELECT count(*) FROM steps") == 4 * (n - 3)
+
+
+def test_a_trim_question_is_answered_with_the_checkpointed_prefix(ingest: Ingest) -> None:
+    """`trim` asks what the worker may delete: every seq below `durable` is in the checkpointed
+    file; a hole stops it, and a question without `trim` gets no such promise."""
+    frames = run_frames()
+    n = len(frames)
+    for seq in [s for s in range(n) if s != 5]:
+        ingest.send(frames[seq])
+    wait_until(lambda: stored(ingest, n - 1), what="the frames around the hole")
+    body = {"run_id": RUN, "frames": n, "final": False}
+    assert ingest.client.request(Command.SPOOL_STATUS, body)["durable"] is None
+    answer = wait_until(lambda: (a := ingest.client.request(
+        Command.SPOOL_STATUS, {**body, "trim": True}))["durable"] is not None and a,
+        what="a checkpoint for the trim")
+    assert (answer["durable"], answer["missing"]) == (5, [[5, 5]])
 
 
 def test_a_final_spool_of_an_unknown_run_teaches_the_ingest_its_frame_count(ingest: Ingest) -> None:
@@ -204,8 +220,9 @@ def test_a_restarted_worker_replays_an_unconfirmed_spool_once(tmp_path: Path) ->
             gaps = client.request(Command.QUERY, {"sql": "SELECT first_seq, last_seq, "
                                   "filled_at IS NOT NULL FROM gaps"})["rows"]
             assert gaps == [[0, n - 1, True]]  # recorded when the spool was announced, filled
-            log = stack.services["worker"].log_path.read_text()
-            assert f"spool removed ({n} frames replayed)" in log
+            wait_until(lambda: f"spool removed ({n} frames replayed)"
+                       in stack.services["worker"].log_path.read_text(), 10,
+                       "the worker to say what it replayed")
 
             # the same spool again, unconfirmed: a new worker asks, is told complete, sends nothing
             stack.stop_one("worker")
@@ -213,7 +230,10 @@ def test_a_restarted_worker_replays_an_unconfirmed_spool_once(tmp_path: Path) ->
             write_spool(run_dir, frames)
             stack.start_one("worker")
             wait_until(lambda: spool.is_confirmed(run_dir), 20, "the spool to be confirmed again")
-            assert "spool removed (0 frames replayed)" in stack.services["worker"].log_path.read_text()
+            # the worker logs it just after the confirmation the wait above saw
+            wait_until(lambda: "spool removed (0 frames replayed)"
+                       in stack.services["worker"].log_path.read_text(), 10,
+                       "the worker to say it replayed nothing")
             assert run_stats(client, RUN) == stats
         finally:
             client.close()

@@ -182,3 +182,71 @@ def test_the_emitter_spools_every_frame_it_sends_before_sending(tmp_path: Path) 
     assert frames[-1].body["event"] == LifecycleEvent.RUN_COMPLETED
     assert frames[-1].body["frames_emitted"] == emitted
     wait_until(lambda: not spool.writer_alive(spool.spool_path(tmp_path)), 1, "lock released")
+
+
+def test_segments_are_read_across_and_trimmed_whole(tmp_path: Path) -> None:
+    """A spool of small segments reads back exactly; `trim` deletes whole segments below the
+    confirmed seq (never the one being written), and a new reader sees what is left."""
+    frames = [frame(seq, rows=1 + seq % 7) for seq in range(300)]
+    writer = SpoolWriter(spool.spool_path(tmp_path), max_segment_bytes=2048)
+    for seq, parts in enumerate(frames[:200]):
+        writer.append(seq, parts)
+    reader = SpoolReader(spool.spool_path(tmp_path))
+    assert reader.refresh() == 200
+    held = spool.segments(spool.spool_dir(tmp_path))
+    assert len(held) > 5 and held[0][0] == 0
+    assert [(s, (t, p)) for s, t, p in reader.read_range(0, 199)] == list(enumerate(frames[:200]))
+    before = spool.spool_bytes(tmp_path)
+    freed = reader.trim(150)
+    assert freed > 0 and spool.spool_bytes(tmp_path) == before - freed
+    assert 0 < reader.first <= 150 and reader.count == 200
+    assert spool.spool_path(tmp_path).stat().st_size == len(MAGIC)  # the first one stays, cut
+    with pytest.raises(SpoolError, match="trimmed"):
+        reader.read(0)
+    assert reader.trim(10**9) >= 0 and len(reader.segments) == 1  # the last one is kept
+    for seq, parts in enumerate(frames[200:], start=200):
+        writer.append(seq, parts)
+    writer.close()
+    fresh = SpoolReader(spool.spool_path(tmp_path))
+    assert fresh.refresh() == 300 and fresh.damage is None and fresh.first == reader.first
+    assert [(s, (t, p)) for s, t, p in fresh.read_range(0, 299)] == \
+        list(enumerate(frames))[fresh.first:]
+    spool.confirm(tmp_path, 300)
+    assert spool.segments(spool.spool_dir(tmp_path)) == [] and spool.is_confirmed(tmp_path)
+
+
+def test_a_bad_segment_size_is_refused_naming_the_variable() -> None:
+    with pytest.raises(SpoolError, match="GYMBUS_SPOOL_SEGMENT_BYTES"):
+        spool.segment_bytes({"GYMBUS_SPOOL_SEGMENT_BYTES": "12"})
+    assert spool.segment_bytes({}) == spool.DEFAULT_SEGMENT_BYTES
+
+
+def test_a_second_reader_sees_the_trim_of_the_first(tmp_path: Path) -> None:
+    writer = SpoolWriter(spool.spool_path(tmp_path), max_segment_bytes=2048)
+    for seq in range(120):
+        writer.append(seq, frame(seq))
+    trimmer, follower = (SpoolReader(spool.spool_path(tmp_path)) for _ in range(2))
+    assert trimmer.refresh() == follower.refresh() == 120 and follower.first == 0
+    assert trimmer.trim(100) > 0
+    assert follower.refresh() == 120 and follower.first == trimmer.first > 0
+    writer.close()
+
+
+def test_gymbus_sync_reads_a_trimmed_spool(tmp_path: Path) -> None:
+    """A spool whose first segments were trimmed (the ingest held them, run_started included)
+    still names its run and its frames for `gymbus sync`."""
+    from gymbus.sync import read_spool
+
+    run_dir = tmp_path / RUN
+    writer = SpoolWriter(spool.spool_path(run_dir), max_segment_bytes=2048)
+    frames = [encode_frame(FrameKind.LIFECYCLE, RUN, 0,
+                           {"event": LifecycleEvent.RUN_STARTED.value, "config": {}})]
+    frames += [frame(seq, rows=3) for seq in range(1, 120)]
+    for seq, parts in enumerate(frames):
+        writer.append(seq, parts)
+    writer.close()
+    reader = SpoolReader(spool.spool_path(run_dir))
+    reader.refresh()
+    assert reader.trim(100) > 0 and reader.first > 0
+    spooled = read_spool(run_dir)
+    assert (spooled.run_id, spooled.frames, spooled.status) == (RUN, 120, None)

@@ -1,6 +1,7 @@
 """The run child: one training run in its own process, publishing telemetry to the broker.
 
     python -m gymbus.worker.child --run-dir DIR --run-id ID --worker-id WID [--no-telemetry]
+        [--parent-pid PID]
 
 Reads `DIR/config.json` (written by the worker daemon), trains, saves artifacts under
 `DIR/artifacts/`, emits `run_started` ... `run_completed`, writes `DIR/result.json` and exits:
@@ -40,6 +41,7 @@ from gymbus.shared import settings as settings_mod
 from gymbus.shared.policy_files import ARTIFACTS_DIR
 from gymbus.shared.protocol import LifecycleEvent, RunState, TelemetryMode
 from gymbus.shared.runconfig import RunConfig, parse_config
+from gymbus.worker import orphans
 from gymbus.worker.agents.base import Artifact
 from gymbus.worker.telemetry.emitter import Emitter
 from gymbus.worker.telemetry.publisher import CLOSE_LINGER_MS
@@ -134,6 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, type=Path, help="the run's folder")
     parser.add_argument("--run-id", required=True, help="the run's id (telemetry topics)")
     parser.add_argument("--worker-id", default="", help="the worker that runs it")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="the worker daemon's pid: the run is killed when it dies")
     parser.add_argument(
         "--no-telemetry",
         action="store_true",
@@ -341,6 +345,8 @@ def tail(path: Path, lines: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m gymbus.worker.child`; returns the exit code."""
     args = parse_args(argv)
+    if args.parent_pid is not None:  # before anything else: a run never outlives its worker
+        orphans.die_with_parent(args.parent_pid)
     stop = RunStop().install()
     logs.setup("run")
     return RunProcess(args, stop).run()

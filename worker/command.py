@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,8 +56,10 @@ def script_env(config: RunConfig, run_id: str, worker_id: str, run_dir: Path,
 
 
 def launch(config: RunConfig, run_id: str, worker_id: str, run_dir: Path,
-           base_env: Mapping[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start the script with its output in `log_file`; LaunchError when it cannot start."""
+           base_env: Mapping[str, str], log_file: IO[bytes],
+           preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """Start the script with its output in `log_file`; LaunchError when it cannot start.
+    `preexec_fn` runs in the child before it executes (its limits: worker/limits.py)."""
     argv = list(config.command or ())
     cwd = working_dir(config, run_dir)
     if config.cwd and cwd != Path(config.cwd):
@@ -67,7 +69,8 @@ def launch(config: RunConfig, run_id: str, worker_id: str, run_dir: Path,
         return subprocess.Popen(argv, cwd=cwd, env=script_env(config, run_id, worker_id,
                                                               run_dir, base_env),
                                 stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec_fn)  # noqa: PLW1509 - no threads there
     except OSError as exc:
         reason = f"could not start {argv[0]!r} in {cwd}: {exc.strerror or exc}"
         log_file.write(f"{reason}\n".encode())

@@ -86,6 +86,8 @@ class Stack:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # a Ctrl-C in the terminal reaches the program alone, which stops them in order
+            start_new_session=True,
         )
         service = Service(role, proc, log_path, log_file)
         self.services[role] = service

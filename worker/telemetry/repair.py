@@ -5,7 +5,10 @@ Every run this worker started, and every unconfirmed spool found in the runs fol
 run ends, the worker asks the ingest `spool_status` {run_id, frames, final}; the answer lists the
 missing seq ranges. The worker replays them from the spool, byte for byte, through its own
 publisher connected to the broker's telemetry XSUB (the live path), and when a final run is
-complete it writes the `confirmed` marker and removes the spool. See docs/reliability.md.
+complete it writes the `confirmed` marker and removes the spool. While a run goes on and its
+spool holds a complete segment, the question says `trim`: the segments below the answer's
+`durable` (checkpointed by the ingest) are deleted, so that a long run's spool stays bounded.
+A stopping worker `drain`s first. See docs/reliability.md.
 
 Everything runs on the worker daemon's loop (`Repairer.tick` once per pass) and never blocks it:
 the question goes out on a DEALER and its answer is taken on a later pass; an ingest that does not
@@ -55,6 +58,8 @@ REPLAY_HWM = 1000
 REPLAY_AGAIN_AFTER = 10.0
 #: replays of a range starting at the same seq before it is given up on (the ingest refuses it)
 MAX_REPLAYS = 5
+#: longest wait for the ingest's answer in one pass of `drain`
+DRAIN_POLL_MS = 20
 #: milliseconds the closing replay socket may deliver: the next worker asks for the rest again
 LINGER_MS = 200
 
@@ -106,7 +111,8 @@ class Repairer:
         self.dealer: zmq.Socket[Any] | None = None
         self.ingest_silent = False
         self.counters = dict.fromkeys(("asked", "answered", "unanswered", "refused",
-                                       "frames_replayed", "replay_blocked", "confirmed"), 0)
+                                       "frames_replayed", "replay_blocked", "confirmed",
+                                       "segments_trimmed", "bytes_trimmed"), 0)
         self.publisher = Publisher.connect(
             ctx, settings.telemetry_in, hwm=REPLAY_HWM, linger_ms=LINGER_MS,
             what="broker's telemetry XSUB (replays)", name="the spool repair's publisher")
@@ -123,7 +129,8 @@ class Repairer:
                 if run_dir.name in self.runs or not path.exists():
                     continue
                 if spool.is_confirmed(run_dir):  # removed after the marker, or meant to be
-                    path.unlink(missing_ok=True)
+                    for _, segment in spool.segments(spool.spool_dir(run_dir)):
+                        segment.unlink(missing_ok=True)
                     continue
                 self.track(run_dir.name, run_dir, running=False)
                 found += 1
@@ -198,6 +205,8 @@ class Repairer:
     def _send_question(self, run: SpooledRun, frames: int, final: bool, now: float) -> None:
         req = next(self.ids)
         body = {"run_id": run.run_id, "frames": frames, "final": final}
+        if not final and len(run.reader.segments) > 1:  # a complete segment could be trimmed
+            body["trim"] = True
         try:
             self._require_dealer().send(encode_message(Command.SPOOL_STATUS, body, req),
                                         flags=zmq.NOBLOCK)
@@ -261,6 +270,10 @@ class Repairer:
         if run.asked_final and body.get("complete") is True:
             self._confirm(run, run.asked_frames)
             return
+        self._trim(run, body.get("durable"))
+        if missing and missing[0][0] < run.reader.first:
+            self._problem(run, f"the ingest misses frames from {missing[0][0]} that it had "
+                               "confirmed durable, and the spool no longer holds them")
         # a stall is seen across answers that kept coming: after a silence of the ingest (down,
         # frozen) its backlog may still hold the run's frames
         if (stored, last_seq) != run.progress or now - run.answered_at > self.stall_after:
@@ -285,6 +298,20 @@ class Repairer:
                                    "no more replays, the spool is kept")
                 continue
             run.replay.append([first, last])
+
+    def _trim(self, run: SpooledRun, durable: object) -> None:
+        """Delete the spool's segments below `durable`: the ingest said that every frame below
+        it is in its checkpointed file, so none of them is ever asked for again."""
+        if type(durable) is not int or durable <= run.reader.first:
+            return
+        segments = len(run.reader.segments)
+        try:
+            freed = run.reader.trim(min(durable, run.asked_frames))
+        except SpoolError as exc:
+            self._problem(run, str(exc))
+            return
+        self.counters["segments_trimmed"] += segments - len(run.reader.segments)
+        self.counters["bytes_trimmed"] += freed
 
     def _confirm(self, run: SpooledRun, frames: int) -> None:
         try:
@@ -348,6 +375,23 @@ class Repairer:
         if not run.replay:  # what was sent is in flight: ask again an interval later
             run.next_ask = now + self.interval
         return True
+
+    def drain(self, seconds: float) -> int:
+        """Before the worker exits: ask about every tracked spool at once and replay what the
+        ingest misses, until it confirms them all or `seconds` pass. Returns the spools left
+        unconfirmed (the next worker on this host repairs them)."""
+        now = self.clock()
+        until = now + seconds
+        for run in self.runs.values():
+            run.next_ask = min(run.next_ask, now)
+        while self.runs and self.clock() < until:
+            self.tick()
+            if not self.busy():  # nothing to send now: wait for an answer, briefly
+                if self.dealer is not None:
+                    self.dealer.poll(DRAIN_POLL_MS, zmq.POLLIN)
+                else:
+                    time.sleep(DRAIN_POLL_MS / 1000)  # no question could be sent: try again
+        return len(self.runs)
 
     def close(self) -> None:
         """Close both sockets (queued replays are asked for again by the next worker)."""
