@@ -165,10 +165,7 @@ def test_cancel_stops_a_long_run_and_slots_are_enforced(stack: Any) -> None:
     broker.send(Command.RUN, {"run_id": "01MORE", "config": SHORT_RUN})
     refused = broker.expect(Command.DISPATCH_FAILED, run_id="01MORE")
     assert "slot" in refused.body["reason"]
-    started = wait_until(lambda: [f for f in sink.drain() if f.kind is FrameKind.LIFECYCLE
-                                  and f.body["event"] == LifecycleEvent.RUN_STARTED], 15,
-                         "run_started")[0]
-    child_pid = started.body["pid"]
+    child_pid = run_started_pid(broker, sink)
     broker.send(Command.CANCEL, {"run_id": "01LONG"})
     update = broker.expect(Command.RUN_UPDATE, timeout=5, run_id="01LONG",
                            state=RunState.CANCELLED.value)
@@ -187,15 +184,39 @@ def test_invalid_config_is_refused(stack: Any) -> None:
     assert "algo" in refused.body["reason"]
 
 
-def test_reregisters_when_the_broker_goes_silent(stack: Any) -> None:
-    broker, _, _ = stack()
+def run_started_pid(broker: FakeBroker, sink: Any) -> int:
+    """The run child's pid, from its run_started frame; the broker heartbeats meanwhile (a
+    worker left without them for its liveness re-registers)."""
+    def started() -> list[Any]:
+        broker.pump()
+        return [f for f in sink.drain() if f.kind is FrameKind.LIFECYCLE
+                and f.body["event"] == LifecycleEvent.RUN_STARTED]
+    return int(wait_until(started, 15, "run_started", interval=0.0)[0].body["pid"])
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat: R running, S sleeping, T stopped, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_reregisters_when_the_broker_goes_silent_holding_its_runs(stack: Any) -> None:
+    broker, sink, _ = stack()
     broker.expect(Command.READY)
     broker.send(Command.RUN, {"run_id": "01HELD", "config": LONG_RUN})
     broker.expect(Command.RUN_UPDATE, run_id="01HELD", state=RunState.RUNNING.value)
+    pid = run_started_pid(broker, sink)
     broker.silent = True  # at which heartbeat it re-registers: on a fake clock, below
     again = broker.expect(Command.READY, timeout=5, runs=["01HELD"])
     assert again.body["worker_id"] == WORKER_ID
+    # the broker has given this worker up, and its runs with it: they must not train on (the
+    # kernel stops the process within moments of the signal)
+    wait_until(lambda: process_state(pid) == "T", 2, "the run to be held")
+    sink.drain()
     broker.silent = False
+    wait_until(lambda: broker.pump() and process_state(pid) != "T", 5, "the run to go on",
+               interval=0.0)
+    wait_until(lambda: broker.pump() is not None and sink.drain(), 10,
+               "frames of the run, going on")
     broker.send(Command.CANCEL, {"run_id": "01HELD"})
     broker.expect(Command.RUN_UPDATE, run_id="01HELD", state=RunState.CANCELLED.value)
 

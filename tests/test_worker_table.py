@@ -26,7 +26,7 @@ def test_register_makes_a_worker_record(table: WorkerTable) -> None:
     assert "w1" in table and len(table) == 1
     assert table.records() == [{
         "worker_id": "w1", "host": "host-a", "pid": 42, "slots": 2, "busy": 1, "runs": ["r1"],
-        "last_heartbeat_ns": 1_000,
+        "last_heartbeat_ns": 1_000, "capacity": {},
     }]
 
 

@@ -20,9 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zmq
 
@@ -34,8 +32,10 @@ from gymbus.shared.runconfig import RunConfig, parse_config
 from gymbus.shared.service import StopFlag
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import connect, new_socket
-from gymbus.worker import command
-from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE, read_result, tail
+from gymbus.worker import command, orphans
+from gymbus.worker.child import CONFIG_FILE, LOG_FILE, RESULT_FILE
+from gymbus.worker.children import Child
+from gymbus.worker.limits import RunLimits
 from gymbus.worker.telemetry import spool
 from gymbus.worker.telemetry.repair import Repairer
 
@@ -45,6 +45,9 @@ log = logging.getLogger("gymbus.worker")
 CANCEL_GRACE = 1.5
 #: seconds the daemon's own shutdown waits for its children before killing them
 SHUTDOWN_GRACE = 2.5
+#: seconds the daemon's shutdown waits, after its children, for the ingest to confirm their
+#: spools (the launcher allows a service 5 s to stop)
+DRAIN_GRACE = 1.5
 #: longest poll while children run, so that an exit is reported promptly
 REAP_INTERVAL = 0.1
 #: longest poll at all, so that a stop signal is seen promptly
@@ -53,24 +56,8 @@ MAX_POLL = 0.25
 REPAIR_POLL = 0.002
 LINGER_MS = 500
 #: lines of run.log quoted as the reason of a run that left no result.json
-LOG_TAIL_LINES = 20
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
 _FINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED})
-
-
-@dataclass
-class Child:
-    """A run's child process and what the daemon knows about it."""
-
-    run_id: str
-    process: subprocess.Popen[bytes]
-    run_dir: Path
-    log_file: IO[bytes]
-    cancel_requested: bool = False
-    #: when a cancelled child that is still alive gets SIGKILL (monotonic seconds)
-    kill_at: float | None = None
-    #: a command run's script: signals go to its process group, its end is judged by command.py
-    script: bool = False
 
 
 class Worker:
@@ -90,12 +77,16 @@ class Worker:
         self.sock: zmq.Socket[Any] | None = None
         self.liveness = settings.heartbeat_liveness
         self.heard = False
+        #: the runs are held (SIGSTOP) while the broker is silent: see `hold_runs`
+        self.holding = False
         self.next_heartbeat = 0.0
         self._closed = False
         #: final run_updates sent since the broker was last heard, re-sent after a reconnect
         self.unconfirmed: list[dict[str, Any]] = []
         #: spooled runs: the ingest is asked what it misses, and it is replayed
         self.repair = Repairer(settings, self.ctx, clock)
+        #: the capacity advertised, and each run's cores, memory, GPUs and deadline
+        self.limits = RunLimits.detect()
         self.handlers: dict[Command, Callable[[dict[str, Any]], None]] = {
             Command.RUN: self.on_run,
             Command.CANCEL: self.on_cancel,
@@ -116,6 +107,7 @@ class Worker:
                 self.receive_all(sock)
             self.reap_children()
             self.escalate_cancels()
+            self.limits.enforce(self.clock())
             self.heartbeat()
             self.repair_spools()
 
@@ -146,6 +138,8 @@ class Worker:
             self.liveness = self.settings.heartbeat_liveness
             self.heard = True
             self.unconfirmed.clear()
+            if self.holding:
+                self.hold_runs(False)
             try:
                 msg = decode_message(parts[-1], self.settings.max_frame_bytes)
             except DecodeError as exc:
@@ -185,6 +179,10 @@ class Worker:
         except ConfigError as exc:
             self.dispatch_failed(run_id, f"invalid config: {exc}")
             return
+        refusal = self.limits.refusal(config)
+        if refusal is not None:
+            self.dispatch_failed(run_id, refusal)
+            return
         try:
             self.children[run_id] = self.spawn(run_id, config)
         except command.LaunchError as exc:  # the same on any worker: the run fails
@@ -222,31 +220,34 @@ class Worker:
         (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2), "utf-8")
         log_file = open(run_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed when the child is reaped
         cmd = [sys.executable, "-m", "gymbus.worker.child", "--run-dir", str(run_dir),
-               "--run-id", run_id, "--worker-id", self.settings.worker_id]
-        env = {**os.environ, **settings_mod.env_for(self.settings)}
+               "--run-id", run_id, "--worker-id", self.settings.worker_id,
+               "--parent-pid", str(os.getpid())]
+        allocation = self.limits.allocate(run_id, config, run_dir)
+        env = {**os.environ, **settings_mod.env_for(self.settings), **allocation.env()}
         # in a session of its own: a Ctrl-C in the terminal reaches the daemon, which stops runs
         try:
             if config.launches:
                 process = command.launch(config, run_id, self.settings.worker_id, run_dir, env,
-                                         log_file)
+                                         log_file, allocation.preexec())
             else:
                 process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                            stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
+                                           start_new_session=True,
+                                           # the daemon runs no Python threads; the
+                                           # function makes system calls only
+                                           preexec_fn=allocation.preexec())  # noqa: PLW1509
         except BaseException:
             log_file.close()
+            self.limits.finish(run_id, RunState.FAILED, None)  # frees what it took
             raise
+        allocation.started(process.pid, self.clock())
         self.repair.track(run_id, run_dir, running=True)
-        return Child(run_id, process, run_dir, log_file, script=config.launches)
+        watchdog = orphans.watch_group(process.pid) if config.launches else None
+        return Child(run_id, process, run_dir, log_file, script=config.launches,
+                     watchdog=watchdog)
 
     def signal_child(self, child: Child, signum: int) -> None:
-        if child.script and child.process.poll() is None:
-            command.signal_group(child.process, signum)
-        elif child.process.poll() is None:
-            try:
-                child.process.send_signal(signum)
-            except ProcessLookupError:
-                pass  # it exited just now; the reaper reports it
+        child.signal(signum)
 
     def reap_children(self) -> None:
         """Report every child that has exited."""
@@ -270,21 +271,8 @@ class Worker:
         child.log_file.close()
         self.repair.run_ended(child.run_id)
         code = child.process.returncode
-        result = read_result(child.run_dir / RESULT_FILE)
-        if child.script:
-            command.end_group(child.process)
-            state, reason = command.outcome(code, result, child.cancel_requested,
-                                            command.last_line(child.run_dir / LOG_FILE))
-        elif result is not None:
-            state = RunState(result["status"])
-            reason = result.get("reason")
-        elif child.cancel_requested:
-            state, reason = RunState.CANCELLED, f"stopped (exit code {code})"
-        else:
-            state = RunState.FAILED
-            reason = (f"run process exited with code {code} without a result; "
-                      f"end of {LOG_FILE}:\n{tail(child.run_dir / LOG_FILE, LOG_TAIL_LINES)}")
-        result = result or {}
+        state, reason, result = child.outcome()
+        state, reason = self.limits.finish(child.run_id, state, reason)  # over a limit: failed
         log.info("run %s %s (exit code %s)", child.run_id, state.value, code)
         self.send_run_update(
             child.run_id, state, reason=reason, frames_emitted=result.get("frames_emitted"),
@@ -304,6 +292,7 @@ class Worker:
         self.send(Command.READY, {
             "worker_id": self.settings.worker_id, "host": socket.gethostname(),
             "pid": os.getpid(), "slots": self.settings.worker_slots, "runs": list(self.children),
+            "capacity": self.limits.capacity.to_wire(),
         })
         for update in self.unconfirmed:
             self.send(Command.RUN_UPDATE, update)
@@ -320,10 +309,29 @@ class Worker:
         if self.liveness <= 0:
             log.warning("broker silent for %d heartbeats: reconnecting and re-registering "
                         "(%d runs held)", self.settings.heartbeat_liveness, len(self.children))
+            self.hold_runs(True)
             self.require_socket().close(linger=0)
             self.connect_to_broker()
             return
         self.send(Command.HEARTBEAT, {"busy": len(self.children), "runs": list(self.children)})
+
+    def hold_runs(self, hold: bool) -> None:
+        """Stop (SIGSTOP) every run while the broker is silent, or let them go on (SIGCONT).
+
+        By now the broker has stopped hearing this worker too, and tells the controller that
+        its runs are `lost`: a lost run must not train on. Held, it neither trains nor
+        publishes; when the broker is heard again the runs go on, and the broker cancels those
+        the controller holds lost (a cut link), while after a broker restart they continue.
+        """
+        if hold and self.children and not self.holding:
+            log.warning("holding %d runs until the broker is heard again", len(self.children))
+        elif not hold and self.holding:
+            log.info("the broker is back: %d held runs go on", len(self.children))
+        if hold == self.holding or not self.children:
+            return
+        self.holding = hold
+        for child in self.children.values():
+            self.signal_child(child, signal.SIGSTOP if hold else signal.SIGCONT)
 
     def require_socket(self) -> zmq.Socket[Any]:
         if self.sock is None:
@@ -359,6 +367,7 @@ class Worker:
             return
         self._closed = True
         log.info("stopping: %d runs to cancel", len(self.children))
+        self.hold_runs(False)
         for child in self.children.values():
             child.cancel_requested = True
             self.signal_child(child, signal.SIGTERM)
@@ -375,6 +384,11 @@ class Worker:
                     log.error("run %s (pid %d) survived SIGKILL", child.run_id, child.process.pid)
                     continue
             self.finish_child(child)
+        # what the runs sent is stored before the worker goes (the ingest outlives it in an
+        # ordered stop): what the ingest still misses is replayed from the spools
+        left = self.repair.drain(DRAIN_GRACE)
+        if left:
+            log.warning("stopping with %d spools the ingest has not confirmed", left)
         if self.sock is not None:
             self.send(Command.DISCONNECT, {})
             self.sock.close(linger=LINGER_MS)

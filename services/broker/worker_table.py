@@ -26,6 +26,8 @@ class WorkerEntry:
     last_heartbeat_ns: int
     #: the injected clock's time of the last message from the worker (for expiry)
     last_seen: float
+    #: cores, memory and GPUs the worker offers its runs (its `ready`; empty if it said none)
+    capacity: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The Worker record of docs/protocol.md."""
@@ -37,6 +39,7 @@ class WorkerEntry:
             "busy": self.busy,
             "runs": list(self.runs),
             "last_heartbeat_ns": self.last_heartbeat_ns,
+            "capacity": dict(self.capacity),
         }
 
 
@@ -72,7 +75,8 @@ class WorkerTable:
         return self._workers.get(worker_id)
 
     def register(
-        self, worker_id: str, host: str, pid: int, slots: int, runs: list[str], now: float
+        self, worker_id: str, host: str, pid: int, slots: int, runs: list[str], now: float,
+        capacity: dict[str, Any] | None = None,
     ) -> bool:
         """Add a worker from its `ready`; returns True when it replaced an older entry."""
         replaced = worker_id in self._workers
@@ -85,6 +89,7 @@ class WorkerTable:
             runs=list(runs),
             last_heartbeat_ns=self._wall_ns(),
             last_seen=now,
+            capacity=dict(capacity or {}),
         )
         return replaced
 

@@ -7,8 +7,12 @@ Pure: no sockets, no SQL; every verb takes `now` (monotonic seconds), so tests d
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from gymbus.services.controller.placement import Placement, Resources
+from gymbus.shared.protocol import RunState
 
 log = logging.getLogger("gymbus.controller")
 
@@ -82,6 +86,8 @@ class Scheduler:
         self._absent_since: dict[str, float] = {}
         #: workers that refused a dispatch -> their last_heartbeat_ns at that moment
         self._refused: dict[str, Any] = {}
+        #: queued run -> why no worker takes it (its resources), from the last scheduling pass
+        self.waiting: dict[str, str] = {}
 
     # --- the view ------------------------------------------------------------------------------
 
@@ -151,12 +157,35 @@ class Scheduler:
         view = self.workers.get(worker_id)
         self._refused[worker_id] = None if view is None else view.record.get("last_heartbeat_ns")
 
-    def pick_worker(self) -> str | None:
-        """The worker with the most free slots (ties: the smallest id), or None when all are full.
+    def capacities(self) -> dict[str, Resources | None]:
+        """Each worker's cpus, memory and GPUs, as its record says (None: it says nothing)."""
+        return {worker_id: Resources.offered(view.record) for worker_id, view in self.workers.items()}
+
+    def placement(self, active: Iterable[tuple[str | None, dict[str, Any]]]) -> Placement:
+        """A scheduling pass over the view; `active`: (worker id, config) of the active runs."""
+        return Placement(self.capacities(), active)
+
+    def settle(self, placement: Placement, queued: Iterable[str]) -> None:
+        """Keep the reasons of the pass's runs that wait; forget those of the runs it placed
+        and of runs no longer among the `queued` it read (dispatched or cancelled)."""
+        still = set(queued) - placement.examined
+        self.waiting = {run_id: why for run_id, why in self.waiting.items() if run_id in still}
+        self.waiting.update(placement.waiting)
+
+    def annotate(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A run record for the API: a queued run that fits no worker says why as its reason."""
+        if record.get("state") == RunState.QUEUED and record.get("run_id") in self.waiting:
+            return {**record, "reason": self.waiting[record["run_id"]]}
+        return record
+
+    def pick_worker(self, fits: Callable[[str], bool] | None = None) -> str | None:
+        """The worker with the most free slots (ties: the smallest id) that `fits` accepts (the
+        run's resources), or None when all are full.
 
         Workers that refused a dispatch and have not heartbeated since are skipped.
         """
-        free = {w: n for w, n in self.free_slots().items() if w not in self._refused}
+        free = {w: n for w, n in self.free_slots().items()
+                if w not in self._refused and n > 0 and (fits is None or fits(w))}
         if not free:
             return None
         best = min(free, key=lambda worker_id: (-free[worker_id], worker_id))
