@@ -38,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import ExitCode, GymbusError
+from gymbus.shared.roles import Role, admit, authorized_keys, may_connect
 
 log = logging.getLogger("gymbus.security")
 
@@ -58,7 +59,7 @@ MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAI
                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 #: a refused key is logged at its 1st refusal and then every Nth (a refused client retries ~10/s)
 LOG_EVERY = 100
-#: the authorized folder is read again (for newly added keys) at most this often, in seconds
+#: the authorized folder is read again (for new keys, changed roles) at most this often, in seconds
 RELOAD_INTERVAL = 1.0
 GUARD_POLL_MS = 200
 
@@ -274,7 +275,8 @@ class Guard(threading.Thread):
         self.allowed = 0
         self.refused = 0
         self.failed_handshakes = 0
-        self._keys: set[bytes] = set()
+        #: the admitted keys and their roles (None: full access)
+        self._keys: dict[bytes, Role | None] = {}
         self._loaded_at = 0.0
         self._refusals: dict[tuple[str, bytes], int] = {}
         self._failures: dict[tuple[str, str], int] = {}
@@ -284,7 +286,7 @@ class Guard(threading.Thread):
 
     def start_and_wait(self) -> None:
         self.load_keys()
-        if not self._keys - {self.own_key}:
+        if not set(self._keys) - {self.own_key}:
             log.warning("no client certificates in %s: only the services themselves can connect",
                         self.folder)
         self.start()
@@ -299,15 +301,10 @@ class Guard(threading.Thread):
         self._pending.put((endpoint, what))
 
     def load_keys(self) -> None:
-        """Read the authorized folder again (it may have gained keys)."""
-        keys: set[bytes] = set()
-        if self.folder is not None:
-            try:
-                keys = set(zmq.auth.load_certificates(self.folder))
-            except (OSError, ValueError) as exc:
-                log.error("cannot read the authorized certificates in %s: %s", self.folder, exc)
+        """Read the authorized folder again (it may have gained keys or changed roles)."""
+        keys = authorized_keys(self.folder) if self.folder is not None else {}
         if self.own_key is not None:
-            keys.add(self.own_key)
+            keys[self.own_key] = None
         self._keys = keys
         self._loaded_at = time.monotonic()
 
@@ -356,11 +353,17 @@ class Guard(threading.Thread):
         if mechanism != b"CURVE" or len(credentials) != 1:
             return self.refuse(request_id, domain, address, mechanism, b"CURVE only")
         key = z85.encode(credentials[0])
-        if key not in self._keys and time.monotonic() - self._loaded_at >= RELOAD_INTERVAL:
-            self.load_keys()
+        if time.monotonic() - self._loaded_at >= RELOAD_INTERVAL:
+            self.load_keys()  # new keys and changed roles count from a key's next connection
         if key not in self._keys:
             return self.refuse(request_id, domain, address, key, b"unknown key")
+        role = self._keys[key]
+        what = domain.decode("utf-8", "replace")
+        if not may_connect(role, what):
+            return self.refuse(request_id, domain, address, key,
+                               f"a {role} key may not use it".encode())
         self.allowed += 1
+        admit(key.decode("ascii"), role)
         return [ZAP_VERSION, request_id, b"200", b"OK", key, b""]
 
     def refuse(self, request_id: bytes, domain: bytes, address: bytes, key: bytes,

@@ -22,12 +22,14 @@ from conftest import STACK_ENV, gymbus_cli, make_stack, wait_until
 from test_fuzz import sql
 
 from gymbus.services.cli.context import Context
-from gymbus.services.cli.keys import keys, make_keys
+from gymbus.services.cli.keys import keys, make_keys, make_role_key
 from gymbus.services.stack.launcher import SERVICES, Stack
-from gymbus.shared import security
+from gymbus.shared import roles, security
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import RemoteError, ServiceUnavailable
+from gymbus.shared.gate import receive
 from gymbus.shared.protocol import Command, ErrorCode, FrameKind
+from gymbus.shared.roles import Role, role_of
 from gymbus.shared.security import SecurityError
 from gymbus.shared.transport import Client, bind, connect, new_socket, recv_request, send_reply
 
@@ -268,3 +270,70 @@ def test_a_publisher_with_the_wrong_key_gets_nothing_stored(
     assert "telemetry input (XSUB)" in keyed_stack.services["broker"].log_path.read_text()
     for sock in (bad, refused, good):
         sock.close()
+
+
+# --- roles per key ------------------------------------------------------------------------------
+
+
+class WhoServer(EchoServer):
+    """An EchoServer bound as `what` that answers with the ZAP User-Id and role of the asker."""
+
+    def __init__(self, env: dict[str, str], what: str) -> None:
+        self.what = what
+        super().__init__(env)
+
+    def _serve(self) -> None:
+        sock = new_socket(self.ctx, zmq.ROUTER, linger=0)
+        bind(sock, "tcp://127.0.0.1:*", self.what)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ready.set()
+        while not self._stop.is_set():
+            if sock.poll(50):
+                identity, user, msg = receive(sock, 1 << 20)
+                if not isinstance(msg, Exception):
+                    send_reply(sock, identity, msg.req, {"user": user, "role": role_of(user)})
+        sock.close()
+
+
+def test_a_role_key_is_admitted_only_where_its_role_goes_and_carries_its_role(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = make_keys(tmp_path / "k")
+    reader = make_role_key(tmp_path / "k", Role.READER)["clients"]
+    public = zmq.auth.load_certificate(reader["GYMBUS_CURVE_SECRET"])[0].decode()
+    api = WhoServer(good["services"], roles.CONTROLLER_API)
+    feed = WhoServer(good["services"], roles.TELEMETRY_IN)
+    try:
+        with caplog.at_level(logging.INFO, "gymbus.security"):
+            assert ping(api.endpoint, reader) == {"user": public, "role": "reader"}
+            full = ping(api.endpoint, good["clients"])
+            assert full["role"] is None and full["user"]  # no role: full access
+            assert ping(feed.endpoint, good["clients"])["role"] is None
+            with pytest.raises(ServiceUnavailable):
+                ping(feed.endpoint, reader)
+        assert f"a reader key may not use it {public}" in caplog.text
+        assert "telemetry input (XSUB)" in caplog.text
+    finally:
+        api.close()
+        feed.close()
+
+
+def test_a_changed_role_takes_effect_on_the_next_connection(tmp_path: Path) -> None:
+    """The guard reads roles with the keys: a reader whose certificate becomes a worker's may
+    publish once it connects again (keys and roles are checked per connection)."""
+    good = make_keys(tmp_path / "k")
+    reader = make_role_key(tmp_path / "k", Role.READER, "who")["clients"]
+    feed = WhoServer(good["services"], roles.TELEMETRY_IN)
+    try:
+        with pytest.raises(ServiceUnavailable):
+            ping(feed.endpoint, reader)
+        admitted = Path(good["services"]["GYMBUS_CURVE_AUTHORIZED"]) / "who.key"
+        admitted.write_text(admitted.read_text().replace('"reader"', '"worker"'))
+        def as_worker() -> bool:
+            try:
+                return ping(feed.endpoint, reader)["role"] == "worker"
+            except ServiceUnavailable:
+                return False  # asked before the guard read the folder again (once a second)
+        wait_until(as_worker, 10, "the changed role to be admitted")
+    finally:
+        feed.close()

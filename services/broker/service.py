@@ -20,15 +20,17 @@ from typing import Any
 
 import zmq
 
+from gymbus.services.broker.grants import PublishGrants
+from gymbus.services.broker.lost_runs import LostRuns
 from gymbus.services.broker.telemetry_proxy import TelemetryProxy
 from gymbus.services.broker.worker_table import WorkerTable
 from gymbus.shared.codec import encode_message
 from gymbus.shared.errors import DecodeError
+from gymbus.shared.gate import KeyedMessageTable
 from gymbus.shared.protocol import CONTROLLER_IDENTITY, Command, RunState
 from gymbus.shared.service import (
     MalformedCount,
     MessageHandler,
-    MessageTable,
     StopFlag,
     run_until_stopped,
 )
@@ -77,8 +79,12 @@ class Broker:
         self.controller_seen = False
         self._workers_dirty = False
         self._closed = False
+        #: the runs each restricted key may publish, and the key each worker registered with
+        self.grants = PublishGrants()
+        self.worker_keys: dict[str, str] = {}
+        self.lost_runs = LostRuns()
         try:
-            self.proxy = TelemetryProxy(self.ctx, settings)
+            self.proxy = TelemetryProxy(self.ctx, settings, self.grants)
             self.controller_router = self._router(settings.broker_controller, "controller ROUTER")
             self.worker_router = self._router(settings.broker_workers, "worker ROUTER")
             # an unroutable send to a vanished worker raises instead of vanishing silently
@@ -91,6 +97,7 @@ class Broker:
             Command.HELLO: self.on_hello,
             Command.DISPATCH: self.on_dispatch,
             Command.CANCEL: self.on_cancel,
+            Command.GRANT: self.on_grant,
         }
         from_workers: dict[Command, MessageHandler] = {
             Command.READY: self.on_ready,
@@ -99,10 +106,10 @@ class Broker:
             Command.DISPATCH_FAILED: self.on_worker_dispatch_failed,
             Command.DISCONNECT: self.on_disconnect,
         }
-        self._from_controller = MessageTable("broker", from_controller, log, peer="controller",
+        self._from_controller = KeyedMessageTable("broker", from_controller, log, peer="controller",
                                              malformed=self.malformed,
                                              max_bytes=settings.max_frame_bytes)
-        self._from_workers = MessageTable("broker", from_workers, log, peer="worker",
+        self._from_workers = KeyedMessageTable("broker", from_workers, log, peer="worker",
                                           malformed=self.malformed,
                                           max_bytes=settings.max_frame_bytes)
 
@@ -149,6 +156,7 @@ class Broker:
                 lost.worker_id, self.workers.window, lost.runs,
             )
             self.send_controller(Command.WORKER_LOST, {"worker_id": lost.worker_id, "runs": lost.runs})
+            self.lost_runs.note(lost.worker_id, lost.runs)
             self._workers_dirty = True
         if now >= next_heartbeat:
             for record in self.workers.records():
@@ -201,6 +209,7 @@ class Broker:
         elif not self.send_worker(worker_id, Command.RUN, {"run_id": run_id, "config": config}):
             reason = f"worker {worker_id} cannot be reached (connection gone or queue full)"
         else:
+            self.grants.grant(self.worker_keys.get(worker_id, ""), run_id)
             log.info("run %s dispatched to worker %s", run_id, worker_id)
             return
         log.warning("dispatch of run %s failed: %s", run_id, reason)
@@ -216,11 +225,16 @@ class Broker:
             log.info("cancel of run %s sent to worker %s", run_id, worker_id)
             return
         log.warning("cannot cancel run %s: worker %s is gone", run_id, worker_id)
+        self.lost_runs.note(worker_id, [run_id])
         self.send_controller(Command.RUN_UPDATE, {
             "run_id": run_id, "worker_id": worker_id, "state": RunState.LOST.value,
             "reason": f"worker {worker_id} is gone", "frames_emitted": None, "episodes": None,
             "steps": None,
         })
+
+    def on_grant(self, identity: bytes, body: dict[str, Any], now: float) -> None:
+        """A script's run opened with a restricted key: that key may publish it."""
+        self.grants.grant(require(body, "key", str), require(body, "run_id", str))
 
     # --- from workers ---------------------------------------------------------------------------
 
@@ -245,11 +259,18 @@ class Broker:
             raise DecodeError(f"slots must be 0 to {MAX_WORKER_SLOTS}, got {slots}")
         if claimed != worker_id:
             log.warning("worker %s says its id is %r; routing by its identity", worker_id, claimed)
-        replaced = self.workers.register(worker_id, host, pid, slots, runs, now)
+        capacity = body.get("capacity")  # checked by the controller, which schedules by it
+        replaced = self.workers.register(worker_id, host, pid, slots, runs, now,
+                                         capacity if isinstance(capacity, dict) else None)
+        self.worker_keys[worker_id] = self._from_workers.user
         log.info(
             "worker %s ready: host %s, pid %d, %d slots, runs %s%s",
             worker_id, host, pid, slots, runs, " (replaces its older entry)" if replaced else "",
         )
+        for run_id in self.lost_runs.returned(worker_id, runs):
+            log.warning("worker %s is back with run %s, which was lost with it: cancelling it",
+                        worker_id, run_id)
+            self.send_worker(worker_id, Command.CANCEL, {"run_id": run_id})
         self.send_workers()
 
     def on_heartbeat(self, identity: bytes, body: dict[str, Any], now: float) -> None:

@@ -6,6 +6,9 @@ broker's loop only steers it (statistics, terminate). The XPUB queues deeply, so
 slow ingest loses nothing; the live PUB is the proxy's capture socket and queues shallowly, so
 that a stalled viewer costs the broker at most LIVE_HWM frames of memory and then misses frames
 (viewers count the missing seqs) instead of growing the broker by gigabytes.
+
+With CURVE keys the same fan-out runs in Python instead (services/broker/grants.py), because
+each frame's sender key must be checked against the runs it may publish.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 
 import zmq
 
+from gymbus.services.broker.grants import PublishGrants, forward
+from gymbus.shared import security
 from gymbus.shared.errors import GymbusError
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import bind, new_socket
@@ -37,6 +42,7 @@ PROXY_STATISTICS = b"STATISTICS"
 PROXY_STAT_NAMES = (
     "in_recv_parts", "in_recv_bytes", "in_sent_parts", "in_sent_bytes",
     "out_recv_parts", "out_recv_bytes", "out_sent_parts", "out_sent_bytes",
+    "refused_frames",  # only with CURVE keys: frames of runs that are not their key's
 )
 
 
@@ -48,8 +54,10 @@ class TelemetryProxy:
     the inproc PAIR that steers it (STATISTICS, TERMINATE).
     """
 
-    def __init__(self, ctx: zmq.Context[Any], settings: Settings) -> None:
+    def __init__(self, ctx: zmq.Context[Any], settings: Settings,
+                 grants: PublishGrants | None = None) -> None:
         self._ctx = ctx
+        self.grants = grants if grants is not None else PublishGrants()
         self._settings = settings
         self._control_endpoint = f"inproc://gymbus-broker-proxy-{id(self):x}"
         self._control = new_socket(ctx, zmq.PAIR, linger=0)
@@ -93,7 +101,10 @@ class TelemetryProxy:
             if self._error is None:
                 log.info("telemetry proxy: %s -> %s (ingest), %s (viewers)",
                          s.telemetry_in, s.telemetry_out, s.telemetry_live)
-                zmq.proxy_steerable(xsub, xpub, live, control)
+                if security.policy().curve:
+                    forward(xsub, xpub, live, control, self.grants)
+                else:
+                    zmq.proxy_steerable(xsub, xpub, live, control)
         except zmq.ZMQError as exc:
             log.error("telemetry proxy stopped: %s", exc)
         finally:
