@@ -132,6 +132,11 @@ OTHER_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("run_id", "VARCHAR"), ("first_seq", "BIGINT"), ("last_seq", "BIGINT"),
         ("detected_at", "TIMESTAMP"), ("filled_at", "TIMESTAMP"),
     ),
+    # the Parquet files that archived runs' step rows moved to (services/ingest/archive.py)
+    "archived_parts": (
+        ("path", "VARCHAR PRIMARY KEY"), ("run_id", "VARCHAR"), ("rows", "BIGINT"),
+        ("checksum", "HUGEINT"), ("bytes", "BIGINT"), ("archived_at", "TIMESTAMP"),
+    ),
 }
 
 
@@ -156,6 +161,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     **{FRAME_TABLES[kind]: _frame_table(kind) for kind in FRAME_COLUMNS},
     "dead_letters": OTHER_TABLES["dead_letters"],
     "gaps": OTHER_TABLES["gaps"],
+    "archived_parts": OTHER_TABLES["archived_parts"],
 }
 
 

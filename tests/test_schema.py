@@ -89,8 +89,8 @@ def test_a_fresh_store_has_the_tables_the_schema_declares(tmp_path: Path) -> Non
     declared = [(table, name, sql.split()[0])
                 for table, columns in sorted(schema.TABLES.items()) for name, sql in columns]
     assert found == declared
-    assert keys == [(table, [name]) for table, columns in schema.TABLES.items()
-                    for name, sql in columns if "PRIMARY KEY" in sql]
+    assert sorted(keys) == sorted((table, [name]) for table, columns in schema.TABLES.items()
+                                  for name, sql in columns if "PRIMARY KEY" in sql)
     for kind, table in schema.FRAME_TABLES.items():
         stored = [name for column in FRAME_COLUMNS[kind] for name, _ in schema.stored_columns(column)]
         assert [name for t, name, _ in found if t == table] == [

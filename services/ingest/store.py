@@ -21,6 +21,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from gymbus.services.ingest.archive import Archive, archive_root, live_table
 from gymbus.services.ingest.buffers import ArrowColumns, Chunk, TableBuffer, rows_table
 from gymbus.services.ingest.runs import Gap, RunAccount
 from gymbus.shared import schema
@@ -35,6 +36,7 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(), "DOUBLE": pa.float64(),
     "BOOLEAN": pa.bool_(), "TIMESTAMP": pa.timestamp("us"), "BLOB": pa.binary(),
     "DOUBLE[]": pa.large_list(pa.float64()),
+    "HUGEINT": pa.decimal128(38, 0),  # as DuckDB gives a 128-bit integer to Arrow
 }
 #: table -> [(column, Arrow type)] in table order (a constraint after the SQL type, such as
 #: PRIMARY KEY, does not change it)
@@ -65,13 +67,14 @@ def create_schema(conn: duckdb.DuckDBPyConnection) -> None:
     """Create the tables that do not exist yet, and add the columns an existing file lacks
     (a file written before a column was added to the schema: its old rows hold NULL)."""
     for table in schema.TABLES:
-        conn.execute(schema.ddl(table))
+        conn.execute(schema.ddl(table))  # nothing when the name is the archive's view
+        base = live_table(conn, table)  # an archived table's columns go to its base table
         have = {row[0] for row in conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
-            [table]).fetchall()}
+            [base]).fetchall()}
         for name, sql in schema.TABLES[table]:
             if name not in have:
-                conn.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql.split()[0]}')
+                conn.execute(f'ALTER TABLE {base} ADD COLUMN "{name}" {sql.split()[0]}')
 
 
 #: each frame kind's columns with the names of the table columns that hold them
@@ -130,7 +133,11 @@ class Store:
         self.conn: duckdb.DuckDBPyConnection | None = duckdb.connect(str(path), config=config)
         create_schema(self.conn)
         self._warm_up()
-        # queries come over the network: they may read this database, not the host's files
+        self.archive = Archive(self.conn, archive_root(path))
+        self.archive.open()
+        # queries come over the network: they may read this database and its archived Parquet
+        # files (the `steps` view reads them), not the host's other files
+        self.conn.execute("SET allowed_directories = ?", [self.archive.allowed_directories()])
         self.conn.execute("SET enable_external_access = false")
         self.runs = self._load_runs()
         self._buffers = {name: TableBuffer(COLUMNS[name]) for name in BUFFERED}
@@ -316,9 +323,10 @@ class Store:
 
     def _insert(self, table: str, batch: pa.Table, verb: str = "INSERT") -> None:
         db = self._db()
+        target = self.archive.live if table == "steps" else table
         db.register(f"batch_{table}", batch)
         try:
-            db.execute(f"{verb} INTO {table} BY NAME SELECT * FROM batch_{table}")
+            db.execute(f"{verb} INTO {target} BY NAME SELECT * FROM batch_{table}")
         finally:
             db.unregister(f"batch_{table}")
 
