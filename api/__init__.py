@@ -9,9 +9,13 @@
         run.save("q_network.pt")
 
 docs/python-api.md says it all; `gymbus.integrations.sb3` records Stable-Baselines3.
+`gymbus.store()`, `gymbus.steps()`, `gymbus.episodes()`, `gymbus.sql()` read what is stored
+(docs/data.md); `gymbus.arrays()` gives steps back in their spaces' dtype and shape.
 """
 
 from gymbus.session import Run, UsageError, run
 from gymbus.spaces import MAX_STORED_VALUES, SpaceError
+from gymbus.store import Reader, arrays, episodes, metrics, runs, sql, steps, store
 
-__all__ = ["MAX_STORED_VALUES", "Run", "SpaceError", "UsageError", "run"]
+__all__ = ["MAX_STORED_VALUES", "Reader", "Run", "SpaceError", "UsageError", "arrays",
+           "episodes", "metrics", "run", "runs", "sql", "steps", "store"]

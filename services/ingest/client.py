@@ -10,7 +10,7 @@ the readers send are named in `gymbus.shared.queries`.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import zmq
 
@@ -18,6 +18,9 @@ from gymbus.shared.errors import RemoteError, RequestError, ServiceUnavailable, 
 from gymbus.shared.protocol import Command
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: rows of a `query` unless asked otherwise (the ingest's own default)
 DEFAULT_MAX_ROWS = 100_000
@@ -39,26 +42,40 @@ class StoreClient:
         #: a query the ingest does not answer sets it False too, until a caller sets it back
         self.ask_ingest = True
 
-    def query(self, sql: str, max_rows: int = DEFAULT_MAX_ROWS) -> dict[str, Any]:
-        """One read-only statement's `{"columns", "types", "rows", "truncated"}`.
+    def query(self, sql: str, max_rows: int = DEFAULT_MAX_ROWS,
+              reply: str = "rows") -> dict[str, Any]:
+        """One read-only statement's `{"columns", "types", "rows", "truncated"}` (in the `arrow`
+        reply format, `arrow` holds the rows as Arrow IPC bytes and `rows` counts them).
 
         Raises RemoteError when the statement is refused or fails, StoreUnavailable when neither
         the ingest nor the file answers.
         """
         if not self.ask_ingest:
-            return self._read_file(sql, max_rows)
+            return self._read_file(sql, max_rows, reply)
+        body: dict[str, Any] = {"sql": sql, "max_rows": max_rows}
+        if reply != "rows":
+            body["format"] = reply
         try:
-            return self.client.request(Command.QUERY, {"sql": sql, "max_rows": max_rows})
+            return self.client.request(Command.QUERY, body)
         except ServiceUnavailable:
             self.ask_ingest = False
-            return self._read_file(sql, max_rows)
+            return self._read_file(sql, max_rows, reply)
+
+    def arrow(self, sql: str, max_rows: int = ROWS_LIMIT) -> pa.Table:
+        """The rows of one read-only statement as an Arrow table (at most `max_rows`: a reader
+        of more pages through them); large results travel as Arrow IPC, not msgpack rows."""
+        import pyarrow as pa  # only here: the viewers and most commands never need it
+
+        result = self.query(sql, max_rows, "arrow")
+        table: pa.Table = pa.ipc.open_stream(result["arrow"]).read_all()
+        return table
 
     def rows(self, sql: str, max_rows: int = ROWS_LIMIT) -> list[dict[str, Any]]:
         """The rows of one read-only statement, as dicts keyed by column name."""
         result = self.query(sql, max_rows)
         return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
 
-    def _read_file(self, sql: str, max_rows: int) -> dict[str, Any]:
+    def _read_file(self, sql: str, max_rows: int, reply: str = "rows") -> dict[str, Any]:
         """Answer from the DuckDB file, read-only: only when the ingest did not answer."""
         import duckdb  # only here: most readers never need it, and it is slow to import
 
@@ -73,7 +90,7 @@ class StoreClient:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise self._unavailable(f"cannot be opened read-only ({reason})") from None
         try:
-            return run_query(conn, sql, max_rows)
+            return run_query(conn, sql, max_rows, reply)
         except RequestError as exc:  # as the ingest would have answered it
             raise RemoteError(exc.code.value, str(exc)) from None
         finally:

@@ -1,4 +1,5 @@
-"""Read-only queries for the ingest API: the statement check, the run, and msgpack-able results.
+"""Read-only queries for the ingest API: the statement check, the run, and the results, as
+msgpack-able rows or as Arrow IPC bytes (the `arrow` reply format, for large results).
 
 Everything here runs on the ingest loop, on a cursor of the store's single connection, between
 two flushes (so no write is in flight while a query reads).
@@ -14,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from gymbus.shared.errors import RequestError
 from gymbus.shared.protocol import ErrorCode
@@ -36,6 +38,10 @@ _PLAIN_TYPES = frozenset({
     "UBIGINT", "FLOAT", "DOUBLE", "VARCHAR", "BLOB",
 })
 _TIMESTAMP_TZ = "TIMESTAMP WITH TIME ZONE"
+#: the reply formats of a query: rows in msgpack, or one Arrow IPC stream (`arrow`)
+REPLY_FORMATS = ("rows", "arrow")
+#: rows per Arrow record batch of an `arrow` reply
+ARROW_BATCH_ROWS = 65_536
 
 
 def read_only_statement(conn: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
@@ -79,15 +85,22 @@ def _refusal(kind: duckdb.StatementType) -> str:
             "(SELECT, WITH, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE)")
 
 
-def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, max_rows: int) -> dict[str, Any]:
-    """Run one read-only statement and return `{"columns", "types", "rows", "truncated"}`.
+def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, max_rows: int,
+              reply: str = "rows") -> dict[str, Any]:
+    """Run one read-only statement and return `{"columns", "types", "rows", "truncated"}`; in
+    the `arrow` reply format `rows` is the row count and `arrow` the rows as Arrow IPC bytes.
 
     The statement runs in a READ ONLY transaction that is rolled back afterwards, so that even a
     write hidden from the statement check fails instead of changing the file.
     """
+    if reply not in REPLY_FORMATS:
+        raise RequestError(ErrorCode.BAD_REQUEST,
+                           f"format must be one of {', '.join(REPLY_FORMATS)}, got {reply!r}")
     statement = read_only_statement(cursor, sql)
     cursor.execute("BEGIN TRANSACTION READ ONLY")
     try:
+        if reply == "arrow":
+            return _arrow_result(cursor, statement.query, max_rows)
         cursor.execute(statement.query)
         columns = [str(d[0]) for d in cursor.description or []]
         types = [str(d[1]) for d in cursor.description or []]
@@ -109,6 +122,28 @@ def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, max_rows: int) -> dic
         rows = [[v if f is None or v is None else f(v)
                  for v, f in zip(row, converters, strict=True)] for row in fetched[:max_rows]]
     return {"columns": columns, "types": types, "rows": rows, "truncated": truncated}
+
+
+def _arrow_result(cursor: duckdb.DuckDBPyConnection, query: str,
+                  max_rows: int) -> dict[str, Any]:
+    """At most `max_rows` rows of a checked statement as one Arrow IPC stream (every column
+    type as DuckDB gives it to Arrow: no conversion, time zones kept)."""
+    relation = cursor.sql(query)
+    types = [str(t) for t in relation.types]
+    reader = relation.to_arrow_reader(ARROW_BATCH_ROWS)
+    schema = reader.schema
+    sink = pa.BufferOutputStream()
+    rows, truncated = 0, False
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in reader:
+            if rows + batch.num_rows > max_rows:
+                batch, truncated = batch.slice(0, max_rows - rows), True
+            writer.write_batch(batch)
+            rows += batch.num_rows
+            if truncated:
+                break
+    return {"columns": schema.names, "types": types, "rows": rows,
+            "truncated": truncated, "arrow": sink.getvalue().to_pybytes()}
 
 
 def _without_time_zones(query: str, types: list[str]) -> str:
