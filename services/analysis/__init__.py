@@ -1,0 +1,1 @@
+"""Statistics over stored runs: final scores and learning curves compared across seeds."""
