@@ -25,6 +25,8 @@ class ExitCode:
     NOT_FOUND = 4
     #: the service refused or failed the request for another reason
     REFUSED = 5
+    #: a wait (--wait with --timeout) ran out of time; the runs go on
+    TIMED_OUT = 6
 
 
 class GymbusError(Exception):

@@ -18,10 +18,15 @@ from typing import Any
 from gymbus.shared.config_values import (
     INT_MAX,
     checked,
+    count,
+    duration,
     integer,
+    label,
+    memory_size,
     positive_int,
     string,
     table,
+    tags,
 )
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.protocol import TelemetryMode
@@ -144,6 +149,10 @@ class RunConfig:
     """names the agent in telemetry (viewers open one tab per agent)"""
     name: str = ""
     """a label for people; not unique"""
+    tags: dict[str, str] = field(default_factory=dict)
+    """labels to filter runs by, e.g. {lr = "0.1", arm = "baseline"} (a sweep's say its point)"""
+    group: str = ""
+    """the id of the group the run belongs to (a sweep gives all its runs one)"""
     eval_from: str | None = None
     """evaluate the policy saved by this run (a run id): greedy episodes, nothing trained or saved"""
     policy: str | None = None
@@ -160,6 +169,14 @@ class RunConfig:
     cwd: str | None = None
     """a command run's working directory, where it was submitted from (the run folder where the
     worker has no such directory)"""
+    cpus: int | None = None
+    """CPU cores the run needs; it is pinned to that many distinct cores of its worker"""
+    memory: int | None = None
+    """memory limit in bytes (a run file or the CLI may say 512MiB, 2GiB); past it the run fails"""
+    gpus: int | None = None
+    """GPUs the run needs, given to it by CUDA_VISIBLE_DEVICES (0: it sees none)"""
+    timeout: float | None = None
+    """time limit in seconds (a run file or the CLI may say 90s, 30m, 2h); past it the run fails"""
 
     @property
     def evaluates(self) -> bool:
@@ -231,11 +248,14 @@ def parse_config(raw: Any) -> RunConfig:
         agent=agent,
         agent_id=agent_id,
         name=string(values, "name", ""),
+        tags=tags(values, "tags"),
+        group=label(values, "group"),
         eval_from=eval_from,
         policy=policy,
         eval_every=eval_every,
         eval_episodes=positive_int(values, "eval_episodes") or 100,
         env_module=_module_name(values, "env_module"),
+        **_limits(values),
     )
 
 
@@ -271,8 +291,15 @@ def _parse_command_run(values: dict[str, Any]) -> RunConfig:
         raise ConfigError("cwd", f"give an absolute path, got {cwd!r}")
     telemetry, every = _telemetry(values)
     return RunConfig(env=string(values, "env", ""), algo=COMMAND_ALGO, telemetry=telemetry,
-                     every=every, name=string(values, "name", ""), command=list(command),
-                     cwd=cwd)
+                     every=every, name=string(values, "name", ""), tags=tags(values, "tags"),
+                     group=label(values, "group"), command=list(command), cwd=cwd,
+                     **_limits(values))
+
+
+def _limits(values: dict[str, Any]) -> dict[str, Any]:
+    """The resource limits, each optional (an absent one is not enforced)."""
+    return {"cpus": positive_int(values, "cpus"), "memory": memory_size(values, "memory"),
+            "gpus": count(values, "gpus"), "timeout": duration(values, "timeout")}
 
 
 def _telemetry(values: dict[str, Any]) -> tuple[TelemetryMode, int | None]:

@@ -93,9 +93,10 @@ def test_submit_stores_a_queued_run(registry: Registry, clock: FakeClock) -> Non
     assert set(wire) == {
         "run_id", "name", "env", "algo", "telemetry", "config", "state", "created_ns",
         "updated_ns", "started_ns", "ended_ns", "worker_id", "reason", "frames_emitted",
-        "episodes", "steps",
+        "episodes", "steps", "tags", "group",
     }
     assert wire["state"] == "queued"
+    assert (wire["tags"], wire["group"]) == ({}, "")
 
 
 def test_the_transition_table_is_what_the_protocol_says() -> None:

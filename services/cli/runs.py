@@ -1,4 +1,5 @@
-"""The run commands of `gymbus`: `submit`, `runs`, `status` and `cancel`, and their helpers.
+"""The run commands of `gymbus`: `submit`, `status` and `cancel`, and their helpers (`runs` is
+run_list.py's).
 
 Registered in main.py; each takes the shared `Context` with `@click.pass_obj`. A run's record
 comes from the controller, its telemetry accounting from the ingest (`Context.run_stats`).
@@ -20,10 +21,12 @@ from ulid import ULID
 
 from gymbus.services.cli import output as out
 from gymbus.services.cli.context import Context, json_option
+from gymbus.services.cli.durations import DURATION, short
 from gymbus.shared import queries
 from gymbus.shared.errors import ConfigError, ExitCode, RemoteError
 from gymbus.shared.policy_files import POLICY_FILES, guess_policy_algo
 from gymbus.shared.protocol import TERMINAL_STATES, Command, RunState, TelemetryMode
+from gymbus.shared.run_filters import tag_pairs
 from gymbus.shared.runconfig import parse_config
 
 POLL_SECONDS = 0.25
@@ -79,6 +82,8 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--agent-arg", "agent_args", multiple=True, metavar="KEY=VALUE",
               help="Hyperparameter (repeatable), e.g. learning_rate=0.2.")
 @click.option("--name", help="A label for people.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+              help="A tag to filter runs by (repeatable), e.g. arm=baseline.")
 @click.option("--agent-id", help="Agent id in telemetry (default agent-0).")
 @click.option("--eval-from", metavar="RUN",
               help="Evaluate the policy saved by run RUN: greedy episodes, nothing trained or saved.")
@@ -92,18 +97,26 @@ def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
 @click.option("--command", metavar="CMD",
               help="Run your own script on a worker instead of a built-in agent, e.g. "
                    "\"python train.py --seed 1\"; its gymbus.run() records the run.")
+@click.option("--cpus", type=int, help="CPU cores the run needs (pinned to that many).")
+@click.option("--memory", metavar="SIZE", help="Memory limit, e.g. 512MiB or 2GiB.")
+@click.option("--gpus", type=int, help="GPUs the run needs (0: it sees none).")
+@click.option("--timeout", "time_limit", metavar="DURATION",
+              help="The run fails past this long, e.g. 90s or 30m (run files: timeout).")
 @click.option("--idempotency-key", help="Resubmitting with the same key makes one run.")
 @click.option("--wait", is_flag=True, help="Wait for the end; exit 0 only if it completed.")
+@click.option("--wait-timeout", "timeout", type=DURATION, metavar="DURATION",
+              help="With --wait: stop waiting after this long (e.g. 90s, 10m; exit 6).")
 @json_option
 @click.pass_obj
 def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[str, ...],
-           agent_args: tuple[str, ...], idempotency_key: str | None, wait: bool, as_json: bool,
-           **flags: Any) -> None:
+           agent_args: tuple[str, ...], tags: tuple[str, ...], idempotency_key: str | None,
+           wait: bool, timeout: float | None, as_json: bool, **flags: Any) -> None:
     """Submit a run, from flags or a RUN_FILE (TOML with the same field names)."""
     if fast:
         if flags.get("telemetry") not in (None, TelemetryMode.FAST.value):
             raise ConfigError("telemetry", "--fast contradicts --telemetry " + flags["telemetry"])
         flags["telemetry"] = TelemetryMode.FAST.value
+    flags["timeout"] = flags.pop("time_limit")  # the run's limit; --wait-timeout is --wait's
     config = build_config(run_file, flags)
     if env_args:
         config["env_kwargs"] = {**config.get("env_kwargs", {}),
@@ -111,6 +124,8 @@ def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[st
     if agent_args:
         config["agent"] = {**config.get("agent", {}),
                            **parse_assignments(agent_args, "--agent-arg")}
+    if tags:
+        config["tags"] = {**config.get("tags", {}), **tag_pairs(tags)}
     config = complete_evaluation(obj, config)
     absolute_plans(config)
     split_command(config)
@@ -126,14 +141,19 @@ def submit(obj: Context, /, run_file: str | None, fast: bool, env_args: tuple[st
         else:
             click.echo(run_id)
         return
-    run = wait_for_end(obj, run_id)
+    run = wait_for_end(obj, run_id, timeout)
     stats = (obj.run_stats(run_id) or {}).get(run_id)
+    timed_out = run["state"] not in TERMINAL_STATES
     if as_json:
         taken = uncounted_steps(obj, [run], stats).get(run_id)
         out.emit_json({"run_id": run_id, "status": run["state"], "reason": run.get("reason"),
-                       **status_record(run, stats, taken)})
+                       **status_record(run, stats, taken), "timed_out": timed_out})
     else:
         click.echo(run_id)
+    if timed_out:
+        click.echo(f"error: run {run_id} is still {run['state']} after {short(timeout or 0)} "
+                   "(--wait-timeout); it goes on", err=True)
+        sys.exit(ExitCode.TIMED_OUT)
     if run["state"] != RunState.COMPLETED:
         reason = f": {run['reason']}" if run.get("reason") else ""
         click.echo(f"error: run {run_id} ended {run['state']}{reason}", err=True)
@@ -228,21 +248,23 @@ class WorkerNotice:
         self._next = now + self.every
 
 
-def wait_for_end(obj: Context, run_id: str) -> dict[str, Any]:
+def wait_for_end(obj: Context, run_id: str, timeout: float | None = None) -> dict[str, Any]:
     """Poll the run until it is terminal, showing progress on stderr (and, while it is queued
-    with no worker connected, saying so); then its record."""
+    with no worker connected, saying so); then its record. After `timeout` seconds, the
+    record as it is (not terminal)."""
     progress = out.Progress()
     notice = WorkerNotice()
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         run: dict[str, Any] = obj.controller.request(Command.GET_RUN, {"run_id": run_id})["run"]
         stats = (obj.run_stats(run_id) or {}).get(run_id)
         by_steps = bool(run.get("config", {}).get("total_steps")) and stats is not None
         taken = obj.steps_taken([run_id]).get(run_id) if by_steps else None
         line = out.progress_line(run, stats, taken)
-        if run["state"] in TERMINAL_STATES:
+        now = time.monotonic()
+        if run["state"] in TERMINAL_STATES or (deadline is not None and now >= deadline):
             progress.done(line)
             return run
-        now = time.monotonic()
         if run["state"] == RunState.QUEUED and notice.due(now):
             notice.checked(now)
             if not obj.controller.request(Command.LIST_WORKERS)["workers"]:
@@ -270,6 +292,8 @@ def status_record(run: dict[str, Any], stats: dict[str, Any] | None,
     return {
         "run_id": run["run_id"],
         "name": run.get("name") or None,
+        "tags": run.get("tags") or config.get("tags") or {},
+        "group": run.get("group") or config.get("group") or None,
         "status": run["state"],
         "env": run["env"],
         "algo": run["algo"],
@@ -325,24 +349,6 @@ def store_only(obj: Context, records: list[dict[str, Any]],
 
 
 @click.command()
-@json_option
-@click.pass_obj
-def runs(obj: Context, as_json: bool) -> None:
-    """Every run: id, name, env, algo (eval:ALGO for an evaluation run), mode, status, episodes
-    and steps done, steps stored, created time."""
-    records = obj.controller.request(Command.LIST_RUNS)["runs"]
-    stats = obj.run_stats()
-    records += store_only(obj, records, stats)
-    taken = uncounted_steps(obj, records, stats)
-    rows = [{**status_record(run, (stats or {}).get(run["run_id"]), taken.get(run["run_id"])),
-             "source": run.get("source", "controller")} for run in records]
-    if as_json:
-        out.emit_json(rows)
-        return
-    click.echo(out.runs_table(rows))
-
-
-@click.command()
 @click.argument("run_id")
 @json_option
 @click.pass_obj
@@ -357,7 +363,8 @@ def status(obj: Context, run_id: str, as_json: bool) -> None:
     if as_json:
         out.emit_json(record)
         return
-    click.echo(out.status_lines(record))
+    tags = " ".join(f"{k}={v}" for k, v in sorted(record["tags"].items())) or None
+    click.echo(out.status_lines({**record, "tags": tags}))
 
 
 @click.command()

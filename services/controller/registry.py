@@ -7,12 +7,13 @@ The clock (Unix nanoseconds) is injected so that tests can replay histories.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ _RUN_COLUMNS = (
     "run_id", "name", "env", "algo", "telemetry", "config", "state", "created_ns", "updated_ns",
     "started_ns", "ended_ns", "worker_id", "reason", "frames_emitted", "episodes", "steps",
 )
-_SELECT = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
+#: the labels, after _RUN_COLUMNS in every SELECT: tags (JSON text) and the group's id
+_LABEL_COLUMNS = (("tags", "TEXT NOT NULL DEFAULT '{}'"), ("group_id", "TEXT NOT NULL DEFAULT ''"))
+_SELECT = f"SELECT {', '.join(_RUN_COLUMNS)}, tags, group_id FROM runs"
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -71,7 +74,9 @@ CREATE TABLE IF NOT EXISTS runs (
     steps           INTEGER,
     idempotency_key TEXT UNIQUE,              -- NULL when the submit gave none
     dispatch_failures INTEGER NOT NULL DEFAULT 0,
-    last_dispatch_error TEXT
+    last_dispatch_error TEXT,
+    tags            TEXT NOT NULL DEFAULT '{}',   -- JSON object of the run's tags
+    group_id        TEXT NOT NULL DEFAULT ''      -- its group's id ('' for none)
 );
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, created_ns);
 CREATE INDEX IF NOT EXISTS runs_by_worker ON runs (worker_id, state);
@@ -103,6 +108,8 @@ class Run:
     frames_emitted: int | None = None
     episodes: int | None = None
     steps: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    group: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -113,6 +120,8 @@ class Run:
         out = {name: getattr(self, name) for name in _RUN_COLUMNS}
         out["state"] = self.state.value
         out["config"] = dict(self.config)
+        out["tags"] = dict(self.tags)
+        out["group"] = self.group
         return out
 
 
@@ -140,6 +149,12 @@ class Registry:
                 f"{_SCHEMA_VERSION} (move the file aside to start a new registry)"
             )
         self._db.executescript(_SCHEMA)
+        # a registry written before runs had labels gains their columns, empty for old runs
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for name, kind in _LABEL_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_group ON runs (group_id, created_ns)")
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
@@ -165,9 +180,14 @@ class Registry:
         row = self._db.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else _run(row)
 
-    def runs(self) -> list[Run]:
-        """Every run, oldest first."""
-        return [_run(row) for row in self._db.execute(f"{_SELECT} ORDER BY created_ns, rowid")]
+    def runs(self, group: str | None = None) -> list[Run]:
+        """Every run, or those of one group, oldest first."""
+        if group is None:
+            rows = self._db.execute(f"{_SELECT} ORDER BY created_ns, rowid")
+        else:
+            rows = self._db.execute(f"{_SELECT} WHERE group_id = ? ORDER BY created_ns, rowid",
+                                    (group,))
+        return [_run(row) for row in rows]
 
     def queued(self, limit: int = -1) -> list[Run]:
         """Queued runs, oldest first (at most `limit`; all with -1)."""
@@ -210,10 +230,11 @@ class Registry:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO runs (run_id, name, env, algo, telemetry, config, state,"
-                    " created_ns, updated_ns, idempotency_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    " created_ns, updated_ns, idempotency_key, tags, group_id)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (run_id, config.name, config.env, config.algo, config.telemetry.value,
                      msgpack.packb(config.to_dict(), use_bin_type=True), S.QUEUED.value,
-                     now, now, key),
+                     now, now, key, json.dumps(config.tags, sort_keys=True), config.group),
                 )
         except sqlite3.IntegrityError:
             existing = self.by_idempotency_key(key) if key is not None else None
@@ -330,8 +351,19 @@ class Registry:
             raise RuntimeError(f"run {run_id} vanished right after it was stored")
         return run, True
 
+    def delete(self, run_id: str) -> bool:
+        """Remove an ended run's record; False when there is none, or the run has not ended
+        (a queued or active run is never removed: it would come back from its worker)."""
+        ended = tuple(state.value for state in TERMINAL_STATES)
+        with self._tx() as db:
+            cursor = db.execute(f"DELETE FROM runs WHERE run_id = ? AND state IN "
+                                f"({', '.join('?' * len(ended))})", (run_id, *ended))
+        return cursor.rowcount > 0
+
+
 def _run(row: tuple[Any, ...]) -> Run:
     values = dict(zip(_RUN_COLUMNS, row))
     values["state"] = RunState(values["state"])
     values["config"] = msgpack.unpackb(values["config"], raw=False)
-    return Run(**values)
+    tags, group = row[len(_RUN_COLUMNS):]
+    return Run(**values, tags=json.loads(tags), group=group)
