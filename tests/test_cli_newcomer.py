@@ -24,6 +24,7 @@ from gymbus.services.cli.runs import NO_WORKER_EVERY, WorkerNotice, parse_assign
 from gymbus.services.controller.validation import check_environment
 from gymbus.services.ingest.store import Store
 from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.services.viewers.live import VIEWER_TIMEOUT
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.protocol import FrameKind
@@ -205,6 +206,20 @@ def test_a_fast_run_shows_steps_taken_and_steps_stored(stack: Stack, fast_run: s
     assert (row["STEPS"], row["STEPS STORED"]) == (str(taken), "0")
 
 
+def test_the_demos_table_shows_the_steps_a_fast_run_took(
+        stack: Stack, fast_run: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from gymbus.services.ingest.client import StoreClient
+    from gymbus.services.stack import demo
+    from gymbus.shared.transport import Client
+
+    taken = json.loads((stack.settings.run_dir(fast_run) / "result.json").read_text())["steps"]
+    with Client(stack.settings.controller, "controller") as controller, \
+            StoreClient(stack.settings) as store:
+        demo.watch(controller, store, [fast_run])  # the run has ended: one table, then back
+    row = row_of(capsys.readouterr().out.strip(), fast_run[-8:])
+    assert row["STEPS"] == str(taken) and taken > 200, row  # not the 0 step rows it stored
+
+
 def test_the_name_is_shown_in_runs_and_status(stack: Stack, fast_run: str) -> None:
     assert row_of(gymbus(stack, "runs").stdout, fast_run)["NAME"] == "lake-label"
     assert status_rows(gymbus(stack, "status", fast_run).stdout)["name"] == "lake-label"
@@ -288,9 +303,14 @@ def dead_env(tmp_path: Path, timeout: float = 2.0) -> dict[str, str]:
 
 
 def timed(env: dict[str, str], *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """The command's result, and the seconds it took beyond a `gymbus --help` timed just before
+    it (the start-up alone: on a loaded machine it takes seconds, whatever the command does)."""
+    started = time.monotonic()
+    gymbus_cli(env, "--help", timeout=60)
+    start_up = time.monotonic() - started
     started = time.monotonic()
     result = gymbus_cli(env, *args, timeout=60)
-    return time.monotonic() - started, result
+    return time.monotonic() - started - start_up, result
 
 
 def write_one_run(db_path: Path, run_id: str) -> None:
@@ -313,19 +333,21 @@ def write_one_run(db_path: Path, run_id: str) -> None:
         store.close()
 
 
-#: seconds beside the request timeout that a failure or fallback may take (the command's start)
-SLACK = 1.5
+#: the request timeout of the commands timed below. A command that waited for two services in
+#: turn would take twice this beyond its start-up; one that waits for one, once, and then reads
+#: the file takes less (a loaded machine stretches the file's reads, not the timeout)
+TIMEOUT = 3.0
 
 
 def test_with_no_stack_each_command_fails_or_falls_back_within_the_timeout(
         tmp_path: Path) -> None:
-    env = dead_env(tmp_path)
+    env = dead_env(tmp_path, timeout=TIMEOUT)
     took, result = timed(env, "submit", *LAKE, "--episodes", "5")
-    assert result.returncode == 3 and "within 2 s" in result.stderr, result.stderr
-    assert took < 2 + SLACK, took
+    assert result.returncode == 3 and "within 3 s" in result.stderr, result.stderr
+    assert took < 2 * TIMEOUT, took
     took, result = timed(env, "query", "SELECT 1")
-    assert result.returncode == 3 and "within 2 s" in result.stderr, result.stderr
-    assert took < 2 + SLACK, took
+    assert result.returncode == 3 and "within 3 s" in result.stderr, result.stderr
+    assert took < 2 * TIMEOUT, took
 
     run_id = "01NEWCOMER0000000000000000"
     Path(env["GYMBUS_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -333,15 +355,17 @@ def test_with_no_stack_each_command_fails_or_falls_back_within_the_timeout(
     took, result = timed(env, "replay", run_id, "--episode", "1", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["length"] == 5
-    assert took < 2 + SLACK, took
+    assert took < 2 * TIMEOUT, took
 
 
 def test_watch_once_with_no_stack_falls_back_within_the_timeout(tmp_path: Path) -> None:
-    env = dead_env(tmp_path, timeout=5.0)
+    # the viewer's own timeout, 2 s, is the shorter: the controller and the ingest are asked at
+    # once, so it waits 2 s, not 4
+    env = dead_env(tmp_path, timeout=TIMEOUT)
     took, result = timed(env, "watch", "--once")
     assert result.returncode == 0, result.stderr
     assert "controller down" in result.stdout and "ingest down" in result.stdout
-    assert took < 5 + SLACK, took
+    assert took < 2 * VIEWER_TIMEOUT, took
 
 
 def test_under_json_errors_are_json_on_stdout(tmp_path: Path) -> None:

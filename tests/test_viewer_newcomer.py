@@ -247,6 +247,10 @@ def test_with_no_services_the_window_opens_at_once_and_lists_the_stored_runs(
     qtbot.waitUntil(lambda: "controller down" in window.accounting.text(), timeout=TIMEOUT_MS)
     view = window.live.runs[runs["cartpole"]]
     qtbot.waitUntil(lambda: view.episodes == 200, timeout=TIMEOUT_MS)  # read from the file
+    qtbot.wait(200)  # the layout settles
+    table = window.runs_panel.table  # every column shown whole, beside the tab area
+    assert table.horizontalScrollBar().maximum() == 0, "the runs panel scrolls sideways"
+    assert window.tab_area.width() >= 0.45 * window.width()
     shots = os.environ.get("GYMBUS_SCREENSHOTS")
     if shots:
         Path(shots).mkdir(parents=True, exist_ok=True)
@@ -304,3 +308,109 @@ def test_a_fast_runs_replay_plots_its_metrics_against_steps(
         assert xs is not None and len(xs) > 1
         assert xs[-1] > len(xs) * 10, f"x looks like the point index: {xs[:5]}"
         assert list(xs) == sorted(xs)
+
+
+# --- names and tags, in `gymbus watch` and the Qt runs panel --------------------------------------
+
+TAGS = {"team": "blue", "sweep": "lr-3"}
+
+
+def tagged_live() -> Live:
+    """watched_live's runs, the second of them tagged as the controller's record gives tags."""
+    live = watched_live()
+    live.runs[run_id(1)].set_record({"run_id": run_id(1), "tags": TAGS})
+    return live
+
+
+def tagged_screen(width: int) -> str:
+    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
+    console.print(Dashboard(tagged_live()).render(console.width))
+    return console.export_text()
+
+
+def test_watch_shows_a_runs_tags_where_they_fit() -> None:
+    header, *rows = table_lines(tagged_screen(200))
+    assert re.search(r"(^|\s)TAGS(\s|$)", header) and "NAME" in header, header
+    assert "sweep=lr-3,team=blue" in rows[1]  # key=value, in key order
+    assert "sweep=" not in rows[0] + rows[2]
+    assert Dashboard(tagged_live()).to_json()["runs"][1]["tags"] == TAGS
+
+
+def test_watch_at_80_columns_drops_names_and_tags_before_the_main_numbers() -> None:
+    text = tagged_screen(80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    header, *rows = table_lines(text)
+    for name in ("RUN", "STATE", "EPISODES", "STEPS/S", "MEAN RET"):
+        assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", header), (name, header)
+    assert "TAGS" not in header and "NAME" not in header
+    assert "sweep=" not in "\n".join(rows)
+
+
+def test_watch_shows_no_tags_column_when_no_run_has_tags() -> None:
+    header, *_ = table_lines(screen(200))
+    assert "TAGS" not in header
+
+
+def test_the_runs_panel_shows_names_and_tags(qtbot: Any, qt: Any) -> None:
+    window = qt.MainWindow(settings_mod.load({"GYMBUS_HOME": "/nonexistent/gymbus-home"}),
+                           live=tagged_live())
+    qtbot.addWidget(window)
+    try:
+        window.redraw()
+        table, columns = window.runs_panel.table, qt.RUN_COLUMNS
+        row = next(r for r in range(table.rowCount()) if table.item(r, 0).toolTip() == run_id(1))
+        assert table.item(row, columns.index("name")).text() == "cartpole-dqn-long-name"
+        assert table.item(row, columns.index("tags")).text() == "sweep=lr-3,team=blue"
+    finally:
+        window.shutdown()
+
+
+# --- the Qt tab: its episode count, curve and table from the same episodes -----------------------
+
+
+def test_a_tabs_episode_count_curve_and_table_agree(qtbot: Any, qt: Any) -> None:
+    from gymbus.services.viewers.live_runs import RunView
+    from gymbus.services.viewers.qt.requests import Requests
+    from gymbus.services.viewers.qt.tab import AgentTab
+
+    settings = settings_mod.load({"GYMBUS_HOME": "/nonexistent/gymbus-home"})
+    view = RunView(run_id(0))
+    view.set_record({"state": "running", "config": {"env": "CartPole-v1", "algo": "dqn"}})
+    view.add_episodes(list(range(50)), [1.0] * 50, [10] * 50)
+    requests = Requests()
+    tab = AgentTab(view, settings, requests)
+    qtbot.addWidget(tab)
+    try:
+        # more episodes arrive live, and the ingest counts more stored than the view has read,
+        # between two redraws of the curves (within REDRAW_SECONDS of the first)
+        view.add_episodes(list(range(50, 80)), [2.0] * 30, [12] * 30)
+        view.set_stats({"episodes": 95, "frames_stored": 200, "gaps": 0}, 0.0)
+        tab.update_view()
+
+        def shown() -> tuple[int, int, int]:
+            header = re.sub(r"<[^>]+>|&nbsp;", " ", tab.header.text())
+            count = int(re.search(r"episodes ([\d,]+)", header).group(1).replace(",", ""))
+            xs, _ = tab.returns_points.getData()
+            return count, int(tab.table.item(0, 0).text()) + 1, len(xs)
+
+        count, table_episodes, curve_points = shown()
+        assert count == table_episodes == curve_points == 50
+        assert "(95 stored)" in re.sub(r"<[^>]+>|&nbsp;", " ", tab.header.text())
+        tab.update_view(force=True)  # the next redraw: all three move together
+        assert shown() == (80, 80, 80)
+    finally:
+        requests.close()
+
+
+def test_an_imported_runs_short_id_is_told_apart_from_its_source() -> None:
+    from gymbus.services.viewers.live_runs import short_id
+
+    source = run_id(1)
+    assert short_id(source, 8) == source[-8:]
+    assert short_id(f"tb-{source}", 8) == f"tb-{source[-8:]}"  # `gymbus import-tb` of that run
+    live = watched_live()
+    live.view(f"tb-{source}").set_stored_run({"env": "CartPole-v1", "status": "completed"})
+    console = Console(width=80, file=io.StringIO(), record=True, color_system=None)
+    console.print(Dashboard(live).render(80))
+    rows = table_lines(console.export_text())[1:]
+    assert sum(f"tb-{source[-8:]}" in row for row in rows) == 1, rows

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("PySide6", reason="the Qt viewer is an optional extra: pip install '.[qt]'")
 pytest.importorskip("pyqtgraph", reason="the Qt viewer is an optional extra: pip install '.[qt]'")
 
-from conftest import stack_fixture, wait_until
+from conftest import gymbus_cli_json, stack_fixture, wait_until
 from test_live import VIEWER_ENV, run_state, stored, submit
 
 from gymbus.services.ingest.client import StoreClient
@@ -136,6 +136,25 @@ def test_a_fast_run_shows_what_was_stored_instead(qtbot: object, window: viewer_
     assert "fast mode: no steps were stored" in tab.replay.info.text()
     assert tab.replay.stack.currentWidget() is tab.replay.metrics_view
     assert not tab.replay.play_button.isEnabled()
+
+
+def test_the_runs_panel_lists_runs_imported_from_tensorboard(
+        qtbot: object, window: viewer_qt.MainWindow, stack: Stack) -> None:
+    run_id = submit(stack, env="FrozenLake-v1", episodes=50, telemetry="fast")
+    wait_until(lambda: stored(stack, run_id).get("complete"), 60, "the run to be stored")
+    (imported,) = gymbus_cli_json(stack.process_env(), "import-tb", run_id)
+    tb_run = imported["run_id"]  # in the store; the controller never made it
+    table = window.runs_panel.table
+
+    def listed() -> dict[str, str]:
+        state = viewer_qt.RUN_COLUMNS.index("state")
+        return {table.item(r, 0).toolTip(): table.item(r, state).text()
+                for r in range(table.rowCount())}
+
+    qtbot.waitUntil(lambda: tb_run in listed(), timeout=TIMEOUT_MS)  # type: ignore[attr-defined]
+    assert window.live.controller_ok and run_id in listed()
+    assert listed()[tb_run] == "completed"
+    assert window.live.runs[tb_run].env == "FrozenLake-v1"
 
 
 def test_the_runs_panel_submits_and_cancels(qtbot: object, window: viewer_qt.MainWindow,

@@ -19,6 +19,8 @@ from gymbus.shared.protocol import Command
 
 #: the columns `watch` draws in off a terminal (a pipe, a file), unless COLUMNS says otherwise
 OFF_TERMINAL_WIDTH = 120
+#: the exit code of a watch ended by Ctrl-C (SIGINT), as a shell reports it
+INTERRUPTED = 128 + 2
 
 
 def _console(width: int | None) -> Console:
@@ -52,26 +54,35 @@ def watch(obj: Context, run_ids: tuple[str, ...], once: bool, until_done: bool,
     """Watch runs live: state, episodes, steps/s, returns, telemetry accounting, and the board of
     grid worlds. Shows the RUNs named, else every active run and the last finished ones.
 
-    Keys: n / p select the next / previous run, q (or Ctrl-C) quits. With --json, prints the
-    numbers instead of drawing: once, at the end with --until-done, or where it stood at Ctrl-C."""
-    from gymbus.services.viewers.live import Live
+    Keys: n / p select the next / previous run, q quits (Ctrl-C too, with exit code 130). With
+    --json, prints the numbers instead of drawing: once, at the end with --until-done, or where
+    it stood at Ctrl-C."""
+    try:
+        _check_runs(obj, run_ids)
+    except KeyboardInterrupt:  # before anything is drawn: nothing to print
+        sys.exit(INTERRUPTED)
+    from gymbus.services.viewers.live import VIEWER_TIMEOUT, Live
     from gymbus.services.viewers.watch import Dashboard
     from gymbus.services.viewers.watch import watch as follow
 
-    _check_runs(obj, run_ids)
     console = _console(width)
-    live = Live(obj.settings, run_ids)
+    # a viewer's requests wait VIEWER_TIMEOUT at most, GYMBUS_REQUEST_TIMEOUT if it is shorter
+    live = Live(obj.settings, run_ids,
+                timeout=min(VIEWER_TIMEOUT, obj.settings.request_timeout))
     dash = Dashboard(live, run_ids[0] if run_ids else None)
+    interrupted = False
     try:
         follow(dash, console if not as_json else Console(file=io.StringIO()),
                once=once or (as_json and not until_done), until_done=until_done,
                draw=not as_json)
     except KeyboardInterrupt:
-        pass  # Ctrl-C ends a watch like q does (with --json: the numbers where it stood)
+        interrupted = True  # Ctrl-C ends a watch (with --json: the numbers where it stood)
     finally:
         live.close()
     if as_json:
         out.emit_json(dash.to_json())
+    if interrupted:
+        sys.exit(INTERRUPTED)
 
 
 @click.command()

@@ -80,6 +80,16 @@ def demo(settings: Settings) -> int:
     return summarise(settings, store, run_ids)
 
 
+def steps_taken(store: StoreClient, runs: list[dict[str, Any]]) -> dict[str, int]:
+    """The steps each run took: its record's count once it has ended, else the lengths of its
+    stored episodes summed (a fast-mode run stores no step rows, but it takes steps)."""
+    uncounted = [r["run_id"] for r in runs if r.get("steps") is None]
+    taken = ({r["run_id"]: int(r["steps"]) for r in store.rows(queries.steps_taken(uncounted))}
+             if uncounted else {})
+    return {r["run_id"]: r["steps"] if r.get("steps") is not None else taken.get(r["run_id"], 0)
+            for r in runs}
+
+
 def watch(controller: Client, store: StoreClient, run_ids: list[str]) -> None:
     """Redraw a small live table until every run has ended."""
     tty = sys.stdout.isatty()
@@ -88,13 +98,14 @@ def watch(controller: Client, store: StoreClient, run_ids: list[str]) -> None:
     while True:
         runs = {r["run_id"]: r for r in controller.request(Command.LIST_RUNS)["runs"]}
         stats = store.run_stats()
+        taken = steps_taken(store, [runs[r] for r in run_ids])
         rows = []
         for run_id in run_ids:
             run, st = runs[run_id], stats.get(run_id, {})
             curve = [float(r["return"]) for r in store.rows(queries.returns(run_id))]
             rows.append([run_id[-8:], run["env"], run["telemetry"], run["state"],
-                         f"{st.get('episodes', 0)}/{run['config']['episodes']}",
-                         st.get("steps", 0), out.sparkline(curve)])
+                         f"{st.get('episodes', 0)}/{run['config'].get('episodes', '-')}",
+                         taken[run_id], out.sparkline(curve)])
         text = out.table(["RUN", "ENV", "MODE", "STATE", "EPISODES", "STEPS", "RETURN CURVE"],
                          rows)
         done = all(runs[r]["state"] in TERMINAL_STATES for r in run_ids)

@@ -23,7 +23,13 @@ from typing import Any
 import zmq
 
 from gymbus.services.viewers.live_runs import RunView
-from gymbus.services.viewers.reader import Fetch, Reader, Status, Stored
+from gymbus.services.viewers.reader import (
+    Fetch,
+    Reader,
+    Status,
+    Stored,
+    leave_signals_to_the_main_thread,
+)
 from gymbus.shared.codec import Frame, decode_frame
 from gymbus.shared.errors import DecodeError, GymbusError
 from gymbus.shared.protocol import TERMINAL_STATES, FrameKind, topic_prefix
@@ -46,6 +52,8 @@ RECENT_RUNS = 8
 #: request timeout of a viewer: short, since it runs on a thread that draws
 VIEWER_TIMEOUT = 2.0
 MAX_SEQ = 2**62
+#: seconds `LiveFeed.close` waits for the receiver thread (a daemon: it may be left behind)
+CLOSE_WAIT = 0.5
 
 
 class LiveFeed:
@@ -86,6 +94,7 @@ class LiveFeed:
 
     def _run(self) -> None:
         """The receiver thread: SUB -> bounded queue, until `close`."""
+        leave_signals_to_the_main_thread()
         sub = new_socket(self._ctx, zmq.SUB, linger=0)
         sub.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sub.setsockopt(zmq.RCVBUF, FEED_RCVBUF)
@@ -105,19 +114,23 @@ class LiveFeed:
                     sub.setsockopt(option, prefix)
                 if not sub.poll(POLL_MS, zmq.POLLIN):
                     continue
+                batch = []
                 for _ in range(RECV_BATCH):
                     try:
-                        self._put(sub.recv_multipart(zmq.NOBLOCK))
+                        batch.append(sub.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
+                self._put(batch)
         finally:
             sub.close(linger=0)
 
-    def _put(self, parts: list[bytes]) -> None:
-        size = sum(len(p) for p in parts)
+    def _put(self, batch: list[list[bytes]]) -> None:
+        """Queue a batch, under the lock once: were it taken for each message, a backlog to
+        drain would keep it from the viewer's thread, which would wait in `take` meanwhile."""
+        size = sum(len(p) for parts in batch for p in parts)
         with self._lock:
-            self.received += 1
-            self._queue.append(parts)
+            self.received += len(batch)
+            self._queue.extend(batch)
             self._bytes += size
             while len(self._queue) > self.max_frames or self._bytes > self.max_bytes:
                 old = self._queue.popleft()  # the oldest: a viewer wants the latest state
@@ -142,7 +155,7 @@ class LiveFeed:
         """Stop the receiver thread and close its socket; idempotent."""
         self._stop.set()
         if self._thread.ident is not None:
-            self._thread.join(2.0)
+            self._thread.join(CLOSE_WAIT)
 
 
 class Live:
@@ -223,10 +236,14 @@ class Live:
         self.controller_ok = status.records is not None
         self.ingest_ok = status.stats is not None
         if status.records is not None:
-            self._show_runs(status.records, lambda r: r["state"] in TERMINAL_STATES)
+            # the store's runs that the controller never made come after its own
+            self._show_runs(status.records + status.store_only, _ended)
             for record in status.records:
                 if record["run_id"] in self.runs:
                     self.runs[record["run_id"]].set_record(record)
+            for row in status.store_only:
+                if row["run_id"] in self.runs:
+                    self.runs[row["run_id"]].set_stored_run(row)
         elif status.stored_runs is not None:
             self._show_runs(status.stored_runs, lambda r: r["status"] is not None)
             for row in status.stored_runs:
@@ -303,3 +320,8 @@ class Live:
     def close(self) -> None:
         self.feed.close()
         self.reader.close()
+
+
+def _ended(run: dict[str, Any]) -> bool:
+    """Whether a controller's record (its `state`) or a stored row (its `status`) has ended."""
+    return run["state"] in TERMINAL_STATES if "state" in run else run.get("status") is not None

@@ -21,6 +21,16 @@ MAX_EPISODES = 20_000
 SPS_METRIC = "charts/SPS"
 
 
+def short_id(run_id: str, chars: int) -> str:
+    """The end of a run id (a ULID's random part), after its prefix where it has one, so that a
+    run imported from another's files (`tb-<run id>`) is told apart from that run."""
+    prefix, dash, _ = run_id.partition("-")
+    tail = run_id[-chars:]
+    if dash and 0 < len(prefix) <= 4 and len(run_id) > len(prefix) + 1 + chars:
+        return f"{prefix}-{tail}"
+    return tail
+
+
 class SeqTracker:
     """Which seqs of one run a viewer holds: every seq up to `highest` except those in `gaps`.
 
@@ -105,6 +115,7 @@ class RunView:
         self.run_id = run_id
         self.agent_id = self.env = self.algo = self.telemetry = self.name = self.state = ""
         self.env_kwargs: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
         self.status: str | None = None
         self.reason: str | None = None
         self.frames_emitted: int | None = None
@@ -128,6 +139,8 @@ class RunView:
         self.reason = run.get("reason") or self.reason
         self.name = run.get("name") or self.name
         self._set_config(run.get("config") or {}, run)
+        if isinstance(run.get("tags"), dict):
+            self.tags = {str(k): str(v) for k, v in run["tags"].items()}
         if run.get("frames_emitted") is not None:
             self.frames_emitted = run["frames_emitted"]
 
@@ -138,6 +151,8 @@ class RunView:
         self.agent_id = self.agent_id or str(config.get("agent_id") or "")
         if isinstance(config.get("env_kwargs"), dict):
             self.env_kwargs = config["env_kwargs"]
+        if isinstance(config.get("tags"), dict) and not self.tags:
+            self.tags = {str(k): str(v) for k, v in config["tags"].items()}
 
     def set_stored_run(self, row: dict[str, Any]) -> None:
         """The ingest's `runs` row (config as JSON; name, status, reason and frames_emitted
@@ -247,6 +262,10 @@ class RunView:
     @property
     def episodes(self) -> int:
         return max(self.episodes_seen, int(self.stats.get("episodes") or 0))
+
+    def tags_text(self) -> str:
+        """The run's tags as `key=value`, comma-joined, in key order ('' for none)."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.tags.items()))
 
     def mean_return(self, last: int = 100) -> float | None:
         tail = self.returns[-last:]

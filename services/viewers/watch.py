@@ -25,7 +25,7 @@ from rich.text import Text
 from gymbus.services.cli.output import bucket_means
 from gymbus.services.viewers.grid import action_name, to_rich
 from gymbus.services.viewers.live import Live
-from gymbus.services.viewers.live_runs import RunView
+from gymbus.services.viewers.live_runs import RunView, short_id
 
 FRAMES_PER_SECOND = 4
 REFRESH_SECONDS = 1.0
@@ -40,15 +40,18 @@ RUN_CHARS = 8
 #: is too narrow for all of them, the highest priority numbers are left out first; those of
 #: priority 0 are always shown. A column is never cut: it is shown whole or not at all.
 COLUMNS: tuple[tuple[str, int, bool], ...] = (
-    ("RUN", 0, False), ("NAME", 6, False), ("AGENT", 9, False), ("ENV", 1, False),
-    ("ALGO", 2, False), ("MODE", 4, False), ("STATE", 0, False), ("EPISODES", 0, True),
-    ("STEPS/S", 0, True), ("LAST RET", 7, True), ("MEAN RET", 0, True), ("STORED", 8, True),
-    ("GAPS", 5, True), ("MISSED", 3, True),
+    ("RUN", 0, False), ("NAME", 6, False), ("TAGS", 7, False), ("AGENT", 10, False),
+    ("ENV", 1, False), ("ALGO", 2, False), ("MODE", 4, False), ("STATE", 0, False),
+    ("EPISODES", 0, True), ("STEPS/S", 0, True), ("LAST RET", 8, True), ("MEAN RET", 0, True),
+    ("STORED", 9, True), ("GAPS", 5, True), ("MISSED", 3, True),
 )
+#: the columns shown only where a run has something in them
+OPTIONAL_COLUMNS = ("NAME", "TAGS")
 #: columns of space between two of the table's columns
 GUTTER = 2
-#: the widest a run's name is shown (a longer one ends in an ellipsis)
+#: the widest a run's name, and its tags, are shown (longer ones end in an ellipsis)
 NAME_CHARS = 24
+TAGS_CHARS = 32
 
 
 def curve_lines(values: Sequence[float], width: int, height: int = CURVE_HEIGHT) -> list[str]:
@@ -164,8 +167,8 @@ class Dashboard:
             state = v.status if v.status and v.state in ("", "running") else v.state or "?"
             missed = v.seqs.missed
             cells.append([
-                f"{'▶' if v.run_id == self.selected else ' '} {v.run_id}", v.name, v.agent_id,
-                v.env, v.algo, v.telemetry, Text(state, style=_state_style(state)),
+                f"{'▶' if v.run_id == self.selected else ' '} {v.run_id}", v.name,
+                v.tags_text(), v.agent_id, v.env, v.algo, v.telemetry, Text(state, style=_state_style(state)),
                 str(v.episodes), _num(v.sps), _num(v.returns[-1] if v.returns else None),
                 _num(v.mean_return()), _int(v.stats.get("frames_stored")),
                 _int(v.stats.get("gaps")), Text(str(missed), style="bold yellow" if missed else ""),
@@ -173,9 +176,11 @@ class Dashboard:
         widths = [max([len(header)] + [_cell_len(c[i]) for c in cells])
                   for i, (header, _, _) in enumerate(COLUMNS)]
         whole_id = widths[0]
-        widths[0] = min(whole_id, 2 + RUN_CHARS)
-        widths[1] = min(widths[1], NAME_CHARS)
-        candidates = [i for i in range(len(COLUMNS)) if i != 1 or any(v.name for v in views)]
+        widths[0] = min(whole_id, 2 + max(len(short_id(v.run_id, RUN_CHARS)) for v in views)
+                        if views else 2 + RUN_CHARS)
+        widths[1], widths[2] = min(widths[1], NAME_CHARS), min(widths[2], TAGS_CHARS)
+        candidates = [i for i, (header, _, _) in enumerate(COLUMNS)
+                      if header not in OPTIONAL_COLUMNS or any(c[i] for c in cells)]
         shown = [candidates[i] for i in fit_columns(
             [widths[i] for i in candidates], [COLUMNS[i][1] for i in candidates], width)]
         used = sum(widths[i] for i in shown) + GUTTER * (len(shown) - 1)
@@ -189,7 +194,7 @@ class Dashboard:
                              width=widths[i], overflow="ellipsis")
         for row in cells:
             if widths[0] < whole_id:  # the end of the id, after the selection mark
-                row[0] = f"{str(row[0])[:2]}{str(row[0])[-RUN_CHARS:]}"
+                row[0] = f"{str(row[0])[:2]}{short_id(str(row[0])[2:], RUN_CHARS)}"
             table.add_row(*(row[i] for i in shown))
         return table
 
@@ -200,7 +205,7 @@ class Dashboard:
         panel_width = width * 3 // 5 if v.world else width
         curve_width = max(10, panel_width - 4 - 9)
         lines = curve_lines(returns, curve_width)
-        mean, tail = _num(v.mean_return()), v.run_id[-RUN_CHARS:]
+        mean, tail = _num(v.mean_return()), short_id(v.run_id, RUN_CHARS)
         titles = [f"returns of {run}, last {len(returns)} episodes (mean of 100: {mean})"
                   for run in (v.run_id, tail)] + [f"returns of {tail}, mean(100) {mean}"]
         # the first that fits beside the border's corners and the title's padding
@@ -252,7 +257,8 @@ class Dashboard:
     def to_json(self) -> dict[str, Any]:
         """The dashboard's numbers, for `--json`."""
         runs = [{
-            "run_id": v.run_id, "name": v.name, "agent_id": v.agent_id, "env": v.env,
+            "run_id": v.run_id, "name": v.name, "tags": v.tags, "agent_id": v.agent_id,
+            "env": v.env,
             "algo": v.algo,
             "telemetry": v.telemetry, "state": v.state, "status": v.status,
             "episodes": v.episodes, "sps": v.sps,

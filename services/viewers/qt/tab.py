@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyqtgraph as pg
@@ -50,6 +50,14 @@ def _wrapping_label(text: str = "") -> QtWidgets.QLabel:
     label.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored,
                         QtWidgets.QSizePolicy.Policy.Minimum)
     return label
+
+
+class EpisodesDrawn(NamedTuple):
+    """What a tab's curves and table show of its run's episodes."""
+
+    episodes: int
+    last_return: float | None
+    mean_return: float | None
 
 
 class ReplayPanel(QtWidgets.QWidget):
@@ -245,6 +253,8 @@ class AgentTab(QtWidgets.QWidget):
         self.lengths_line = self.lengths_plot.plot(pen=pg.mkPen("#fd8d3c", width=1))
         self.table = QtWidgets.QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["episode", "return", "length", "mean (100)"])
+        self.table.horizontalHeader().setSectionResizeMode(
+            QtWidgets.QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QtWidgets.QAbstractItemView.EditTrigger.NoEditTriggers)
         self.replay = ReplayPanel(view, settings, requests, ask_ingest)
@@ -270,28 +280,38 @@ class AgentTab(QtWidgets.QWidget):
         layout = QtWidgets.QVBoxLayout(self)
         layout.addWidget(self.header)
         layout.addWidget(self.splitter, 1)
-        self._drawn_episodes = -1
+        #: what the curves and the table were last drawn from: the episodes they hold (their
+        #: count, the last one's return, the mean of the last 100), which the header shows too
+        self.drawn = EpisodesDrawn(0, None, None)
+        self._drawn_seen = -1
         self._drawn_at = 0.0
         self.update_view(force=True)
 
     def update_view(self, force: bool = False) -> None:
-        """Redraw from the RunView: header and board always, curves and table when due."""
+        """Redraw from the RunView: header and board always, curves and table when due; the
+        header's episode numbers are those the curves and the table were drawn from."""
         v = self.view
-        state = v.status if v.status and v.state in ("", "running") else v.state or "?"
-        stats = v.stats
-        name = f" &nbsp; <i>{v.name}</i>" if v.name else ""
-        self.header.setText(
-            f"<b>{v.run_id}</b>{name} &nbsp; {v.agent_id} &nbsp; {v.env} &nbsp; {v.algo} &nbsp; "
-            f"{v.telemetry} &nbsp; <b>{state}</b> &nbsp; episodes {v.episodes} &nbsp; "
-            f"steps/s {_fmt(v.sps)} &nbsp; last return "
-            f"{_fmt(v.returns[-1] if v.returns else None)} &nbsp; mean(100) {_fmt(v.mean_return())}"
-            f" &nbsp; stored {stats.get('frames_stored', '-')} &nbsp; gaps {stats.get('gaps', '-')}"
-            f" &nbsp; missed live {v.seqs.missed}")
-        self._update_board()
         now = time.monotonic()
-        if force or (len(v.returns) != self._drawn_episodes and now - self._drawn_at >= REDRAW_SECONDS):
+        if force or (v.episodes_seen != self._drawn_seen and now - self._drawn_at >= REDRAW_SECONDS):
             self._update_curves()
-            self._drawn_episodes, self._drawn_at = len(v.returns), now
+            self._drawn_seen, self._drawn_at = v.episodes_seen, now
+        state = v.status if v.status and v.state in ("", "running") else v.state or "?"
+        stats, drawn = v.stats, self.drawn
+        name = f" &nbsp; <i>{v.name}</i>" if v.name else ""
+        tags = f" &nbsp; {v.tags_text()}" if v.tags else ""
+        stored = int(stats.get("episodes") or 0)
+        more = f" ({stored:,} stored)" if stored > drawn.episodes else ""
+        fields = [v.agent_id, v.env, v.algo, v.telemetry, f"episodes {drawn.episodes:,}{more}", f"steps/s {_fmt(v.sps)}",
+                  f"last return {_fmt(drawn.last_return)}",
+                  f"mean(100) {_fmt(drawn.mean_return)}",
+                  f"stored {stats.get('frames_stored', '-')}", f"gaps {stats.get('gaps', '-')}",
+                  f"missed live {v.seqs.missed}"]
+        # a line breaks between two fields, never inside one (a label apart from its number):
+        # no-break spaces, and a word joiner after a slash (steps/s)
+        kept = [f.replace(" ", "&nbsp;").replace("/", "/&#8288;") for f in fields]
+        self.header.setText(" &nbsp; ".join([f"<b>{v.run_id}</b>{name}{tags}", *kept[:4],
+                                             f"<b>{state}</b>", *kept[4:]]))
+        self._update_board()
         self.replay.set_episodes(v.episodes)
 
     def _update_board(self) -> None:
@@ -315,9 +335,13 @@ class AgentTab(QtWidgets.QWidget):
             self.step.setText(text)
 
     def _update_curves(self) -> None:
+        """The curves and the table from the episodes the view holds, and `drawn`."""
         v = self.view
         if not v.returns:
             return
+        # the episodes received; where the snapshot held only the latest, the last one's number
+        self.drawn = EpisodesDrawn(max(v.episodes_seen, v.episode_ids[-1] + 1), v.returns[-1],
+                                   v.mean_return())
         x = np.asarray(v.episode_ids, dtype=float)
         returns = np.asarray(v.returns, dtype=float)
         self.returns_points.setData(x, returns)

@@ -13,31 +13,37 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("PYQTGRAPH_QT_LIB", "PySide6")
 
 from PySide6 import QtCore, QtWidgets
 
-from gymbus.services.viewers.live import Live
-from gymbus.services.viewers.live_runs import RunView
+from gymbus.services.viewers.live import VIEWER_TIMEOUT, Live
+from gymbus.services.viewers.live_runs import RunView, short_id
+from gymbus.services.viewers.qt.compare import open_compare
+from gymbus.services.viewers.qt.preflight import bindings_broken, check_bindings, check_display
 from gymbus.services.viewers.qt.requests import Requests
 from gymbus.services.viewers.qt.submit import SubmitDialog
 from gymbus.services.viewers.qt.tab import AgentTab
 from gymbus.services.viewers.reader import Status, Stored
-from gymbus.shared.errors import ExitCode, GymbusError, RemoteError
+from gymbus.shared.errors import GymbusError, RemoteError
 from gymbus.shared.protocol import Command
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import Client
 
-__all__ = ["RUN_COLUMNS", "MainWindow", "RunsPanel", "SubmitDialog", "main"]
+__all__ = ["RUN_COLUMNS", "MainWindow", "RunsPanel", "SubmitDialog", "bindings_broken", "main"]
 
 POLL_MS = 50
 REFRESH_MS = 1000
 REQUEST_TIMEOUT = 3.0
 #: the runs panel's columns: what tells runs apart and how far they are first
-RUN_COLUMNS = ("run", "state", "episodes", "name", "env", "algo", "mode", "missed")
+RUN_COLUMNS = ("run", "state", "episodes", "name", "tags", "env", "algo", "mode", "missed")
+#: the columns shown only where a run has something in them
+OPTIONAL_RUN_COLUMNS = ("name", "tags")
+#: the most of the window's width the runs panel takes at first to show its columns whole
+RUNS_PANEL_SHARE = 0.5
 #: what the tab area says while no tab is open
 NO_TAB = ("No run is open. A run's tab opens when its first live frame arrives; to look at a "
           "finished one, double-click it in the list (or select it and press Open). Submit… "
@@ -59,6 +65,7 @@ class RunsPanel(QtWidgets.QWidget):
         self.table.setSelectionBehavior(QtWidgets.QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QtWidgets.QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.horizontalHeader().setStretchLastSection(True)
         self.submit_button = QtWidgets.QPushButton("Submit…")
         self.cancel_button = QtWidgets.QPushButton("Cancel")
         self.open_button = QtWidgets.QPushButton("Open")
@@ -83,8 +90,9 @@ class RunsPanel(QtWidgets.QWidget):
         self.table.setRowCount(len(views))
         for row, v in enumerate(views):
             state = v.status if v.status and v.state in ("", "running") else v.state or "?"
-            for col, text in enumerate((v.run_id[-10:], state, str(v.episodes), v.name, v.env,
-                                        v.algo, v.telemetry, str(v.seqs.missed))):
+            for col, text in enumerate((short_id(v.run_id, 10), state, str(v.episodes), v.name,
+                                        v.tags_text(), v.env, v.algo, v.telemetry,
+                                        str(v.seqs.missed))):
                 item = QtWidgets.QTableWidgetItem(text)
                 if RUN_COLUMNS[col] in ("episodes", "missed"):
                     item.setTextAlignment(QtCore.Qt.AlignmentFlag.AlignRight
@@ -94,7 +102,22 @@ class RunsPanel(QtWidgets.QWidget):
                 self.table.setItem(row, col, item)
             if v.run_id == selected:
                 self.table.selectRow(row)
+        for name in OPTIONAL_RUN_COLUMNS:
+            col = RUN_COLUMNS.index(name)
+            self.table.setColumnHidden(col, not any(
+                (cell := self.table.item(row, col)) is not None and cell.text()
+                for row in range(len(views))))
         self.table.resizeColumnsToContents()
+
+    def wanted_width(self) -> int:
+        """The width that shows every column of the table whole, without scrolling."""
+        table = self.table
+        columns = sum(table.columnWidth(c) for c in range(table.columnCount())
+                      if not table.isColumnHidden(c))
+        layout = self.layout()
+        margins = layout.contentsMargins() if layout is not None else QtCore.QMargins()
+        return (columns + 2 * table.frameWidth() + table.verticalScrollBar().sizeHint().width()
+                + margins.left() + margins.right())
 
     def ask_and_submit(self) -> None:
         """The form; what it accepts is submitted, and a refusal opens it again, saying why."""
@@ -160,7 +183,8 @@ class MainWindow(QtWidgets.QMainWindow):
         super().__init__()
         self.settings = settings
         self.setWindowTitle("gymbus viewer")
-        self.live = live or Live(settings, run_ids)
+        self.live = live or Live(settings, run_ids,
+                                 timeout=min(VIEWER_TIMEOUT, settings.request_timeout))
         self.named = list(run_ids)
         self.requests = Requests()
         #: used on the request thread only (submit, cancel), like the live model's reader
@@ -180,11 +204,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self.tab_area.addWidget(self.no_tab)
         self.tab_area.addWidget(self.tabs)
         self.runs_panel = RunsPanel(self)
-        splitter = QtWidgets.QSplitter()
+        self.splitter = splitter = QtWidgets.QSplitter()
         splitter.addWidget(self.runs_panel)
         splitter.addWidget(self.tab_area)
         splitter.setStretchFactor(1, 3)
         splitter.setSizes([380, 900])
+        #: whether the runs panel is given the width of its columns as they grow (until the user
+        #: moves the splitter: then its width is theirs)
+        self.fit_panel = True
+        splitter.splitterMoved.connect(self._splitter_moved)
         self.setCentralWidget(splitter)
         self.accounting = QtWidgets.QLabel("asking the services…")
         self.statusBar().addPermanentWidget(self.accounting)
@@ -194,6 +222,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.refresh_timer = QtCore.QTimer(self)
         self.refresh_timer.setInterval(REFRESH_MS)
         self.refresh_timer.timeout.connect(self.on_refresh)
+        self.menuBar().addAction("Compare runs…",
+                                 lambda: open_compare(self, self.settings, self.requests))
         self.resize(1280, 800)
 
     def start(self) -> None:
@@ -205,6 +235,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.on_refresh()
         self.poll_timer.start()
         self.refresh_timer.start()
+
+    def _splitter_moved(self, pos: int, index: int) -> None:
+        self.fit_panel = False
 
     def say(self, message: str) -> None:
         self.statusBar().showMessage(message, 10_000)
@@ -278,6 +311,14 @@ class MainWindow(QtWidgets.QMainWindow):
         order = {run_id: i for i, run_id in enumerate(self.live.order)}
         views = sorted(self.live.runs.values(), key=lambda v: order.get(v.run_id, len(order)))
         self.runs_panel.show_runs(views)
+        if views and self.fit_panel:
+            sizes = self.splitter.sizes()
+            total = sum(sizes)
+            left = max(380, min(self.runs_panel.wanted_width(), int(total * RUNS_PANEL_SHARE)))
+            if left > sizes[0]:
+                self.splitter.blockSignals(True)  # not the user's move
+                self.splitter.setSizes([left, total - left])
+                self.splitter.blockSignals(False)
         for (run_id, agent), tab in self.agent_tabs.items():
             tab.update_view()
             agent = tab.view.agent_id or agent  # a tab opened before the run's first frame
@@ -305,64 +346,6 @@ class MainWindow(QtWidgets.QMainWindow):
         """On the request thread, where they were used."""
         self.live.reader.close()
         self.controller.close()
-
-
-class NoDisplay(GymbusError):
-    """There is no display to open a window on. Run the viewer in a desktop session (or over
-    `ssh -X`), or watch the runs in the terminal with `gymbus watch`."""
-
-    exit_code = ExitCode.BAD_INPUT
-
-
-#: QT_QPA_PLATFORM values that draw on a display; the others (offscreen, vnc, eglfs, ...) need none
-DISPLAY_PLATFORMS = ("xcb", "wayland")
-
-
-def check_display(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> None:
-    """Raise NoDisplay where Qt would find no display and abort the process (Linux: neither
-    DISPLAY nor WAYLAND_DISPLAY set, and no QT_QPA_PLATFORM that needs none). Checked before the
-    QApplication is made: Qt's own message on abort advises reinstalling, which does not help."""
-    if not platform.startswith("linux") or environ.get("DISPLAY") or environ.get(
-            "WAYLAND_DISPLAY"):
-        return
-    qpa = environ.get("QT_QPA_PLATFORM", "")
-    if qpa and not qpa.split(":")[0].startswith(DISPLAY_PLATFORMS):
-        return
-    platform_said = f"QT_QPA_PLATFORM is {qpa}" if qpa else "QT_QPA_PLATFORM is not offscreen"
-    raise NoDisplay(
-        f"no display: DISPLAY and WAYLAND_DISPLAY are unset and {platform_said}, so the Qt "
-        "viewer cannot open a window. Watch the runs in this terminal with `gymbus watch`, or "
-        "run the viewer in a desktop session (or over `ssh -X`)")
-
-
-class BrokenBindings(GymbusError):
-    """The installed PySide6 would crash the viewer; install the version `gymbus[qt]` pins."""
-
-    exit_code = 2
-
-
-def bindings_broken() -> bool:
-    """Whether these bindings drop a reference to None at every call of a method that returns
-    nothing (PySide6 6.12.0 on Python 3.11): the process aborts with `none_dealloc` once None's
-    count reaches zero. Measured, not guessed from the version: 100 calls, None's count after."""
-    if sys.version_info >= (3, 12):
-        return False  # None is immortal there
-    rect = QtCore.QRectF()
-    before = sys.getrefcount(None)
-    for _ in range(100):
-        rect.adjust(0, 0, 0, 0)
-    return sys.getrefcount(None) < before - 50
-
-
-def check_bindings() -> None:
-    """Raise BrokenBindings, saying what to install, when `bindings_broken()`."""
-    if bindings_broken():
-        import PySide6
-
-        raise BrokenBindings(
-            f"PySide6 {PySide6.__version__} on Python {sys.version.split()[0]} loses a reference "
-            "to None at every call and would crash the viewer; install PySide6-Essentials<6.12 "
-            "(pip install 'gymbus[qt]' pins it)")
 
 
 def main(settings: Settings, run_ids: Sequence[str] = ()) -> int:
