@@ -19,7 +19,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# the minute-long measurements (the stalled-viewer test), on a quiet machine
+# the minute-long tests (marked slow: end-to-end comparisons, the RLIMIT_AS fallback, ...)
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -s
 

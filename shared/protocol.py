@@ -79,6 +79,8 @@ class Command(StrEnum):
     LIST_RUNS = "list_runs"
     GET_RUN = "get_run"
     CANCEL = "cancel"
+    # CLI -> controller and ingest: remove an ended run (its record, folder, rows)
+    DELETE_RUN = "delete_run"
     LIST_WORKERS = "list_workers"
     # a recorded script (`gymbus.run`) -> controller: its own run, opened, alive, closed
     OPEN_RUN = "open_run"
@@ -88,11 +90,15 @@ class Command(StrEnum):
     QUERY = "query"
     RUN_STATS = "run_stats"
     INGEST_STATS = "ingest_stats"
+    # CLI -> ingest: finished runs' step rows to Parquet files and back (services/ingest/archive.py)
+    ARCHIVE = "archive"
+    RESTORE = "restore"
     # worker -> ingest: which frames of a spooled run are still missing
     SPOOL_STATUS = "spool_status"
     # controller -> broker
     HELLO = "hello"
     DISPATCH = "dispatch"
+    GRANT = "grant"  # a script's run may be published by the key that opened it
     # broker -> controller
     WORKERS = "workers"
     DISPATCH_FAILED = "dispatch_failed"
@@ -113,10 +119,12 @@ class ErrorCode(StrEnum):
     INVALID_CONFIG = "invalid_config"
     UNKNOWN_RUN = "unknown_run"
     NOT_CANCELLABLE = "not_cancellable"
+    RUN_ACTIVE = "run_active"  # refused: the run is queued or running
     WORKER_GONE = "worker_gone"
     READ_ONLY = "read_only"
     QUERY_FAILED = "query_failed"
     TOO_LARGE = "too_large"
+    FORBIDDEN = "forbidden"  # the client's key has a role that does not allow the request
     INTERNAL = "internal"
 
 

@@ -14,10 +14,16 @@ from typing import Any
 import click
 
 from gymbus.services.cli import output as out
+from gymbus.services.cli.archive import archive, restore
+from gymbus.services.cli.compare import compare
 from gymbus.services.cli.context import Context, fail, json_option
+from gymbus.services.cli.export import export
 from gymbus.services.cli.keys import keys
+from gymbus.services.cli.manage import du, gc, rm
 from gymbus.services.cli.query import query
-from gymbus.services.cli.runs import cancel, runs, status, submit
+from gymbus.services.cli.run_list import runs
+from gymbus.services.cli.runs import cancel, status, submit
+from gymbus.services.cli.sweep import sweep
 from gymbus.services.cli.sync import sync
 from gymbus.services.cli.tensorboard import import_tb, tensorboard
 from gymbus.services.cli.view import replay, viewer, watch
@@ -88,9 +94,10 @@ def refuse_repeated_options(ctx: click.Context, name: str, command: click.Comman
 def cli(ctx: click.Context) -> None:
     """gymbus: launch reinforcement-learning runs, watch them, query every step afterwards.
 
-    Exit codes: 0 ok, 1 run did not complete (submit --wait), 2 bad input, 3 a service did not
-    answer, 4 no such run (or episode), 5 refused. With --json, an error is printed as JSON on
-    stdout: {"error": {"code": ..., "message": ..., "exit_code": ...}}.
+    Exit codes: 0 ok, 1 run did not complete (submit/sweep --wait), 2 bad input, 3 a service did
+    not answer, 4 no such run (or episode), 5 refused, 6 timed out (--wait with --wait-timeout).
+    With --json, an error is printed as JSON on stdout:
+    {"error": {"code": ..., "message": ..., "exit_code": ...}}.
     """
     ctx.obj = Context()
 
@@ -130,8 +137,8 @@ def config(obj: Context, as_json: bool) -> None:
 
 # --- the commands of the modules beside this one ------------------------------------------------
 
-for command in (submit, runs, status, cancel, query, watch, viewer, replay, tensorboard, import_tb,
-                sync, keys):
+for command in (submit, sweep, runs, status, cancel, query, watch, viewer, replay, compare,
+                export, archive, restore, du, rm, gc, tensorboard, import_tb, sync, keys):
     cli.add_command(command)
 
 

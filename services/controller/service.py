@@ -19,12 +19,16 @@ from typing import Any
 
 import zmq
 
+from gymbus.services.controller.listing import list_runs
+from gymbus.services.controller.placement import Resources
 from gymbus.services.controller.registry import Registry, Run
+from gymbus.services.controller.removal import delete_run
 from gymbus.services.controller.scheduler import Scheduler, parse_workers
 from gymbus.services.controller.scripts import OWNER_PREFIX, ScriptRuns
 from gymbus.services.controller.validation import Submission, Validator
 from gymbus.shared.codec import decode_message, encode_message
 from gymbus.shared.errors import DecodeError, RequestError
+from gymbus.shared.gate import RoleRequestTable
 from gymbus.shared.protocol import (
     CONTROLLER_IDENTITY,
     TERMINAL_STATES,
@@ -33,7 +37,7 @@ from gymbus.shared.protocol import (
     RunState,
 )
 from gymbus.shared.runconfig import parse_config
-from gymbus.shared.service import RequestTable, StopFlag, run_until_stopped
+from gymbus.shared.service import StopFlag, run_until_stopped
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import (
     LINGER_MS,
@@ -115,10 +119,12 @@ class Controller:
             Command.RUN_ALIVE: self.scripts.run_alive,
             Command.CLOSE_RUN: self.scripts.close_run,
             Command.PING: self.ping,
-            Command.LIST_RUNS: self.list_runs,
+            Command.LIST_RUNS: functools.partial(list_runs, self.registry,
+                                                 self.scheduler.annotate),
             Command.GET_RUN: self.get_run,
             Command.CANCEL: self.cancel,
             Command.LIST_WORKERS: self.list_workers,
+            Command.DELETE_RUN: functools.partial(delete_run, self.registry, settings),
         }
         self._from_broker: dict[Command, BrokerHandler] = {
             Command.WORKERS: self.on_workers,
@@ -126,9 +132,10 @@ class Controller:
             Command.DISPATCH_FAILED: self.on_dispatch_failed,
             Command.WORKER_LOST: self.on_worker_lost,
         }
-        self.requests = RequestTable("controller", self._api, log, peer="client",
-                                     later={Command.SUBMIT: self.submit},
-                                     max_bytes=settings.max_frame_bytes, batch=MAX_BATCH)
+        self.requests = RoleRequestTable("controller", self._api, log, peer="client",
+                                         later={Command.SUBMIT: self.submit},
+                                         max_bytes=settings.max_frame_bytes, batch=MAX_BATCH,
+                                         on_open=self.grant)
 
     def _connect_broker(self) -> None:
         """Open a fresh DEALER to the broker (closing the old one: no stale replies)."""
@@ -218,20 +225,34 @@ class Controller:
             self.registry.requeue(run_id, reason)
 
     def schedule(self, now: float) -> None:
-        """Dispatch queued runs, oldest first, each to the worker with the most free slots."""
+        """Dispatch queued runs, oldest first, each to the worker with the most free slots that
+        has the cpus, memory and GPUs it asks for; a run that fits none waits, saying why."""
         free = sum(self.scheduler.free_slots().values())
         if free <= 0:
             return
-        for run in self.registry.queued(limit=free):
-            worker_id = self.scheduler.pick_worker()
+        queued = self.registry.queued(limit=free + len(self.scheduler.waiting))
+        placement = self.scheduler.placement(
+            (r.worker_id, r.config) for r in (self.registry.active() if queued else ()))
+        for run in queued:
+            if not any(self.scheduler.free_slots().values()):
+                break
+            asked = Resources.asked(run.config)
+            worker_id = self.scheduler.pick_worker(lambda w: placement.fits(w, asked))  # noqa: B023
             if worker_id is None:
-                return
+                placement.wait(run.run_id, run.config)
+                continue
             if self.registry.mark_dispatched(run.run_id, worker_id) is None:
                 continue
+            placement.placed(run.run_id, worker_id, run.config)
             self.scheduler.sent(run.run_id, worker_id, now)
             self.send_broker(
                 Command.DISPATCH, {"run_id": run.run_id, "worker_id": worker_id, "config": run.config}
             )
+        self.scheduler.settle(placement, (run.run_id for run in queued))
+
+    def grant(self, run_id: str, key: str) -> None:
+        """A script's run opened with a restricted key: the broker lets that key publish it."""
+        self.send_broker(Command.GRANT, {"run_id": run_id, "key": key})
 
     def send_broker(self, cmd: Command, body: dict[str, Any]) -> None:
         if self.broker is None:
@@ -277,11 +298,9 @@ class Controller:
                      sub.config.name)
         return {"run_id": run.run_id, "created": created, "run": run.to_wire()}
 
-    def list_runs(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"runs": [run.to_wire() for run in self.registry.runs()]}
-
     def get_run(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"run": self._require_run(require(body, "run_id", str)).to_wire()}
+        run = self._require_run(require(body, "run_id", str))
+        return {"run": self.scheduler.annotate(run.to_wire())}
 
     def cancel(self, body: dict[str, Any]) -> dict[str, Any]:
         """Cancel a queued run at once; ask the worker of an active one (the CLI then polls)."""

@@ -1,8 +1,10 @@
 """The ingest service: subscribes to all telemetry, writes it to DuckDB, answers read-only queries.
 
-One loop on the main thread polls the SUB (telemetry from the broker's XPUB) and the ROUTER (the
-query API), drains the telemetry that is waiting, flushes the store when a buffer is full or old
-enough, and answers requests through a table keyed by Command (a `RequestTable`).
+A receiver thread owns the SUB (telemetry from the broker's XPUB) and queues decoded batches
+(receiver.py), so that a flush or a query never stops receiving. One loop on the main thread, the
+store's only writer, polls the ROUTER (the query API) and the receiver's wake-up socket, takes the
+queued telemetry, flushes the store when a buffer is full or old enough, and answers requests
+through a table keyed by Command (a `RequestTable`).
 Run: `python -m gymbus.services.ingest`.
 """
 
@@ -17,27 +19,31 @@ from typing import Any
 import duckdb
 import zmq
 
+from gymbus.services.ingest import archive
+from gymbus.services.ingest.delete import delete_run
 from gymbus.services.ingest.query import DEFAULT_MAX_ROWS, MAX_ROWS_LIMIT, run_query
+from gymbus.services.ingest.receiver import DeadLetter, Receiver, ReceiverFailed
 from gymbus.services.ingest.runs import RunAccount
 from gymbus.services.ingest.store import Store, wal_path
-from gymbus.shared.codec import decode_frame
-from gymbus.shared.errors import DecodeError, GymbusError, RequestError
+from gymbus.shared.errors import GymbusError, RequestError
+from gymbus.shared.gate import RoleRequestTable
 from gymbus.shared.protocol import Command, ErrorCode
-from gymbus.shared.service import RequestHandler, RequestTable, StopFlag, run_until_stopped
+from gymbus.shared.service import RequestHandler, StopFlag, run_until_stopped
 from gymbus.shared.settings import Settings
 from gymbus.shared.transport import EndpointError, bind, connect, new_socket
 
 #: telemetry messages the SUB may queue before the broker's XPUB drops for us
 SUB_RCVHWM = 200_000
-#: telemetry frames, and seconds, taken per pass before requests get their turn
-MAX_FRAMES_PER_PASS = 10_000
+#: seconds of queued telemetry taken per pass before requests get their turn
 PASS_BUDGET_S = 0.05
 #: requests answered per pass
 MAX_REQUESTS_PER_PASS = 100
 #: longest poll, so that a stop request is seen quickly
 POLL_MS = 100
-#: seconds spent at stop on telemetry already queued in the SUB (honcho kills after 5 s)
+#: seconds spent at stop on telemetry already queued in the SUB (honcho kills after 5 s), and
+#: more seconds for the writer to take what the receiver queued
 FINAL_DRAIN_S = 0.5
+STOP_GRACE_S = 1.5
 #: missing ranges in one spool_status reply (the worker asks again for the rest)
 MAX_MISSING_RANGES = 1000
 #: largest frame count a spool_status may name (seqs are signed 64-bit)
@@ -55,15 +61,25 @@ class StoreUnavailable(GymbusError):
 
 
 class Ingest:
-    """The ingest's store, sockets and loop. Every method runs on the thread that calls `serve`."""
+    """The ingest's store, sockets and loop. Every method runs on the thread that calls `serve`
+    (the writer), except the receiver's, which run on its own thread."""
 
     def __init__(self, settings: Settings, store: Store, sub: zmq.Socket[Any],
                  router: zmq.Socket[Any], ctx: zmq.Context[Any]) -> None:
         self.settings = settings
         self.store = store
-        self.sub = sub
         self.router = router
         self.ctx = ctx
+        self.wake = ctx.socket(zmq.PAIR)
+        wake_tx = ctx.socket(zmq.PAIR)
+        for sock in (self.wake, wake_tx):
+            sock.setsockopt(zmq.SNDHWM, 1)
+            sock.setsockopt(zmq.RCVHWM, 1)
+        endpoint = f"inproc://gymbus-ingest-wake-{id(self)}"
+        self.wake.bind(endpoint)
+        wake_tx.connect(endpoint)
+        self.receiver = Receiver(sub, wake_tx, settings.max_frame_bytes)
+        self.receiver.final_drain_s = FINAL_DRAIN_S
         self._closed = False
         #: when the last checkpoint asked for by a confirmation ran (monotonic)
         self.checkpointed_at = -1.0
@@ -73,10 +89,13 @@ class Ingest:
             Command.RUN_STATS: self.handle_run_stats,
             Command.INGEST_STATS: self.handle_ingest_stats,
             Command.SPOOL_STATUS: self.handle_spool_status,
+            Command.DELETE_RUN: lambda body: delete_run(self.store, body),
+            Command.ARCHIVE: self.handle_archive,
+            Command.RESTORE: self.handle_restore,
         }
-        self.requests = RequestTable("ingest", handlers, log, peer="client",
-                                     max_bytes=settings.max_frame_bytes,
-                                     batch=MAX_REQUESTS_PER_PASS)
+        self.requests = RoleRequestTable("ingest", handlers, log, peer="client",
+                                         max_bytes=settings.max_frame_bytes,
+                                         batch=MAX_REQUESTS_PER_PASS)
 
     @classmethod
     def open(cls, settings: Settings) -> Ingest:
@@ -103,22 +122,34 @@ class Ingest:
         return cls(settings, store, sub, router, ctx)
 
     def serve(self, stop: StopFlag) -> None:
-        """Poll, take telemetry, answer requests, flush when due; until `stop` is set."""
+        """Poll, take queued telemetry, answer requests, flush when due; until `stop` is set.
+        Then the receiver takes what the SUB still holds, and every batch it queued is taken
+        (`close` flushes)."""
+        self.receiver.start()
         poller = zmq.Poller()
-        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.wake, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
-        while not stop:
+        while not stop and self.receiver.alive():
             wait = self.store.seconds_until_flush()
             timeout = POLL_MS if wait is None else min(POLL_MS, int(wait * 1000))
-            ready = dict(poller.poll(timeout))
-            if self.sub in ready:
-                self.take_telemetry(deadline=time.monotonic() + PASS_BUDGET_S)
+            ready = dict(poller.poll(0 if self.receiver.waiting() else timeout))
+            if self.wake in ready:
+                while self.wake.poll(0, zmq.POLLIN):
+                    self.wake.recv()
+            self.take_telemetry(deadline=time.monotonic() + PASS_BUDGET_S)
             if self.router in ready:
                 self.requests.answer_waiting(self.router)
             if self.store.flush_due():
                 self.store.flush()
-        # what ZeroMQ already queued for us is taken too (bounded in time); `close` flushes
-        self.take_telemetry(deadline=time.monotonic() + FINAL_DRAIN_S)
+        self.receiver.stop()
+        deadline = time.monotonic() + FINAL_DRAIN_S + STOP_GRACE_S
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.take_telemetry(deadline, wait=left):
+                break
+        if not stop:
+            raise ReceiverFailed("the telemetry receiver thread failed (its traceback is in "
+                                 "the log); what it received is stored. Restart the ingest: "
+                                 "the workers' spools bring back what it missed.")
 
     def close(self) -> None:
         """Close the sockets, flush and close the store (a checkpoint), end the context; log
@@ -126,7 +157,8 @@ class Ingest:
         if self._closed:
             return
         self._closed = True
-        self.sub.close(linger=0)
+        self.receiver.close()
+        self.wake.close(linger=0)
         self.router.close()
         at_stop = self.store.stats()["pending"]
         self.store.close()
@@ -136,33 +168,31 @@ class Ingest:
                  "%d dead letters, %d lost in failed flushes", stats["frames_stored"], at_stop,
                  stats["duplicates"], stats["dead_letters"], stats["frames_lost"])
 
-    def _dead_letter(self, parts: list[bytes], reason: str) -> None:
-        self.store.add_dead_letter(parts, reason)
+    def _dead_letter(self, parts: list[bytes], reason: str, received_ns: int) -> None:
+        self.store.add_dead_letter(parts, reason, received_ns)
         count = self.store.counters["dead_letters"]
         if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: seen, but no flood
             log.warning("dead letter #%d: %s", count, reason)
 
-    def take_telemetry(self, deadline: float) -> None:
-        """Receive what is waiting (bounded in count and time), decode it, and buffer it or keep
-        it as a dead letter."""
-        for _ in range(MAX_FRAMES_PER_PASS):
-            if time.monotonic() > deadline:
-                return
-            try:
-                parts = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                frame = decode_frame(parts, self.settings.max_frame_bytes)
-            except DecodeError as exc:
-                self._dead_letter(parts, exc.reason)
-            except Exception as exc:  # a decoder bug costs one frame, not the ingest
-                log.exception("decoder error")
-                self._dead_letter(parts, f"decoder error: {type(exc).__name__}: {exc}")
-            else:
-                self.store.add(frame)
-            if self.store.flush_due():
-                self.store.flush()
+    def take_telemetry(self, deadline: float, wait: float | None = None) -> bool:
+        """Buffer the queued batches (until `deadline`), keeping what failed to decode as dead
+        letters; with `wait`, wait that long for the first. False once the receiver's sentinel
+        has come: it has stopped, and everything it received was taken."""
+        while time.monotonic() <= deadline:
+            batch = self.receiver.take(wait)
+            if batch is None:
+                return False
+            if not batch:
+                return True
+            wait = None
+            for item, received_ns in batch:
+                if isinstance(item, DeadLetter):
+                    self._dead_letter(item.parts, item.reason, received_ns)
+                else:
+                    self.store.add(item, received_ns)
+                if self.store.flush_due():
+                    self.store.flush()
+        return True
 
     # --- handlers: those that read the file flush first, so that answers hold all received ---
 
@@ -180,7 +210,7 @@ class Ingest:
         self.store.flush()
         cursor = self.store.cursor()
         try:
-            return run_query(cursor, sql, max_rows)
+            return run_query(cursor, sql, max_rows, body.get("format", "rows"))
         finally:
             cursor.close()
 
@@ -210,8 +240,18 @@ class Ingest:
         return True
 
     def handle_ingest_stats(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Counters as they are, no flush: `pending` shows what the next flush will write."""
-        return self.store.stats()
+        """Counters as they are, no flush: `pending` shows what the next flush will write, and
+        `receive_backlog` what the receiver has queued for the writer."""
+        return {**self.store.stats(), **self.receiver.stats()}
+
+    def handle_archive(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Finished runs' step rows to Parquet (archive.py); the receiver goes on meanwhile."""
+        self.store.flush()
+        return archive.archive_request(self.store.archive, body)
+
+    def handle_restore(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.store.flush()
+        return archive.restore_request(self.store.archive, body)
 
     def handle_spool_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """A worker's question about a spooled run: which of its first `frames` seqs are missing.
@@ -246,8 +286,10 @@ class Ingest:
         complete = run.complete and not missing
         if final and complete:
             complete = self.durable(run)
+        # `trim`: the worker would delete spool segments below `durable`, all checkpointed seqs
+        durable = run.contiguous if body.get("trim") is True and self.durable(run) else None
         return {"missing": missing, "stored": run.frames_stored, "last_seq": run.last_seq,
-                "frames_emitted": run.frames_emitted, "complete": complete}
+                "frames_emitted": run.frames_emitted, "complete": complete, "durable": durable}
 
 
 def open_sockets(
