@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -294,3 +295,31 @@ def test_a_recording_script_with_a_worker_key_is_stored_and_a_reader_key_cannot_
     assert stats["complete"] and stats["steps"] == 300 and stats["gaps"] == 0
     refused = script(key_env["reader"])
     assert refused.returncode != 0 and "a reader key may not open_run" in refused.stderr
+
+
+def test_a_worker_key_s_running_run_keeps_publishing_across_a_broker_restart(
+    stack: Stack, key_env: dict[str, Env]
+) -> None:
+    """The broker forgets its grants when it restarts; the controller grants again the runs its
+    registry gives to a worker that registers with them, so nothing of them is refused. (Last in
+    the module: it restarts the module's broker.)"""
+    result = cli(stack, key_env["submitter"], "submit", "--env", "FrozenLake-v1", "--algo",
+                 "q-learning", "--episodes", "6000", "--json")
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads(result.stdout)["run_id"]
+    wait_until(lambda: stored_frames(stack, key_env["reader"], run_id) > 2, 30,
+               "the run's first frames to be stored")
+    stack.stop_one("broker", signal.SIGKILL)
+    stack.start_one("broker", key_env["services"])
+    stack.wait_ready(("broker",), 30)
+    wait_until(lambda: request(stack.settings.controller, key_env["reader"], Command.GET_RUN,
+                               {"run_id": run_id})["run"]["state"] == "completed", 90,
+               "the run to complete")
+    wait_until(lambda: request(stack.settings.ingest, key_env["reader"], Command.RUN_STATS,
+                               {"run_id": run_id})["runs"][0]["complete"], 60,
+               "every frame of the run to be stored")
+    # frames the run sent before its worker re-registered may be refused (and then replayed
+    # from its spool, as above); none after
+    log = log_of(stack, "broker")
+    ready = log.rindex("ready: ")  # the worker registering with the restarted broker
+    assert f"refused telemetry of run {run_id}" not in log[ready:]

@@ -7,8 +7,9 @@ libzmq's proxy: the same XSUB -> XPUB + live PUB, in Python, reading each frame'
 a frame of a restricted key for a run that is not its own is dropped, counted and logged. A key
 without a role (and the services' key) publishes anything, as before roles existed.
 
-Grants are held in memory: after a broker restart, frames of runs dispatched before it (a spool
-repair) are refused until the run is dispatched again.
+Grants are held in memory. After a broker restart the controller grants again each run that a
+re-registered worker holds and its registry gives to that worker; the spool repair of a run
+that had ended before the restart is refused (counted and logged).
 """
 
 from __future__ import annotations

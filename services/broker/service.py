@@ -233,8 +233,13 @@ class Broker:
         })
 
     def on_grant(self, identity: bytes, body: dict[str, Any], now: float) -> None:
-        """A script's run opened with a restricted key: that key may publish it."""
-        self.grants.grant(require(body, "key", str), require(body, "run_id", str))
+        """A script's run opened with a restricted key, or a run the controller's registry
+        gives to a worker (again, after a restart of this broker): that key may publish it."""
+        run_id = require(body, "run_id", str)
+        if "worker_id" in body:
+            self.grants.grant(self.worker_keys.get(require(body, "worker_id", str), ""), run_id)
+        else:
+            self.grants.grant(require(body, "key", str), run_id)
 
     # --- from workers ---------------------------------------------------------------------------
 

@@ -338,7 +338,16 @@ class Controller:
 
     def on_workers(self, body: dict[str, Any], now: float) -> None:
         """A fresh worker view; also the moment to notice workers that vanished from it."""
-        self.scheduler.update_view(parse_workers(body), now)
+        views = parse_workers(body)
+        self.scheduler.update_view(views, now)
+        # a run keeps its publishing grant across a broker restart: the broker remembers none,
+        # and a worker's runs are its own only as this registry says (roles, grants.py)
+        for view in views:
+            for run_id in view.runs:
+                run = self.registry.get(run_id)
+                if run is not None and run.worker_id == view.worker_id and not run.terminal:
+                    self.send_broker(Command.GRANT, {"run_id": run_id,
+                                                     "worker_id": view.worker_id})
         holding = {run.worker_id for run in self.registry.active()
                    if run.worker_id is not None and not run.worker_id.startswith(OWNER_PREFIX)}
         for worker_id in self.scheduler.absent_workers(holding, now):
