@@ -47,7 +47,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-@pytest.mark.parametrize("role", ["ingest", "broker"])
+@pytest.mark.parametrize("role", [
+    "ingest", pytest.param("broker", marks=pytest.mark.slow)])  # test_faults: a broker restart
 def test_a_service_lost_mid_run_loses_no_step(stack: Stack, role: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT)],
                             env=stack.process_env(), stdin=subprocess.PIPE,

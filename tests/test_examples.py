@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run
 
 from gymbus.services.stack.launcher import Stack, free_endpoints
@@ -65,6 +66,7 @@ def test_the_ppo_example_is_recorded_through_a_stack(stack: Stack, tmp_path: Pat
     check_stored(stack, run_id)
 
 
+@pytest.mark.slow  # test_api.py's offline tests cover the same path in the default suite
 def test_the_ppo_example_runs_without_a_stack_and_is_synced_later(stack: Stack,
                                                                    tmp_path: Path) -> None:
     # the stack's data folder, but endpoints where nothing listens

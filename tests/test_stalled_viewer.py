@@ -88,7 +88,9 @@ def stall(w: Watcher, seconds: float) -> None:
     os.kill(w.proc.pid, signal.SIGCONT)
 
 
-@pytest.mark.parametrize("args", [(), ("--until-done", "--json")], ids=["dashboard", "json"])
+@pytest.mark.parametrize("args", [
+    (), pytest.param(("--until-done", "--json"), marks=pytest.mark.slow)],
+    ids=["dashboard", "json"])
 def test_ctrl_c_ends_a_watch_resumed_after_a_stall(publishing: tuple[Stack, str],
                                                    args: tuple[str, ...]) -> None:
     stack, run_id = publishing
