@@ -223,10 +223,15 @@ def _values(layout: Layout, size: int, n: int) -> np.ndarray[Any, Any] | None:
 
 
 def _put(layout: Layout, into: np.ndarray[Any, Any], k: int, values: Any, n: int) -> None:
-    if layout.kind == "int" or not layout.leaves:
-        into[k] = np.reshape(values, into.shape[1:])
-    else:
+    """One call's values into row k: as they are when their shape is the row's (a Discrete
+    space, a flat Box: no reshape), flattened per sub-env otherwise, leaf by leaf for Dict and
+    Tuple spaces."""
+    if layout.leaves:
         into[k] = layout.rows(values, n)
+    elif getattr(values, "shape", None) == into.shape[1:]:
+        into[k] = values
+    else:
+        into[k] = np.reshape(values, into.shape[1:])
 
 
 def _flat(values: np.ndarray[Any, Any], K: int, n: int) -> np.ndarray[Any, Any]:

@@ -72,9 +72,26 @@ def store_bytes(stack: Stack) -> int:
     return int(reply["rows"][0][0])
 
 
+def quiesce(stack: Stack, timeout: float = 300.0) -> None:
+    """Wait until the ingest has taken everything sent to it (nothing queued, nothing arriving
+    for half a second), so that no run is timed against the last one's backlog (a stored pixel
+    run is ~0.5 GB of frames)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    with Client(stack.settings.ingest, "ingest") as ingest:
+        while time.monotonic() < deadline:
+            stats = ingest.request(Command.INGEST_STATS, {})
+            if stats.get("receive_backlog", 0) == 0 and stats.get("received") == last:
+                return
+            last = stats.get("received", 0)
+            time.sleep(0.5)  # bench polling, bounded by the deadline
+
+
 def run_child(stack: Stack, case: str, variant: str, steps: int, seed: int,
               scratch: Path) -> dict[str, Any]:
-    """One run in a fresh interpreter with the stack's variables; checked against the ingest."""
+    """One run in a fresh interpreter with the stack's variables, once the ingest is idle;
+    checked against the ingest."""
+    quiesce(stack)
     result_path = scratch / f"result-{case}-{variant}.json"
     env = stack.process_env({"MINARI_DATASETS_PATH": str(scratch / "minari"),
                              "WANDB_DIR": str(scratch), "WANDB_SILENT": "true",
