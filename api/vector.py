@@ -26,7 +26,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
 from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json
 from gymbus.spaces import Layout
-from gymbus.vector_block import Block, End, EnvState, Start, Taken
+from gymbus.vector_block import Block, End, EnvState, Start, Taken, stack_one
 
 if TYPE_CHECKING:
     from gymbus.session import StepPolicy
@@ -246,7 +246,7 @@ class RecordedVectorEnv(VectorWrapper):
                 values = values.copy()  # an int layout's rows may be the env's own array
                 final = infos["final_obs"]
                 for i in np.flatnonzero(done):  # the step's own observation, not the reset's
-                    values[i] = self._obs.rows(_stack_one(final[i]), 1)[0]
+                    values[i] = self._obs.rows(stack_one(final[i]), 1)[0]
             chunk["obs"] = values[every]
         which = np.flatnonzero(rows) if rows is not None else self._index
         if self._info_keys:
@@ -256,11 +256,3 @@ class RecordedVectorEnv(VectorWrapper):
                 for i in which], dtype=object)
         self._recorder.add_chunk(self._steps, chunk, len(which))
 
-
-def _stack_one(value: Any) -> Any:
-    """One sub-environment's value with a first axis of 1, for `Layout.rows`."""
-    if isinstance(value, dict):
-        return {k: _stack_one(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_stack_one(v) for v in value)
-    return np.asarray(value)[None]

@@ -94,7 +94,7 @@ class Block:
                 final, mask = infos["final_obs"], infos.get("_final_obs")
                 for i in np.flatnonzero(mask if mask is not None else
                                         np.asarray(terminated) | np.asarray(truncated)):
-                    one = _stack_one(final[i])
+                    one = stack_one(final[i])
                     self.finals.append((k, int(i), self.obs_layout.rows(one, 1)[0]))
         self.k = k + 1
         return self.k == self.size
@@ -238,10 +238,10 @@ def _flat(values: np.ndarray[Any, Any], K: int, n: int) -> np.ndarray[Any, Any]:
     return values[:K].reshape((K * n,) + values.shape[2:])
 
 
-def _stack_one(value: Any) -> Any:
+def stack_one(value: Any) -> Any:
     """One sub-environment's value with a first axis of 1, for `Layout.rows`."""
     if isinstance(value, dict):
-        return {k: _stack_one(v) for k, v in value.items()}
+        return {k: stack_one(v) for k, v in value.items()}
     if isinstance(value, tuple):
-        return tuple(_stack_one(v) for v in value)
+        return tuple(stack_one(v) for v in value)
     return np.asarray(value)[None]
