@@ -347,11 +347,14 @@ VALID_VALUES = {"run_id": "01FUZZ", "worker_id": "nobody", "config": {}, "sql": 
 #: unknown worker are ignored by design, not errors; the ingest may serve SPOOL_STATUS soon)
 NOT_SERVED = {
     "controller": [c for c in Command if c not in {Command.PING, Command.SUBMIT,
-                   Command.LIST_RUNS, Command.GET_RUN, Command.CANCEL, Command.LIST_WORKERS}],
+                   Command.LIST_RUNS, Command.GET_RUN, Command.CANCEL, Command.LIST_WORKERS,
+                   Command.OPEN_RUN, Command.RUN_ALIVE, Command.CLOSE_RUN,
+                   Command.DELETE_RUN}],
     "ingest": [c for c in Command if c not in {Command.PING, Command.QUERY, Command.RUN_STATS,
-               Command.INGEST_STATS, Command.SPOOL_STATUS}],
+               Command.INGEST_STATS, Command.SPOOL_STATUS, Command.DELETE_RUN, Command.ARCHIVE,
+               Command.RESTORE}],
     "broker_controller": [c for c in Command if c not in {Command.HELLO, Command.DISPATCH,
-                          Command.CANCEL}],
+                          Command.CANCEL, Command.GRANT}],
     "broker_workers": [c for c in Command if c not in {Command.READY, Command.HEARTBEAT,
                        Command.RUN_UPDATE, Command.DISPATCH_FAILED, Command.DISCONNECT}],
 }
