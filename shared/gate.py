@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -42,6 +42,23 @@ def receive(router: zmq.Socket[Any], max_bytes: int) -> tuple[bytes, str, Messag
         return identity, user, exc
 
 
+class _Keyed(Protocol):
+    batch: int
+    max_bytes: int
+    user: str
+
+
+def _waiting(table: _Keyed, router: zmq.Socket[Any]
+             ) -> Iterator[tuple[bytes, Message | DecodeError]]:
+    """The messages waiting on `router` (a table's batch at most), each setting `table.user`
+    to its sender's ZAP User-Id before it is handled."""
+    for _ in range(table.batch):
+        if not router.poll(0, zmq.POLLIN):
+            return
+        identity, table.user, msg = receive(router, table.max_bytes)
+        yield identity, msg
+
+
 class RoleRequestTable(RequestTable):
     """A RequestTable that refuses what the sender's role does not allow (see the module)."""
 
@@ -58,11 +75,7 @@ class RoleRequestTable(RequestTable):
         self.owners: dict[str, str] = {}
 
     def waiting(self, router: zmq.Socket[Any]) -> Iterator[tuple[bytes, Message | DecodeError]]:
-        for _ in range(self.batch):
-            if not router.poll(0, zmq.POLLIN):
-                return
-            identity, self.user, msg = receive(router, self.max_bytes)
-            yield identity, msg
+        return _waiting(self, router)
 
     def reply(self, identity: bytes, msg: Message | DecodeError) -> bytes | None:
         if isinstance(msg, DecodeError):
@@ -128,8 +141,4 @@ class KeyedMessageTable(MessageTable):
         self.user = ""
 
     def waiting(self, router: zmq.Socket[Any]) -> Iterator[tuple[bytes, Message | DecodeError]]:
-        for _ in range(self.batch):
-            if not router.poll(0, zmq.POLLIN):
-                return
-            identity, self.user, msg = receive(router, self.max_bytes)
-            yield identity, msg
+        return _waiting(self, router)
