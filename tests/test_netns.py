@@ -299,7 +299,7 @@ def test_a_host_whose_link_goes_down_loses_its_run_then_repairs_it(hosts: Hosts)
     deadline = time.monotonic() + 3 * HEARTBEAT_INTERVAL
     while time.monotonic() < deadline:  # polls for any write until the window ends: held,
         assert spool_size(home / "runs" / run_id) == spooled  # the run spools nothing more
-        time.sleep(0.05)
+        time.sleep(0.05)  # polls until the window's deadline (the while above)
     ip("-n", ns, "link", "set", dev, "up")
     up = time.monotonic()
     wait_until(lambda: hosts.net.log("broker").count(f"worker {worker} ready") > registered, 30,

@@ -113,7 +113,7 @@ def kill_worker_and_check(stack: Stack, run_id: str) -> None:
     deadline = time.monotonic() + QUIET_WINDOW
     while time.monotonic() < deadline:  # polls for any write until the window ends
         assert folder_bytes(folder) == size, "the run folder still grows"
-        time.sleep(0.05)
+        time.sleep(0.05)  # polls until the window's deadline (the while above)
     print(f"\nMEASURED orphans: {len(before)} processes of run {run_id} before the kill, "
           "0 after it")
 
