@@ -1,11 +1,13 @@
 """The step and episode buffers of a recorded run: rows in, columnar frames out.
 
 The environment wrappers (`gymbus.recording`, `gymbus.vector`) append to these buffers on the
-training thread: a single environment one row tuple per step, a vector environment one chunk of
-arrays per `step` call. At `STEP_BATCH_ROWS` rows, or `FLUSH_INTERVAL` after the first, the rows
-become one step frame: every numeric column a typed array in its own dtype (docs/protocol.md).
-Episode rows are batched the same way. Frames go out through `send(kind, body, rows)`, which
-the run provides (its emitter: seq, spool, delivery).
+training thread: a single environment one value per column per step (its action, observation
+and reward; the episode, step and flag columns are made at the frame from where each episode's
+rows begin), a vector environment one chunk of arrays per `step` call. At `STEP_BATCH_ROWS`
+rows, or about `FLUSH_INTERVAL` after the first, the rows become one step frame: every numeric
+column a typed array in its own dtype (docs/protocol.md). Episode rows are batched the same
+way. Frames go out through `send(kind, body, rows)`, which the run provides (its emitter: seq,
+spool, delivery).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,20 +33,18 @@ EPISODE_BATCH_ROWS = 256
 FLUSH_INTERVAL = 0.1
 
 Send = Callable[[FrameKind, dict[str, Any], int], None]
-#: a buffered step of a single environment:
-#: (episode, step, action, obs, reward, terminated, truncated, info, env_index)
-StepRow = tuple[int, int, Any, Any, Any, bool, bool, Any, int]
 
 
 def _column(values: Any, layout: Layout, n: int) -> np.ndarray[Any, Any]:
-    """An obs or action column from its buffered rows: ints, or bytes of `layout.dtype`."""
+    """An obs or action column from its buffered rows: ints, or the bytes of its rows in
+    `layout.dtype` (a bytearray, or a list of bytes), copied."""
     if layout.kind == "int":
         return np.fromiter(values, np.int64, n)
-    data = b"".join(values)
+    data = values if isinstance(values, bytearray) else b"".join(values)
     if len(data) != n * layout.size * layout.dtype.itemsize:
         raise ValueError(f"the environment's values changed size within a run: expected "
                          f"{layout.size} values of {layout.dtype} per step")
-    return np.frombuffer(data, layout.dtype).reshape(n, layout.size)
+    return np.frombuffer(data, layout.dtype).reshape(n, layout.size).copy()
 
 
 def _finite_rows(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
@@ -69,34 +69,115 @@ def _plain(value: Any) -> Any:
 
 
 class Steps:
-    """The step buffer of one recorded env: row tuples (one env) or column chunks (a vector
-    env), with the env's layouts. Frames never mix two envs' rows."""
+    """The step buffer of one recorded env, with the env's layouts. Frames never mix two envs'
+    rows.
 
-    def __init__(self, obs: Layout, action: Layout, info: bool) -> None:
+    A single env buffers one list (or bytearray) per column, appended to by its step closure,
+    and where each of its episodes' rows begin (`segments`): the episode and step columns are
+    made from those at `take`, as are terminated and truncated (True on an episode's last row
+    only, `ended`). A vector env adds whole chunks of columns (`chunks`) instead.
+    """
+
+    def __init__(self, obs: Layout, action: Layout, info: bool, env_index: int = 0) -> None:
         self.obs, self.action, self.info = obs, action, info
+        self.env_index = env_index
         #: rows per frame: STEP_BATCH_ROWS, fewer when the values are large
         self.max_rows = max(1, min(STEP_BATCH_ROWS, FRAME_VALUE_BYTES // max(
             1, obs.row_bytes + action.row_bytes)))
-        self.rows: list[StepRow] = []
+        self.rewards: list[Any] = []
+        #: an int layout's values, a list; a stored row layout's, the bytes of its rows; else None
+        self.actions = _values(action)
+        self.observations = _values(obs)
+        self.infos: list[str] | None = [] if info else None
+        #: [first row, episode, its first row's step] per episode with rows in the buffer
+        self.segments: list[list[int]] = []
+        #: (row, terminated, truncated) of each episode's last row in the buffer
+        self.ended: list[tuple[int, bool, bool]] = []
+        #: the last segment's episode goes on (its rows after `take` start the next buffer)
+        self.open = False
         self.chunks: list[dict[str, Any]] = []
         self.chunk_rows = 0
+        #: the step closure calls `Recorder.check` when the buffer holds this many rows
+        self.check_at = 1
 
     def __len__(self) -> int:
-        return len(self.rows) + self.chunk_rows
+        return len(self.rewards) + self.chunk_rows
+
+    def begin(self, episode: int) -> None:
+        """The env's next rows are episode `episode`'s, from its step 0."""
+        self.segments.append([len(self.rewards), episode, 0])
+        self.open = True
+
+    def end(self, terminated: bool, truncated: bool) -> None:
+        """The episode under way has ended (flags on its last row, if it has one here)."""
+        if self.open and self.segments and len(self.rewards) > self.segments[-1][0]:
+            self.ended.append((len(self.rewards) - 1, terminated, truncated))
+        self.open = False
+
+    def drop_partial(self) -> None:
+        """Undo a row half added (its observation buffered, its action refused)."""
+        n = len(self.rewards)
+        for values, layout in ((self.actions, self.action), (self.observations, self.obs)):
+            if values is not None:
+                del values[n if isinstance(values, list) else n * layout.row_bytes:]
+
+    def take(self) -> tuple[dict[str, Any], int]:
+        """The buffered rows as a step body of numpy columns (and how many), emptied."""
+        n = len(self.rewards)
+        segments = self.segments
+        if not segments or segments[0][0] != 0:
+            raise RuntimeError("recorded rows without an episode: the env stepped before reset")
+        starts = np.fromiter((seg[0] for seg in segments), np.int64, len(segments))
+        lengths = np.diff(starts, append=n)
+        first_steps = np.fromiter((seg[2] for seg in segments), np.int64, len(segments))
+        body: dict[str, Any] = {
+            "episode": np.repeat(np.fromiter((seg[1] for seg in segments), np.int64,
+                                             len(segments)), lengths),
+            "step": np.arange(n, dtype=np.int64) - np.repeat(starts - first_steps, lengths),
+            "reward": np.fromiter(self.rewards, np.float64, n),
+        }
+        terminated, truncated = np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+        for row, term, trunc in self.ended:
+            terminated[row], truncated[row] = term, trunc
+        body.update(terminated=terminated, truncated=truncated,
+                    env_index=np.full(n, self.env_index, np.int64))
+        if self.actions is not None:
+            body["action"] = _column(self.actions, self.action, n)
+        if self.observations is not None:
+            body["obs"] = _column(self.observations, self.obs, n)
+        if self.infos is not None:
+            body["info"] = self.infos[:]
+        last = segments[-1]
+        # emptied in place: the step closure holds these lists' bound methods
+        self.rewards.clear()
+        for values in (self.actions, self.observations, self.infos):
+            if values is not None:
+                values.clear()
+        self.ended.clear()
+        segments.clear()
+        if self.open:
+            segments.append([0, last[1], last[2] + n - last[0]])
+        return body, n
+
+
+def _values(layout: Layout) -> list[Any] | bytearray | None:
+    if layout.kind == "int":
+        return []
+    return bytearray() if layout.stored else None
 
 
 class Recorder:
     """The buffers of one run, for any number of recorded environments."""
 
     def __init__(self, send: Send, *, clock: Callable[[], float] = time.monotonic,
-                 on_episodes: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 on_episodes: Callable[[list[EpisodeRow]], None] | None = None) -> None:
         self._send = send
         self._on_episodes = on_episodes
         self._clock = clock
         self._steps: list[Steps] = []
         #: when the oldest buffered step is due (FLUSH_INTERVAL after it), for every env
         self.deadline = math.inf
-        self.episodes: list[dict[str, Any]] = []
+        self.episodes: list[EpisodeRow] = []
         self._episode_deadline = math.inf
         self._next_episode = 0
         #: steps recorded, episodes ended, steps whose observation was not stored, rows refused
@@ -107,19 +188,33 @@ class Recorder:
         self.episode_count = 0
         self.obs_not_stored = 0
         self.refused = 0
-
     def new_episode(self) -> int:
         """The next episode id of the run (ids are unique across every recorded env)."""
         self._next_episode += 1
         return self._next_episode - 1
 
-    def buffer(self, obs: Layout, action: Layout, info: bool) -> Steps:
+    def buffer(self, obs: Layout, action: Layout, info: bool, env_index: int = 0) -> Steps:
         """A step buffer for one more recorded env."""
-        steps = Steps(obs, action, info)
+        steps = Steps(obs, action, info, env_index)
         self._steps.append(steps)
         return steps
 
     # --- steps ------------------------------------------------------------------------------
+
+    def check(self, steps: Steps) -> None:
+        """A single env's rows have reached `steps.check_at`: send them if they are enough
+        for a frame or the oldest has waited FLUSH_INTERVAL, else check again at twice as
+        many rows. The step closure asks no clock per step: a buffer's clock checks fall at
+        rows 1, 2, 4, ..., so a frame is sent at most about twice FLUSH_INTERVAL after its
+        first row, and a fast env's 1,024-row frame costs ten clock calls."""
+        n = len(steps)
+        now = self._clock()
+        if self.deadline == math.inf:
+            self.deadline = now + FLUSH_INTERVAL
+        if n >= steps.max_rows or now >= self.deadline:
+            self.flush_steps()
+        else:
+            steps.check_at = min(steps.max_rows, 2 * n)
 
     def add_chunk(self, steps: Steps, chunk: dict[str, Any], n: int) -> None:
         """Add `n` rows of a vector env: arrays with a first axis of `n`."""
@@ -135,32 +230,17 @@ class Recorder:
     def flush_steps(self) -> None:
         """Send each env's buffered steps as a step frame; rows with NaN are refused, counted."""
         for steps in self._steps:
-            if steps.rows:
+            if steps.rewards:
                 self._send_rows(steps)
             if steps.chunks:
                 self._send_chunks(steps)
+            steps.check_at = 1
         self.deadline = math.inf
 
     def _send_rows(self, steps: Steps) -> None:
-        n = len(steps.rows)
-        episode, step, action, obs, reward, terminated, truncated, info, env = zip(*steps.rows)
-        steps.rows.clear()
-        body: dict[str, Any] = {
-            "episode": np.fromiter(episode, np.int64, n),
-            "step": np.fromiter(step, np.int64, n),
-            "reward": np.fromiter(reward, np.float64, n),
-            "terminated": np.fromiter(terminated, np.bool_, n),
-            "truncated": np.fromiter(truncated, np.bool_, n),
-            "env_index": np.fromiter(env, np.int64, n),
-        }
-        if steps.action.stored:
-            body["action"] = _column(action, steps.action, n)
-        if steps.obs.stored:
-            body["obs"] = _column(obs, steps.obs, n)
-        else:
+        body, n = steps.take()
+        if "obs" not in body:
             self.obs_not_stored += n
-        if steps.info:
-            body["info"] = list(info)
         self._emit_steps(body, n)
 
     def _send_chunks(self, steps: Steps) -> None:
@@ -199,15 +279,17 @@ class Recorder:
 
     # --- episodes ---------------------------------------------------------------------------
 
-    def episode(self, row: dict[str, Any]) -> None:
-        """Buffer one ended episode: episode, return, length, terminated, truncated, and the
-        optional env_index, seed, reset_obs (an int or bytes of the obs layout), reset_info."""
-        row["ts_ns"] = time.time_ns()
-        self.steps_taken += row["length"]
-        row["_global_step"] = self.steps_taken
+    def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool,
+                env_index: int | None = None, seed: int | None = None, reset_obs: Any = None,
+                reset_info: str | None = None, obs_layout: Layout | None = None) -> None:
+        """Buffer one ended episode; `reset_obs` is an int or the bytes of a row of
+        `obs_layout`, and None (like seed and reset_info) leaves its column out."""
+        self.steps_taken += length
         if not self.episodes:
             self._episode_deadline = self._clock() + FLUSH_INTERVAL
-        self.episodes.append(row)
+        self.episodes.append(EpisodeRow(episode, ret, length, terminated, truncated, env_index,
+                                        seed, reset_obs, reset_info, obs_layout,
+                                        time.time_ns(), self.steps_taken))
         self.episode_count += 1
         if len(self.episodes) >= EPISODE_BATCH_ROWS or self._clock() >= self._episode_deadline:
             self.flush()
@@ -222,35 +304,65 @@ class Recorder:
         if self._on_episodes is not None:
             self._on_episodes(rows)
         # a frame's optional columns are present in all its rows or in none: group by them
-        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        groups: dict[tuple[bool, bool, bool, bool], list[EpisodeRow]] = {}
         for row in rows:
-            groups.setdefault(tuple(k for k, v in row.items() if v is not None), []).append(row)
-        for keys, group in groups.items():
-            self._send_episodes(keys, group)
-
-    def _send_episodes(self, keys: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-        n = len(rows)
-        body: dict[str, Any] = {}
-        for key in keys:
-            values = [r[key] for r in rows]
-            if key == "reset_obs":
-                layout = rows[0]["_obs_layout"]
-                body[key] = typed_array(_column(values, layout, n))
-            elif key == "reset_info":
-                body[key] = values
-            elif key.startswith("_"):
-                continue
-            elif key == "return":
-                arr = np.asarray(values, np.float64)
-                if not np.isfinite(arr).all():
-                    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-                    self.refused += 1
-                body[key] = typed_array(arr)
-            elif key in ("terminated", "truncated"):
-                body[key] = typed_array(np.asarray(values, np.bool_))
+            key = (row.env_index is not None, row.seed is not None, row.reset_obs is not None,
+                   row.reset_info is not None)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [row]
             else:
-                body[key] = typed_array(np.asarray(values, np.int64))
+                group.append(row)
+        for key, group in groups.items():
+            self._send_episodes(key, group)
+
+    def _send_episodes(self, present: tuple[bool, bool, bool, bool],
+                       rows: list[EpisodeRow]) -> None:
+        n = len(rows)
+        episode, ret, length, terminated, truncated, env_index, seed, reset_obs, reset_info, \
+            _, ts_ns, _ = zip(*rows)
+        returns = np.fromiter(ret, np.float64, n)
+        if not np.isfinite(returns).all():
+            self.refused += int((~np.isfinite(returns)).sum())
+            returns = np.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0)
+        body: dict[str, Any] = {
+            "episode": typed_array(np.fromiter(episode, np.int64, n)),
+            "return": typed_array(returns),
+            "length": typed_array(np.fromiter(length, np.int64, n)),
+            "terminated": typed_array(np.fromiter(terminated, np.bool_, n)),
+            "truncated": typed_array(np.fromiter(truncated, np.bool_, n)),
+            "ts_ns": typed_array(np.fromiter(ts_ns, np.int64, n)),
+        }
+        has_env, has_seed, has_obs, has_info = present
+        if has_env:
+            body["env_index"] = typed_array(np.fromiter(env_index, np.int64, n))
+        if has_seed:
+            body["seed"] = typed_array(np.fromiter(seed, np.int64, n))
+        if has_obs:
+            layout = rows[0].obs_layout
+            assert layout is not None
+            body["reset_obs"] = typed_array(_column(reset_obs, layout, n))
+        if has_info:
+            body["reset_info"] = list(reset_info)
         self._send(FrameKind.EPISODE, body, n)
+
+
+class EpisodeRow(NamedTuple):
+    """One ended episode, as the recorder buffers it."""
+
+    episode: int
+    ret: float
+    length: int
+    terminated: bool
+    truncated: bool
+    env_index: int | None
+    seed: int | None
+    reset_obs: Any
+    reset_info: str | None
+    obs_layout: Layout | None
+    ts_ns: int
+    #: the run's steps taken when the episode ended (its TensorBoard step)
+    global_step: int
 
 
 def _take(value: Any, keep: np.ndarray[Any, Any]) -> Any:

@@ -1,22 +1,22 @@
 """`run.record(env)` for one environment: a Gymnasium wrapper that records every step.
 
 The wrapper changes nothing the training loop sees: `step` and `reset` return what the wrapped
-environment returned. `step` is a closure bound per wrapper (not a method), appending one row
-tuple to the run's buffer: no dict, no encoding, no send per step (`gymbus.recorder` turns
-the rows into columns per frame). An episode is recorded from its `reset`: the reset observation
+environment returned. `step` is a closure bound per wrapper (not a method), appending the step's
+action, observation and reward to the buffer's columns (an array's own bytes onto a bytearray):
+no tuple, no dict, no clock, no encoding per step (`gymbus.recorder` makes the frames). An episode is recorded from its `reset`: the reset observation
 and (the named keys of) the reset info go into its episode row, so that a stored episode has
 its N+1 observations, and so does the seed it was reset with, if any.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from math import inf
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+import numpy as np
 
-from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json
+from gymbus.recorder import Recorder, info_json
 from gymbus.spaces import Layout
 
 if TYPE_CHECKING:
@@ -36,45 +36,74 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         self._policy = policy
         self._obs, self._action = obs, action
         self._info_keys = tuple(info_keys)
-        self._steps = recorder.buffer(obs, action, bool(info_keys))
+        self._steps = recorder.buffer(obs, action, bool(info_keys), env_index)
         # the wrapper's spaces are the env's: looked up per call by a loop that samples
         # actions, an unset one costs a property and a getattr each time
         self._action_space, self._observation_space = env.action_space, env.observation_space
         self._bind()
 
     def _bind(self) -> None:
-        rec, policy = self._recorder, self._policy
-        rows = self._steps.rows
-        add = rows.append
-        clock, flush_steps = rec._clock, rec.flush_steps
+        rec, policy, buffer = self._recorder, self._policy, self._steps
+        rewards, actions, observations = buffer.rewards, buffer.actions, buffer.observations
+        add_reward, check = rewards.append, rec.check
         env_step, env_reset = self.env.step, self.env.reset
-        obs_row, act_row = self._obs.row_function(), self._action.row_function()
         info_keys = self._info_keys
-        max_rows, interval = self._steps.max_rows, FLUSH_INTERVAL
+        add_info = buffer.infos.append if buffer.infos is not None else None
         obs_layout, env_index, stop = self._obs, self.env_index, self._stop
-        # the episode under way: id, steps so far, return so far; recording its steps or not
+        # how each value is buffered: a list's append (an int layout), a bytearray's extend
+        # (a row of numbers: the value's own bytes when it is an array of the layout's dtype,
+        # else `row(value)`), or not at all (a layout not stored)
+        add_obs, obs_row, obs_dtype, obs_raw = _adder(self._obs, observations)
+        add_action, act_row, act_dtype, act_raw = _adder(self._action, actions)
+        inline = add_info is None and not (self._obs.leaves or self._action.leaves)
+        ndarray = np.ndarray
+        # the episode under way: id, steps so far, return so far, recording its steps or not;
+        # its reset's seed, observation and info (as the episode row holds them)
         episode, t, ret, recording, started = -1, 0, 0.0, False, False
-        reset_row: dict[str, Any] = {}
+        seed0: int | None = None
+        obs0: Any = None
+        info0: str | None = None
 
         def end_episode(terminated: bool, truncated: bool) -> None:
             nonlocal started
-            rec.episode({"episode": episode, "return": ret, "length": t,
-                         "terminated": terminated, "truncated": truncated, **reset_row})
+            if recording:
+                buffer.end(terminated, truncated)
+            rec.episode(episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
+                        obs_layout)
             started = False
 
+        def begin(obs: Any, info: Any, seed: int | None) -> None:
+            nonlocal episode, t, ret, recording, started, seed0, obs0, info0
+            episode, t, ret, started = rec.new_episode(), 0, 0.0, True
+            recording = policy(episode)
+            if recording:
+                buffer.begin(episode)
+            seed0 = seed
+            # None: no reset (stepped on past an episode's end), or a layout not stored
+            if obs is None or obs_row is None:
+                obs0 = obs
+            elif obs_raw and obs.__class__ is ndarray and obs.dtype is obs_dtype:
+                obs0 = obs.tobytes()
+            else:
+                obs0 = obs_row(obs)
+            info0 = info_json(info, info_keys) if info_keys and info is not None else None
+
         def reset(*, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
-            nonlocal episode, t, ret, recording, started
             if started and t:  # the loop reset an episode that had not ended: cut short
                 end_episode(False, False)
             obs, info = env_reset(seed=seed, options=options)
-            episode, t, ret, started = rec.new_episode(), 0, 0.0, True
-            recording = policy(episode)
-            reset_row.clear()
-            reset_row.update(
-                env_index=env_index, seed=seed, _obs_layout=obs_layout,
-                reset_obs=obs if obs_row is None else obs_row(obs),  # None when not stored
-                reset_info=info_json(info, info_keys) if info_keys else None)
+            begin(obs, info, seed)
             return obs, info
+
+        def put(action: Any, obs: Any, reward: Any, info: Any) -> None:
+            """One row into the buffer, any layout (the step closure inlines the common one)."""
+            if add_action is not None:
+                add_action(action if act_row is None else act_row(action))
+            if add_obs is not None:
+                add_obs(obs if obs_row is None else obs_row(obs))
+            add_reward(reward)
+            if add_info is not None:
+                add_info(info_json(info, info_keys))
 
         def step(action: Any) -> Any:
             nonlocal t, ret
@@ -82,18 +111,34 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
                 raise KeyboardInterrupt(stop[0])
             result = env_step(action)
             obs, reward, terminated, truncated, info = result
+            if not started:  # stepped on past an episode's end without a reset: a new one
+                begin(None, None, None)
             if recording:
-                if rec.deadline == inf:
-                    rec.deadline = clock() + interval
-                add((episode, t, action if act_row is None else act_row(action),
-                     obs if obs_row is None else obs_row(obs), reward, terminated, truncated,
-                     info_json(info, info_keys) if info_keys else None, env_index))
-                if len(rows) >= max_rows or clock() >= rec.deadline:
-                    flush_steps()
+                if inline:  # no info keys, and each value an int, a row of numbers or nothing
+                    try:
+                        if obs_raw:
+                            add_obs(obs if obs.__class__ is ndarray and obs.dtype is obs_dtype
+                                    else obs_row(obs))  # type: ignore[misc]
+                        elif add_obs is not None:
+                            add_obs(obs)
+                        if act_raw:
+                            add_action(action if action.__class__ is ndarray and  # type: ignore[misc]
+                                       action.dtype is act_dtype else act_row(action))  # type: ignore[misc]
+                        elif add_action is not None:
+                            add_action(action)
+                    except TypeError:  # an array not in C order: its bytes through `row`
+                        buffer.drop_partial()
+                        put(action, obs, reward, info)
+                    else:
+                        add_reward(reward)
+                else:
+                    put(action, obs, reward, info)
             t += 1
             ret += reward  # type: ignore[operator]  # a float, or a numpy float
-            if terminated or truncated:
+            if terminated or truncated:  # (before a frame is sent: its last row's flags)
                 end_episode(bool(terminated), bool(truncated))
+            if len(rewards) >= buffer.check_at:  # enough for a frame, or waited long
+                check(buffer)
             return result
 
         def finish() -> None:
@@ -107,3 +152,15 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
 
     def finish(self) -> None:  # replaced per instance by _bind
         """End the episode under way, stored as far as it went (the run is ending)."""
+
+
+def _adder(layout: Layout, values: list[Any] | bytearray | None) -> tuple[
+        Callable[[Any], Any] | None, Callable[[Any], Any] | None, np.dtype[Any], bool]:
+    """How a step closure buffers one space's values: (add, row, dtype, raw). `add` appends
+    to the buffer (None: not stored); `row` makes a value buffer-ready (None: as it is, an
+    int); raw: `add` extends a bytearray, and takes an array of `dtype` in C order as it is."""
+    if values is None:  # `row` gives None: a reset observation not stored either
+        return None, layout.row, layout.dtype, False
+    if isinstance(values, list):
+        return values.append, None, layout.dtype, False
+    return values.extend, layout.row, layout.dtype, not layout.leaves

@@ -34,7 +34,7 @@ import zmq
 from ulid import ULID
 
 from gymbus import launched
-from gymbus.recorder import Recorder
+from gymbus.recorder import EpisodeRow, Recorder
 from gymbus.registration import KeepAlive, close_run, open_run
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError
@@ -256,7 +256,7 @@ class Run:
         if not self.offline and not self.attached:  # a worker's run: its repair stores it
             from gymbus.sync import store_at_end
 
-            store_at_end(self.settings, self.run_id, self.run_dir, self._ctx)
+            store_at_end(self.settings, self.run_id, self.run_dir, self._ctx, emitter.seq)
         self._ctx.term()
 
     # --- recording --------------------------------------------------------------------------
@@ -266,15 +266,15 @@ class Run:
             self._announce()
         self._emitter.send_columns(kind, body, rows)
 
-    def _episodes_to_tensorboard(self, rows: list[dict[str, Any]]) -> None:
+    def _episodes_to_tensorboard(self, rows: list[EpisodeRow]) -> None:
         """CleanRL's episode curves in the run's TensorBoard files, from the episode rows."""
         if self._tensorboard is None:
             return
         curves = []
         for row in rows:
-            step, ts_ns = row["_global_step"], row["ts_ns"]
-            curves.append(("charts/episodic_return", step, float(row["return"]), ts_ns))
-            curves.append(("charts/episodic_length", step, float(row["length"]), ts_ns))
+            step, ts_ns = row.global_step, row.ts_ns
+            curves.append(("charts/episodic_return", step, float(row.ret), ts_ns))
+            curves.append(("charts/episodic_length", step, float(row.length), ts_ns))
         self._tensorboard.add_rows(curves)
 
     def _require_open(self, what: str) -> None:

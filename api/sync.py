@@ -36,6 +36,9 @@ END_OF_RUN_STALL = 5.0
 #: seconds `gymbus sync` waits per run
 SYNC_WAIT = 60.0
 POLL_SECONDS = 0.02
+#: the end's first questions go on this long without progress (a checkpoint of the ingest's,
+#: at most one a second, or the run's last frames in flight) before the spool's repair takes over
+END_OF_RUN_QUICK_STALL = 1.5
 
 
 log = logging.getLogger("gymbus.api")
@@ -154,9 +157,14 @@ def store_spool(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context
         repairer.close()
 
 
-def store_at_end(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any]) -> bool:
+def store_at_end(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any],
+                 frames: int | None = None) -> bool:
     """At a run's end: wait for the ingest to hold every frame, replaying what it misses, while
-    it makes progress; what it still misses is left in the spool for `gymbus sync` (said)."""
+    it makes progress; what it still misses is left in the spool for `gymbus sync` (said).
+    `frames`, the run's frame count when the caller knows it (its emitter), lets the common
+    case (nothing missing) be answered without reading the spool back."""
+    if frames is not None and _held_at_once(settings, run_id, run_dir, ctx, frames):
+        return True
     try:
         done = store_spool(settings, run_id, run_dir, ctx, timeout=END_OF_RUN_WAIT,
                            stall=END_OF_RUN_STALL)
@@ -167,3 +175,37 @@ def store_at_end(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Contex
         log.warning("run %s: the ingest does not hold all of it yet; its spool stays in %s: "
                     "`gymbus sync %s` stores the rest", run_id, run_dir, run_id)
     return done
+
+
+def _held_at_once(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any],
+                  frames: int) -> bool:
+    """Ask the ingest (final: the spool is closed) whether it holds the run's `frames` frames,
+    durably, again every POLL_SECONDS while its last frames are still arriving and it stores
+    more of them; True once it does (the spool is confirmed). False as soon as it lacks a frame
+    before its last one (a hole: the spool's repair replays it), stops progressing, or does not
+    answer: `store_spool` takes over."""
+    client = Client(settings.ingest, "ingest", min(settings.request_timeout, 1.0), ctx=ctx)
+    progress: tuple[Any, ...] | None = None
+    still = time.monotonic()
+    try:
+        while True:
+            status = client.request(Command.SPOOL_STATUS,
+                                    {"run_id": run_id, "frames": frames, "final": True})
+            if status.get("complete") is True:
+                spool.confirm(run_dir, frames)
+                return True
+            last = status.get("last_seq")
+            holes = [r for r in status.get("missing", []) if last is None or r[0] < last]
+            if holes:
+                return False
+            now = time.monotonic()
+            if (status.get("stored"), last) != progress:
+                progress, still = (status.get("stored"), last), now
+            elif now - still > END_OF_RUN_QUICK_STALL:
+                return False
+            time.sleep(POLL_SECONDS)  # its last frames are on their way, or it checkpoints soon
+    except (GymbusError, OSError) as exc:
+        log.debug("run %s: asking the ingest at the run's end: %s", run_id, exc)
+        return False
+    finally:
+        client.close()

@@ -89,16 +89,14 @@ class RecordedVectorEnv(VectorWrapper):
         self._live[i] = self._recording[i]
         layout = self._obs
         self._reset_rows[i] = {
-            "env_index": i, "seed": seed, "_obs_layout": layout,
+            "env_index": i, "seed": seed, "obs_layout": layout,
             "reset_obs": (int(obs) if layout.kind == "int" else
                           layout.row(obs) if layout.stored else None),
             "reset_info": info_json(info, self._info_keys) if self._info_keys else None}
 
     def _end(self, i: int, terminated: bool, truncated: bool) -> None:
-        self._recorder.episode({
-            "episode": int(self._episode[i]), "return": float(self._ret[i]),
-            "length": int(self._t[i]), "terminated": terminated, "truncated": truncated,
-            **self._reset_rows[i]})
+        self._recorder.episode(int(self._episode[i]), float(self._ret[i]), int(self._t[i]),
+                               terminated, truncated, **self._reset_rows[i])
         self._started[i] = False
         self._live[i] = False
 
@@ -195,14 +193,13 @@ class RecordedVectorEnv(VectorWrapper):
             + [(s.k, s.i, 1, (s, ep)) for s, ep in taken.starts], key=lambda event: event[:3])
         for _, i, _, event in events:
             if isinstance(event, End):
-                self._recorder.episode({
-                    "episode": event.episode, "return": event.ret, "length": event.length,
-                    "terminated": event.terminated, "truncated": event.truncated,
-                    **started.pop(event.episode, self._reset_rows[i])})
+                self._recorder.episode(event.episode, event.ret, event.length, event.terminated,
+                                       event.truncated,
+                                       **started.pop(event.episode, self._reset_rows[i]))
                 continue
             start, episode = event
             started[episode] = self._reset_rows[i] = {
-                "env_index": i, "seed": None, "_obs_layout": layout,
+                "env_index": i, "seed": None, "obs_layout": layout,
                 "reset_obs": (None if start.obs is None else int(start.obs)
                               if layout.kind == "int" else start.obs.tobytes()),
                 "reset_info": None}

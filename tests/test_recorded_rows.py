@@ -1,0 +1,154 @@
+"""The single-env wrapper's buffer (api/recorder.py `Steps`) against the loop's own log.
+
+The wrapper buffers one column per value and only where each episode's rows begin; the episode,
+step, terminated and truncated columns are made from those when a frame is sent. A scripted
+loop keeps its own log of every step it takes (episode by the order of its resets, step within
+it, flags) and crosses every boundary: frames of a few rows, resets in mid-episode, steps past
+an episode's end without a reset, a sampled run, observations that are views not in C order,
+of another dtype, and named info keys. Frames are encoded and decoded as the ingest sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from gymbus.recorder import Recorder
+from gymbus.recording import RecordedEnv
+from gymbus.shared.codec import decode_frame, encode_frame
+from gymbus.shared.protocol import FrameKind
+from gymbus.spaces import layout
+
+
+class Scripted(gym.Env[Any, Any]):
+    """Box observations of 3 float32 (some steps: a strided view, or float64), episodes that
+    end by termination or truncation at lengths drawn from the seed, reward = step number."""
+
+    def __init__(self, continuous: bool) -> None:
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        self.action_space = (gym.spaces.Box(-1, 1, (2,), np.float32) if continuous
+                             else gym.spaces.Discrete(3))
+        self.rng = np.random.default_rng(0)
+        self.t = 0
+        self.length = 5
+
+    def _obs(self) -> Any:
+        base = np.arange(6, dtype=np.float32) + 10 * self.t
+        kind = self.t % 4
+        if kind == 1:
+            return base[::2]  # a view, not in C order of its own
+        if kind == 2:
+            return base[:3].astype(np.float64)  # another dtype than the space's
+        return base[:3].copy()
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        self.t = 0
+        self.length = int(self.rng.integers(1, 9))
+        return self._obs(), {"level": self.length}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        end = self.t >= self.length
+        terminated = end and self.length % 2 == 0
+        return self._obs(), float(self.t), terminated, end and not terminated, {"t": self.t}
+
+
+def run_loop(every: int, max_rows: int, continuous: bool, info: bool
+             ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Any], list[Any]]:
+    """(step rows, episode rows) decoded from the frames, and the loop's own (expected) ones."""
+    frames: list[Any] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
+
+    recorder = Recorder(send)
+    raw = Scripted(continuous)
+    env = RecordedEnv(raw, recorder, lambda e: e % every == 0,
+                      layout(raw.observation_space), layout(raw.action_space, "action"),
+                      ("t",) if info else ())
+    env._steps.max_rows = max_rows
+    raw.action_space.seed(3)
+    want_steps: list[tuple[Any, ...]] = []
+    want_episodes: list[tuple[Any, ...]] = []
+    episode, t, ret, ended = -1, 0, 0.0, True
+
+    def close(terminated: bool, truncated: bool) -> None:
+        want_episodes.append((episode, ret, t, terminated, truncated))
+
+    for i in range(600):
+        if i % 97 == 50 and t:  # a reset in mid-episode cuts it short
+            close(False, False)
+            ended = True
+        if ended and i % 41 != 7:  # ... and now and then, a step past the end without reset
+            env.reset()
+            episode, t, ret, ended = episode + 1, 0, 0.0, False
+        elif ended:
+            episode, t, ret, ended = episode + 1, 0, 0.0, False
+        action = raw.action_space.sample()
+        obs, reward, terminated, truncated, step_info = env.step(action)
+        if episode % every == 0:
+            want_steps.append((episode, t, np.asarray(action).tolist(),
+                               np.asarray(obs, np.float32).tolist(), reward, terminated,
+                               truncated, f'{{"t": {step_info["t"]}}}' if info else None))
+        t, ret = t + 1, ret + reward
+        if terminated or truncated:
+            close(terminated, truncated)
+            ended = True
+    env.finish()
+    recorder.flush()
+    if t and not ended:
+        close(False, False)
+    steps: list[tuple[Any, ...]] = []
+    episodes: list[tuple[Any, ...]] = []
+    for frame in frames:
+        body = frame.body
+        assert frame.kind is not FrameKind.STEP or frame.rows <= max_rows
+        for r in range(frame.rows):
+            if frame.kind is FrameKind.STEP:
+                steps.append((int(body["episode"][r]), int(body["step"][r]),
+                              np.asarray(body["action"][r]).tolist(),
+                              np.asarray(body["obs"][r]).tolist(), float(body["reward"][r]),
+                              bool(body["terminated"][r]), bool(body["truncated"][r]),
+                              body["info"][r] if info else None))
+            elif frame.kind is FrameKind.EPISODE:
+                episodes.append((int(body["episode"][r]), float(body["return"][r]),
+                                 int(body["length"][r]), bool(body["terminated"][r]),
+                                 bool(body["truncated"][r])))
+    return steps, sorted(episodes), want_steps, want_episodes
+
+
+@pytest.mark.parametrize(("every", "max_rows", "continuous", "info"), [
+    (1, 7, False, False), (1, 1, True, False), (3, 5, False, True), (1, 1024, True, True)])
+def test_every_row_is_the_step_the_loop_took(every: int, max_rows: int, continuous: bool,
+                                             info: bool) -> None:
+    steps, episodes, want_steps, want_episodes = run_loop(every, max_rows, continuous, info)
+    assert len(want_steps) > 150
+    assert steps == want_steps
+    assert episodes == sorted(want_episodes)
+    # every kind of boundary was crossed: cut short, terminated, truncated
+    assert {(e[3], e[4]) for e in want_episodes} == {(False, False), (True, False), (False, True)}
+
+
+def test_a_frame_is_sent_when_its_first_row_has_waited() -> None:
+    """No clock per step: the buffer looks at the clock at rows 1, 2, 4, ...; a slow env's rows
+    go out at most about twice FLUSH_INTERVAL after the first of them."""
+    now = [0.0]
+    sent: list[int] = []
+    recorder = Recorder(lambda kind, body, rows: sent.append(rows) if kind is FrameKind.STEP
+                        else None, clock=lambda: now[0])
+    raw = gym.make("CartPole-v1")
+    env = RecordedEnv(raw, recorder, lambda e: True, layout(raw.observation_space),
+                      layout(raw.action_space, "action"))
+    env.reset(seed=1)
+    raw.action_space.seed(1)
+    for _ in range(40):  # a step every 30 ms
+        _, _, terminated, truncated, _ = env.step(raw.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+        now[0] += 0.03
+    assert sent and all(rows <= 8 for rows in sent)
+    assert sum(sent) + len(env._steps) == 40
