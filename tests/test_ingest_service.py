@@ -224,3 +224,17 @@ def test_sigterm_flushes_checkpoints_and_exits_143(ingest: Ingest) -> None:
         assert conn.execute("SELECT count(*) FROM frames").fetchall() == [(6,)]
         assert conn.execute("SELECT count(*) FROM steps").fetchall() == [(4,)]
         assert conn.execute("SELECT complete FROM runs").fetchall() == [(True,)]
+
+
+def test_written_rows_are_checkpointed_without_being_asked(ingest: Ingest) -> None:
+    """With nothing arriving, the ingest moves what it wrote from its WAL into the main file on
+    its own (BACKGROUND_CHECKPOINT_S), so that a run's end waits for its last rows only."""
+    for parts in run_frames():
+        ingest.send(parts)
+    wal = ingest.db_path.with_name(ingest.db_path.name + ".wal")
+    # stored by the ingest's own flush (INGEST_STATS does not flush), then checkpointed
+    wait_until(lambda: ingest.client.request(Command.INGEST_STATS)["frames_stored"] == 6,
+               timeout=10, what="the frames flushed")
+    wait_until(lambda: not wal.exists() or wal.stat().st_size == 0, timeout=10,
+               what="the WAL emptied by a checkpoint")
+    assert ingest.scalar("SELECT count(*) FROM steps") == 4

@@ -11,6 +11,7 @@ Run: `python -m gymbus.services.ingest`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -49,7 +50,11 @@ MAX_MISSING_RANGES = 1000
 #: largest frame count a spool_status may name (seqs are signed 64-bit)
 MAX_SPOOL_FRAMES = 2**62
 #: seconds between the checkpoints that confirming spooled runs asks for (at most one per)
-CHECKPOINT_EVERY = 1.0
+CHECKPOINT_EVERY = 0.25
+#: with nothing waiting to be taken and rows written since the last checkpoint, the ingest
+#: checkpoints on its own at most once per this many seconds: a run's end then waits for the
+#: checkpoint of its last rows only, not of all of them
+BACKGROUND_CHECKPOINT_S = 0.5
 
 log = logging.getLogger("gymbus.ingest")
 
@@ -81,8 +86,11 @@ class Ingest:
         self.receiver = Receiver(sub, wake_tx, settings.max_frame_bytes)
         self.receiver.final_drain_s = FINAL_DRAIN_S
         self._closed = False
-        #: when the last checkpoint asked for by a confirmation ran (monotonic)
+        #: when the last checkpoint ended (monotonic), and the store's flushes by then
         self.checkpointed_at = -1.0
+        self._checkpointed_flushes = 0
+        #: when a confirmation last asked for a checkpoint
+        self._asked_at = -math.inf
         handlers: dict[Command, RequestHandler] = {
             Command.PING: self.handle_ping,
             Command.QUERY: self.handle_query,
@@ -141,6 +149,10 @@ class Ingest:
                 self.requests.answer_waiting(self.router)
             if self.store.flush_due():
                 self.store.flush()
+            elif (not self.receiver.waiting()
+                  and self.store.counters["flushes"] != self._checkpointed_flushes
+                  and time.monotonic() - self.checkpointed_at >= BACKGROUND_CHECKPOINT_S):
+                self.checkpoint()
         self.receiver.stop()
         deadline = time.monotonic() + FINAL_DRAIN_S + STOP_GRACE_S
         while (left := deadline - time.monotonic()) > 0:
@@ -226,18 +238,24 @@ class Ingest:
 
     def durable(self, run: RunAccount) -> bool:
         """Whether everything of the run is in the main file: flush, and checkpoint unless the
-        last checkpoint came after the run's last write; at most one per CHECKPOINT_EVERY (False
-        meanwhile: the worker asks again)."""
+        last checkpoint (asked for, or the ingest's own) came after the run's last write; at most
+        one asked for per CHECKPOINT_EVERY (False meanwhile: the worker asks again)."""
         self.store.flush()
         if self.store.runs.get(run.run_id) is not run:
             return False  # the flush failed and the accounting was rebuilt: ask again
         if run.saved_at <= self.checkpointed_at:
             return True
-        if time.monotonic() - self.checkpointed_at < CHECKPOINT_EVERY:
+        if time.monotonic() - self._asked_at < CHECKPOINT_EVERY:
             return False
+        self._asked_at = time.monotonic()
+        self.checkpoint()
+        return True
+
+    def checkpoint(self) -> None:
+        """Flush and checkpoint the store; what was saved before now is in its main file."""
         self.store.checkpoint()
         self.checkpointed_at = time.monotonic()
-        return True
+        self._checkpointed_flushes = self.store.counters["flushes"]
 
     def handle_ingest_stats(self, body: dict[str, Any]) -> dict[str, Any]:
         """Counters as they are, no flush: `pending` shows what the next flush will write, and
