@@ -43,7 +43,8 @@ from gymbus.worker.telemetry.spool import SpoolError, SpoolWriter
 
 log = logging.getLogger("gymbus.run.emitter")
 
-#: a step frame is flushed at this many rows, or FLUSH_INTERVAL after its first row
+#: a step frame is flushed at this many rows, or (at most about twice) FLUSH_INTERVAL after its
+#: first row
 STEP_BATCH_ROWS = 1024
 EPISODE_BATCH_ROWS = 256
 METRIC_BATCH_ROWS = 1024
@@ -194,29 +195,40 @@ class Emitter:
         max_steps, max_episodes = STEP_BATCH_ROWS, EPISODE_BATCH_ROWS
         max_metrics, interval = METRIC_BATCH_ROWS, FLUSH_INTERVAL
         deadline = 0.0  # of the step batch: FLUSH_INTERVAL after its first row
+        # the clock is looked at when the batch reaches check_at rows: at rows 1, 2, 4, ...,
+        # ten times for a full batch instead of once per step; a slow run's batch goes out at
+        # most about twice FLUSH_INTERVAL after its first row
+        first_check = check_at = min(2, max_steps)
+
+        def due(rows: int, deadline: float) -> int:
+            """The next check_at of a batch of `rows` rows, flushed if full or due."""
+            if rows >= max_steps or clock() >= deadline:
+                flush_steps()
+                return first_check
+            return min(max_steps, 2 * rows)
 
         def step(episode: int, step: int, action: int, obs: Any, reward: float,
                  terminated: bool, truncated: bool, label: str | None = None) -> None:
-            """Buffer one step (Discrete observations); flushes at STEP_BATCH_ROWS rows or
-            FLUSH_INTERVAL after the first."""
-            nonlocal deadline
+            """Buffer one step (Discrete observations); flushes at STEP_BATCH_ROWS rows, or once
+            the clock, looked at when the rows double, is FLUSH_INTERVAL past the first."""
+            nonlocal deadline, check_at
             if not step_rows:
                 self._t0_ns = time_ns()
-                deadline = clock() + interval
+                deadline, check_at = clock() + interval, first_check
             add_step((episode, step, action, obs, reward, terminated, truncated, label))
-            if len(step_rows) >= max_steps or clock() >= deadline:
-                flush_steps()
+            if len(step_rows) >= check_at:
+                check_at = due(len(step_rows), deadline)
 
         def step_vector(episode: int, step: int, action: int, obs: Any, reward: float,
                         terminated: bool, truncated: bool, label: str | None = None) -> None:
             """`step` for Box observations, copied as lists (an environment may reuse arrays)."""
-            nonlocal deadline
+            nonlocal deadline, check_at
             if not step_rows:
                 self._t0_ns = time_ns()
-                deadline = clock() + interval
+                deadline, check_at = clock() + interval, first_check
             add_step((episode, step, action, obs.tolist(), reward, terminated, truncated, label))
-            if len(step_rows) >= max_steps or clock() >= deadline:
-                flush_steps()
+            if len(step_rows) >= check_at:
+                check_at = due(len(step_rows), deadline)
 
         def episode(episode: int, ret: float, length: int, terminated: bool,
                     truncated: bool, seed: int | None = None, reset_obs: Any = None) -> None:
@@ -241,15 +253,15 @@ class Emitter:
         def step_bytes(episode: int, step: int, action: int, obs: Any, reward: float,
                        terminated: bool, truncated: bool, label: str | None = None) -> None:
             """`step` for Box observations of `obs_dtype`, kept as their bytes."""
-            nonlocal deadline
+            nonlocal deadline, check_at
             if not step_rows:
                 self._t0_ns = time_ns()
-                deadline = clock() + interval
+                deadline, check_at = clock() + interval, first_check
             if obs.dtype is not obs_dtype:
                 obs = np.asarray(obs, dtype=obs_dtype)
             add_step((episode, step, action, obs.tobytes(), reward, terminated, truncated, label))
-            if len(step_rows) >= max_steps or clock() >= deadline:
-                flush_steps()
+            if len(step_rows) >= check_at:
+                check_at = due(len(step_rows), deadline)
 
         self.step: Callable[..., None] = (
             step if not self._steps.vector_obs else step_vector if obs_dtype is None
