@@ -137,7 +137,7 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
             ret += reward  # type: ignore[operator]  # a float, or a numpy float
             if terminated or truncated:  # (before a frame is sent: its last row's flags)
                 end_episode(bool(terminated), bool(truncated))
-            if len(rewards) >= buffer.check_at:  # enough for a frame, or waited long
+            if recording and len(rewards) >= buffer.check_at:  # a frame's worth, or waited
                 check(buffer)
             return result
 

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+from gymbus import vector_block
 from gymbus.recorder import Recorder
 from gymbus.shared.codec import decode_frame, encode_frame
-from gymbus.shared.protocol import FrameKind
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import layout
 from gymbus.vector import RecordedVectorEnv
 from gymbus.vector_block import Block
@@ -89,7 +90,9 @@ def record(make: Any, mode: AutoresetMode, blocks: bool, every: int,
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
 @pytest.mark.parametrize("every", [1, 3])
 def test_blocks_record_what_call_by_call_recording_does(env: str, mode: AutoresetMode,
-                                                        every: int) -> None:
+                                                        every: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vector_block, "BLOCK_VALUES", 96)  # 32 calls a block: many blocks
     steps, episodes = record(ENVS[env], mode, True, every)
     expected_steps, expected_episodes = record(ENVS[env], mode, False, every)
     assert len(episodes) > 20 and len(steps) > 100  # many episodes, several blocks
@@ -108,3 +111,38 @@ def test_a_block_sends_when_full_and_keeps_rows_in_call_order() -> None:
                       np.zeros(2, bool), np.zeros(2, bool), None) for k in range(16)]
     assert full == [False] * 15 + [True]
     assert block.size == 16 and block.k == 16
+
+
+def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
+    """Stored pixels: a block holds as many calls as fit in one frame, not BLOCK_VALUES."""
+    sizes: list[int] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        if kind is FrameKind.STEP:
+            sizes.append(sum(len(part) for part in encode_frame(kind, "r", len(sizes), body)))
+
+    pixels = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    frame = pixels.sample()  # one frame, at once: the block fills long before it is due
+
+    class Frames(gym.Env[Any, Any]):
+        observation_space, action_space = pixels, gym.spaces.Discrete(2)
+
+        def reset(self, *, seed: int | None = None,
+                  options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+            return frame, {}
+
+        def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+            return frame, 0.0, False, False, {}
+
+    recorder = Recorder(send)
+    envs = SyncVectorEnv([Frames] * 4)
+    wrapped = RecordedVectorEnv(envs, recorder, lambda e: True,
+                                layout(pixels, store_large=True),
+                                layout(envs.single_action_space, "action"))
+    wrapped.reset(seed=0)
+    for _ in range(300):  # 1,200 rows of 12 KiB: several frames
+        wrapped.step(envs.action_space.sample())
+    wrapped.finish()
+    recorder.flush()
+    assert len(sizes) > 1 and max(sizes) <= MAX_FRAME_BYTES
+    assert recorder.steps == 1200
