@@ -23,6 +23,7 @@ import numpy as np
 from gymbus.shared.codec import typed_array
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import Layout
+from gymbus.worker.telemetry.columns import narrowest
 
 STEP_BATCH_ROWS = 1024
 #: a step frame holds at most this many bytes of observations and actions (half the protocol's
@@ -273,6 +274,8 @@ class Recorder:
                 return
         for name, value in list(body.items()):
             if isinstance(value, np.ndarray):
+                if value.dtype.kind == "i" and value.ndim == 1 and n:
+                    value = narrowest(value)  # episode, step, env_index: 2-4 bytes, not 8
                 body[name] = typed_array(np.ascontiguousarray(value))
         self.steps += n
         self._send(FrameKind.STEP, body, n)

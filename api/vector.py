@@ -26,7 +26,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
 from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json
 from gymbus.spaces import Layout
-from gymbus.vector_block import Block, End, EnvState, Start, Taken, stack_one
+from gymbus.vector_block import Block, EnvState, Taken, stack_one
 
 if TYPE_CHECKING:
     from gymbus.session import StepPolicy
@@ -61,7 +61,9 @@ class RecordedVectorEnv(VectorWrapper):
         self._started = np.zeros(n, np.bool_)
         #: sub-environments whose next `step` is an autoreset (NEXT_STEP)
         self._resetting = np.zeros(n, np.bool_)
-        self._reset_rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        #: each sub-env's episode under way, as its episode row will say of its reset: env_index,
+        #: seed, reset observation, reset info, observation layout (Recorder.episode's order)
+        self._reset_rows: list[tuple[Any, ...]] = [(i, None, None, None, obs) for i in range(n)]
         self._index = np.arange(n, dtype=np.int64)
         #: sub-envs whose steps are recorded: an episode under way, of a recorded episode
         self._live = np.zeros(n, np.bool_)
@@ -88,15 +90,14 @@ class RecordedVectorEnv(VectorWrapper):
         self._recording[i] = self._policy(episode)
         self._live[i] = self._recording[i]
         layout = self._obs
-        self._reset_rows[i] = {
-            "env_index": i, "seed": seed, "obs_layout": layout,
-            "reset_obs": (int(obs) if layout.kind == "int" else
-                          layout.row(obs) if layout.stored else None),
-            "reset_info": info_json(info, self._info_keys) if self._info_keys else None}
+        self._reset_rows[i] = (
+            i, seed, (int(obs) if layout.kind == "int" else
+                      layout.row(obs) if layout.stored else None),
+            info_json(info, self._info_keys) if self._info_keys else None, layout)
 
     def _end(self, i: int, terminated: bool, truncated: bool) -> None:
         self._recorder.episode(int(self._episode[i]), float(self._ret[i]), int(self._t[i]),
-                               terminated, truncated, **self._reset_rows[i])
+                               terminated, truncated, *self._reset_rows[i])
         self._started[i] = False
         self._live[i] = False
 
@@ -184,25 +185,21 @@ class RecordedVectorEnv(VectorWrapper):
         self._block_episodes(taken)
 
     def _block_episodes(self, taken: Taken) -> None:
-        """A block's ended and started episodes, in call order (an episode's end before the
-        start of the next one of its sub-env, which SAME_STEP puts on the same row)."""
-        layout = self._obs
-        started: dict[int, dict[str, Any]] = {}
-        events: list[tuple[int, int, int, End | tuple[Start, int]]] = sorted(
-            [(e.k, e.i, 0, e) for e in taken.ends]
-            + [(s.k, s.i, 1, (s, ep)) for s, ep in taken.starts], key=lambda event: event[:3])
-        for _, i, _, event in events:
-            if isinstance(event, End):
-                self._recorder.episode(event.episode, event.ret, event.length, event.terminated,
-                                       event.truncated,
-                                       **started.pop(event.episode, self._reset_rows[i]))
-                continue
-            start, episode = event
-            started[episode] = self._reset_rows[i] = {
-                "env_index": i, "seed": None, "obs_layout": layout,
-                "reset_obs": (None if start.obs is None else int(start.obs)
-                              if layout.kind == "int" else start.obs.tobytes()),
-                "reset_info": None}
+        """A block's ended and started episodes, in call order: ends and starts merged by
+        (row, sub-env), an episode's end before the start of the next one of its sub-env
+        (which SAME_STEP puts on the same row), so that each end finds its episode's reset in
+        `_reset_rows`."""
+        episode, resets, layout = self._recorder.episode, self._reset_rows, self._obs
+        ends, starts = taken.ends, taken.starts
+        j, m = 0, len(starts)
+        for k, i, ep, ret, length, terminated, truncated in ends:
+            while j < m and starts[j][:2] < (k, i):
+                _, si, obs, _ = starts[j]
+                resets[si] = (si, None, obs, None, layout)
+                j += 1
+            episode(ep, ret, length, terminated, truncated, *resets[i])
+        for _, si, obs, _ in starts[j:]:
+            resets[si] = (si, None, obs, None, layout)
         self._recording[:] = self._live
         self._started[:] = ~self._resetting
 

@@ -28,38 +28,24 @@ from gymbus.spaces import Layout
 BLOCK_VALUES = 4096
 
 
-@dataclass
-class Start:
-    """An episode that starts within the block: at row `k` of sub-env `i` (its reset row under
-    NEXT_STEP, its predecessor's last row under SAME_STEP), from observation row `obs`."""
-
-    k: int
-    i: int
-    obs: Any
-
-
-@dataclass
-class End:
-    """An episode that ended within the block: its row, return and length so far."""
-
-    k: int
-    i: int
-    episode: int
-    ret: float
-    length: int
-    terminated: bool
-    truncated: bool
+#: an episode that starts within the block: (row k, sub-env i, its reset observation as an
+#: episode row holds it: an int, the bytes of its row, or None, its episode id); at its reset row
+#: under NEXT_STEP, at its predecessor's last row under SAME_STEP
+Start = tuple[int, int, Any, int]
+#: an episode that ended within the block: (row k, sub-env i, episode, return, length,
+#: terminated, truncated)
+End = tuple[int, int, int, float, int, bool, bool]
 
 
 @dataclass
 class Taken:
     """What a block held: the step rows (a chunk of arrays, `rows` long, in call order), and
-    the episodes that ended and started in it, each in call order."""
+    the episodes that ended and started in it, each in call order (row, then sub-env)."""
 
     chunk: dict[str, Any]
     rows: int
     ends: list[End] = field(default_factory=list)
-    starts: list[tuple[Start, int]] = field(default_factory=list)
+    starts: list[Start] = field(default_factory=list)
 
 
 class Block:
@@ -177,22 +163,21 @@ class Block:
         inner = ks < K - 1
         after = seg[is_[inner] * K + ks[inner] + 1]
         seg_ep[after], seg_live[after] = ids[inner], live_ids[inner]
-        for (k, i), e in zip(zip(ks.tolist(), is_.tolist(), strict=True), ids.tolist(),
-                             strict=True):
-            taken.starts.append((Start(k, i, None if self.obs is None else
-                                       self.obs[k, i].copy()), e))
+        taken.starts = list(zip(ks.tolist(), is_.tolist(), self._reset_values(ks, is_),
+                                ids.tolist(), strict=True))
         # step index: valid rows before it in its segment, after those of earlier blocks
         before = np.cumsum(V) - V
         seg_begin = np.flatnonzero(begins)
         step = before - before[seg_begin][seg] + offset[seg]
         count = np.bincount(seg, weights=V, minlength=nseg).astype(np.int64) + offset
         total = np.bincount(seg, weights=reward.T.reshape(-1) * V, minlength=nseg) + base
-        for p in np.flatnonzero(E).tolist():
-            g = int(seg[p])
-            k, i = p % K, p // K
-            taken.ends.append(End(k, i, int(seg_ep[g]), float(total[g]), int(count[g]),
-                                  bool(self.terminated[k, i]), bool(self.truncated[k, i])))
-        taken.ends.sort(key=lambda e: (e.k, e.i))
+        p = np.flatnonzero(E)
+        order = np.lexsort((p // K, p % K))  # call order: row, then sub-env
+        p = p[order]
+        g, k, i = seg[p], p % K, p // K
+        taken.ends = list(zip(k.tolist(), i.tolist(), seg_ep[g].tolist(), total[g].tolist(),
+                              count[g].tolist(), self.terminated[k, i].tolist(),
+                              self.truncated[k, i].tolist(), strict=True))
         last = seg[K - 1::K]
         state.episode[:], state.live[:] = seg_ep[last], seg_live[last]
         state.t[:], state.ret[:] = count[last], total[last]
@@ -204,6 +189,18 @@ class Block:
         state.resetting[:] = ended[K - 1] if self.next_step else False
         keep = (V & seg_live[seg]).reshape(n, K).T
         return (seg_ep[seg].reshape(n, K).T, step.reshape(n, K).T, keep)
+
+
+    def _reset_values(self, ks: np.ndarray[Any, Any], is_: np.ndarray[Any, Any]) -> list[Any]:
+        """The observations at rows (ks, is_) as episode rows hold a reset observation: ints
+        (a Discrete space), the bytes of each row, or None (not stored)."""
+        if self.obs is None:
+            return [None] * len(ks)
+        rows = self.obs[ks, is_]
+        if self.obs_layout.kind == "int":
+            return list(rows.tolist())
+        blob, width = rows.tobytes(), self.obs_layout.row_bytes
+        return [blob[j * width:(j + 1) * width] for j in range(len(ks))]
 
 
 @dataclass

@@ -75,12 +75,12 @@ def typed_columns(body: dict[str, Any], kinds: dict[str, type], rows: int) -> di
                 body[name] = _bools(body[name])
             continue
         if kind is int:
-            values = _narrowest(values)
+            values = narrowest(values)
         body[name] = typed_array_of(values.dtype, [rows], values.tobytes())
     return body
 
 
-def _narrowest(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def narrowest(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """int64 values in the smallest signed integer type that holds them all."""
     lo, hi = int(values.min()), int(values.max())
     for dtype, smallest, largest in _NARROW_INTS:
