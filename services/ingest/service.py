@@ -51,9 +51,9 @@ MAX_MISSING_RANGES = 1000
 MAX_SPOOL_FRAMES = 2**62
 #: seconds between the checkpoints that confirming spooled runs asks for (at most one per)
 CHECKPOINT_EVERY = 0.25
-#: with nothing waiting to be taken and rows written since the last checkpoint, the ingest
-#: checkpoints on its own at most once per this many seconds: a run's end then waits for the
-#: checkpoint of its last rows only, not of all of them
+#: with rows written since the last checkpoint, the ingest checkpoints on its own after one of
+#: its flushes (or when idle with nothing buffered), at most once per this many seconds: a run's
+#: end then waits for the checkpoint of its last rows only, not of all of them
 BACKGROUND_CHECKPOINT_S = 0.5
 
 log = logging.getLogger("gymbus.ingest")
@@ -149,10 +149,9 @@ class Ingest:
                 self.requests.answer_waiting(self.router)
             if self.store.flush_due():
                 self.store.flush()
-            elif (not self.receiver.waiting()
-                  and self.store.counters["flushes"] != self._checkpointed_flushes
-                  and time.monotonic() - self.checkpointed_at >= BACKGROUND_CHECKPOINT_S):
-                self.checkpoint()
+                self._checkpoint_if_due()
+            elif not self.receiver.waiting():
+                self._checkpoint_if_due()
         self.receiver.stop()
         deadline = time.monotonic() + FINAL_DRAIN_S + STOP_GRACE_S
         while (left := deadline - time.monotonic()) > 0:
@@ -250,6 +249,15 @@ class Ingest:
         self._asked_at = time.monotonic()
         self.checkpoint()
         return True
+
+    def _checkpoint_if_due(self) -> None:
+        """The ingest's own checkpoint: right after one of its flushes (so that it costs no flush
+        of its own), or when nothing is buffered and nothing waits; at most one per
+        BACKGROUND_CHECKPOINT_S, and only when rows were written since the last one."""
+        if (self.store.counters["flushes"] != self._checkpointed_flushes
+                and self.store.seconds_until_flush() is None
+                and time.monotonic() - self.checkpointed_at >= BACKGROUND_CHECKPOINT_S):
+            self.checkpoint()
 
     def checkpoint(self) -> None:
         """Flush and checkpoint the store; what was saved before now is in its main file."""
