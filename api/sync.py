@@ -195,7 +195,8 @@ def _held_at_once(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Conte
                 spool.confirm(run_dir, frames)
                 return True
             last = status.get("last_seq")
-            holes = [r for r in status.get("missing", []) if last is None or r[0] < last]
+            # a hole: a frame missing before one the ingest holds (none held yet: all in flight)
+            holes = [r for r in status.get("missing", []) if last is not None and r[0] < last]
             if holes:
                 return False
             now = time.monotonic()

@@ -19,6 +19,7 @@ import pytest
 from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run, wait_until
 
 from gymbus.services.stack.launcher import Stack, free_endpoints
+from gymbus.worker.telemetry import spool
 
 stack = stack_fixture("api", **STACK_ENV)
 
@@ -81,6 +82,8 @@ def test_a_recorded_loop_is_a_run_like_any_other(stack: Stack, tmp_path: Path) -
     assert metrics == [{"name": "charts/epsilon", "n": 30, "v": 0.5},
                        {"name": "losses/td_loss", "n": 30, "v": 0.25}]
     run_dir = stack.settings.run_dir(run_id)
+    # the block's end waited until the ingest held the run in its main file: spool confirmed
+    assert spool.is_confirmed(run_dir) and not spool.segments(spool.spool_dir(run_dir))
     assert (run_dir / "artifacts" / "policy.npy").read_bytes() == b"weights"
     assert list(run_dir.glob("events.out.tfevents.*"))
     artifacts = store_query(stack, f"SELECT name, path FROM lifecycle WHERE run_id = '{run_id}' "
