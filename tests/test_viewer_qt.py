@@ -227,3 +227,40 @@ def test_a_screenshot_of_the_window_is_not_blank(qtbot: object, window: viewer_q
     if shots:
         Path(shots).mkdir(parents=True, exist_ok=True)
         image.save(str(Path(shots) / "viewer.png"))
+
+
+def test_garbage_is_collected_on_the_gui_thread_only(qtbot: object,
+                                                     window: viewer_qt.MainWindow) -> None:
+    """A cycle dropped on another thread is not collected there (a Qt object in it would be
+    destroyed off the GUI thread, which can deadlock the viewer), but by the window's timer."""
+    import gc
+    import threading
+    import weakref
+
+    from PySide6 import QtCore
+
+    class Holder:
+        pass
+
+    died_on: list[str] = []
+    holder = Holder()
+    holder.me = holder  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+    holder.qt = QtCore.QObject()  # type: ignore[attr-defined]
+    watch = weakref.ref(holder, lambda _: died_on.append(threading.current_thread().name))
+    handed = [holder]
+    del holder
+
+    def drop_and_allocate() -> None:
+        handed.clear()
+        junk = [[i] for i in range(50_000)]  # far past gen0's threshold: a collection, if on
+        del junk
+
+    assert not gc.isenabled()
+    thread = threading.Thread(target=drop_and_allocate, name="not-the-gui")
+    thread.start()
+    thread.join()
+    assert watch() is not None and died_on == []
+    qtbot.waitUntil(lambda: bool(died_on), timeout=TIMEOUT_MS)  # type: ignore[attr-defined]
+    assert died_on == [threading.main_thread().name]
+    window.shutdown()
+    assert gc.isenabled()

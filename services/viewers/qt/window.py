@@ -22,6 +22,7 @@ from PySide6 import QtCore, QtWidgets
 
 from gymbus.services.viewers.live import VIEWER_TIMEOUT, Live
 from gymbus.services.viewers.live_runs import RunView, short_id
+from gymbus.services.viewers.qt.collector import MainThreadCollector
 from gymbus.services.viewers.qt.compare import open_compare
 from gymbus.services.viewers.qt.preflight import bindings_broken, check_bindings, check_display
 from gymbus.services.viewers.qt.requests import Requests
@@ -183,6 +184,8 @@ class MainWindow(QtWidgets.QMainWindow):
         super().__init__()
         self.settings = settings
         self.setWindowTitle("gymbus viewer")
+        #: garbage collection on this (the GUI) thread only, while the window is open
+        self.collector = MainThreadCollector(self)
         self.live = live or Live(settings, run_ids,
                                  timeout=min(VIEWER_TIMEOUT, settings.request_timeout))
         self.named = list(run_ids)
@@ -341,6 +344,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.refresh_timer.stop()
         self.requests.close(last=self._close_clients)
         self.live.feed.close()
+        self.collector.stop()
 
     def _close_clients(self) -> None:
         """On the request thread, where they were used."""
