@@ -207,7 +207,7 @@ HOLDER = """
     with gymbus.run(name="holder"):
         deadline = time.monotonic() + 60
         while not pathlib.Path("release").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll for the file, until the deadline above
 """
 
 
