@@ -3,9 +3,10 @@
 The wrapper changes nothing the training loop sees: `step` and `reset` return what the wrapped
 environment returned. `step` is a closure bound per wrapper (not a method), appending the step's
 action, observation and reward to the buffer's columns (an array's own bytes onto a bytearray):
-no tuple, no dict, no clock, no encoding per step (`gymbus.recorder` makes the frames). An episode is recorded from its `reset`: the reset observation
-and (the named keys of) the reset info go into its episode row, so that a stored episode has
-its N+1 observations, and so does the seed it was reset with, if any.
+no tuple, no dict, no clock, no encoding per step (`gymbus.recorder` makes the frames). An
+episode is recorded from its `reset`: the reset observation and (the named keys of) the reset
+info go into its episode row, so that a stored episode has its N+1 observations, and so does
+the seed it was reset with, if any.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ observations left out is counted and reported with the run's end.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,22 +66,6 @@ class Layout:
         if self.kind == "int":
             return 8
         return self.size * self.dtype.itemsize if self.stored else 0
-
-    def row_function(self) -> Callable[[Any], Any] | None:
-        """`row`, specialised for the step closure: None for an int (kept as it is), and for
-        a Box the bytes of the value straight away when it already has the space's dtype."""
-        if self.kind == "int":
-            return None
-        if not self.stored or self.leaves:
-            return self.row
-        dtype = self.dtype
-
-        def row(value: Any) -> bytes:
-            if type(value) is np.ndarray and value.dtype is dtype:
-                return value.tobytes()
-            return np.asarray(value, dtype=dtype).tobytes()
-
-        return row
 
     def rows(self, values: Any, n: int) -> np.ndarray[Any, Any]:
         """`n` values of a vector env (first axis) as an (n,) int or (n, size) array."""

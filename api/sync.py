@@ -36,8 +36,9 @@ END_OF_RUN_STALL = 5.0
 #: seconds `gymbus sync` waits per run
 SYNC_WAIT = 60.0
 POLL_SECONDS = 0.02
-#: the end's first questions go on this long without progress (a checkpoint of the ingest's,
-#: at most one a second, or the run's last frames in flight) before the spool's repair takes over
+#: the end's first questions go on this long without progress (the ingest spacing the
+#: checkpoints it is asked for, or the run's last frames in flight) before the spool's repair
+#: takes over
 END_OF_RUN_QUICK_STALL = 1.5
 
 
