@@ -446,6 +446,27 @@ def test_worker_lost_makes_its_runs_lost(
     assert lost["ended_ns"] is not None
 
 
+def test_a_worker_back_with_a_lost_run_is_told_to_stop_it(
+    controller: ControllerProcess, broker: FakeBroker, cli: Client
+) -> None:
+    """The run was dispatched just before its worker fell silent, so the broker's record of the
+    worker held none of its runs: the controller, which lost the run, stops it when the worker
+    lists it again (a lost run has stopped), and the run stays lost."""
+    run_id = dispatched_run(cli, broker)
+    update(broker, run_id, RunState.RUNNING)
+    run_in_state(cli, run_id, RunState.RUNNING)
+    broker.send(Command.WORKER_LOST, {"worker_id": "w1", "runs": []})
+    run_in_state(cli, run_id, RunState.LOST)
+
+    broker.announce(worker_record("w1", runs=[run_id]))  # back, and holding it
+
+    cancel = broker.expect(Command.CANCEL, lambda b: b["run_id"] == run_id)
+    assert cancel.body["worker_id"] == "w1"
+    update(broker, run_id, RunState.CANCELLED)  # the worker stops it
+    broker.announce(worker_record("w1"))
+    assert get_run(cli, run_id)["state"] == RunState.LOST
+
+
 def test_a_worker_absent_from_the_view_loses_its_runs(
     controller: ControllerProcess, broker: FakeBroker, cli: Client
 ) -> None:

@@ -342,12 +342,22 @@ class Controller:
         self.scheduler.update_view(views, now)
         # a run keeps its publishing grant across a broker restart: the broker remembers none,
         # and a worker's runs are its own only as this registry says (roles, grants.py)
+        # a worker back with a run given up as lost (the broker cancels those it knew the worker
+        # held; one dispatched just before the worker fell silent it may not have): stop it, so
+        # that a lost run has really stopped
         for view in views:
             for run_id in view.runs:
                 run = self.registry.get(run_id)
-                if run is not None and run.worker_id == view.worker_id and not run.terminal:
+                if run is None or run.worker_id != view.worker_id:
+                    continue
+                if not run.terminal:
                     self.send_broker(Command.GRANT, {"run_id": run_id,
                                                      "worker_id": view.worker_id})
+                elif run.state is RunState.LOST:
+                    log.warning("worker %s lists run %s, which is lost: cancelling it",
+                                view.worker_id, run_id)
+                    self.send_broker(Command.CANCEL, {"run_id": run_id,
+                                                      "worker_id": view.worker_id})
         holding = {run.worker_id for run in self.registry.active()
                    if run.worker_id is not None and not run.worker_id.startswith(OWNER_PREFIX)}
         for worker_id in self.scheduler.absent_workers(holding, now):
