@@ -189,6 +189,7 @@ class Recorder:
         self.episode_count = 0
         self.obs_not_stored = 0
         self.refused = 0
+
     def new_episode(self) -> int:
         """The next episode id of the run (ids are unique across every recorded env)."""
         self._next_episode += 1
