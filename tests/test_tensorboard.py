@@ -7,6 +7,7 @@ A run's event files at its end, at cancel and at failure are checked in test_chi
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from gymbus.worker.telemetry.tensorboard import (
     TensorBoardError,
     aggregate,
     crc32c,
+    encode_event,
     masked_crc32c,
 )
 
@@ -62,6 +64,31 @@ def test_crc32c_is_tfrecords_checksum() -> None:
     assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
     for data in (b"", b"\x00" * 7, bytes(range(256)), b"brain.Event:2"):
         assert masked_crc32c(data) == reference(data)
+
+
+def test_events_are_encoded_as_tensorboards_own_protos_encode_them() -> None:
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    def reference(wall_time: float, step: int, scalars: list[tuple[str, float]]) -> bytes:
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
+                                             for t, v in scalars])
+        return event_pb2.Event(wall_time=wall_time, step=step,
+                               summary=summary).SerializeToString()
+
+    assert encode_event(1.7e9, file_version="brain.Event:2") == event_pb2.Event(
+        wall_time=1.7e9, file_version="brain.Event:2").SerializeToString()
+    cases = [
+        (1_700_000_000.25, 0, [("charts/episodic_return", 0.0)]),  # step 0, value 0: written
+        (0.0, 1, [("", 1.5)]),  # no time, no tag
+        (12.5, -7, [("losses/td_loss", -3.25), ("charts/SPS", 1e300)]),  # > float32: inf
+        (3.0, 2**40 + 3, [("a", float("-inf")), ("é/ü", 1e-50), ("b", -1e300)]),
+        (-0.0, 127, [("x", 128.0)]), (5.0, 128, []),
+    ]
+    for wall_time, step, scalars in cases:
+        assert encode_event(wall_time, step, scalars=scalars) == \
+            reference(wall_time, step, scalars), (wall_time, step, scalars)
+    nan = event_pb2.Event.FromString(encode_event(1.0, 3, scalars=[("n", float("nan"))]))
+    assert nan.step == 3 and math.isnan(nan.summary.value[0].simple_value)
 
 
 def test_event_file_is_read_back_by_tensorboard(tmp_path: Path) -> None:
