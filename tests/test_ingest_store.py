@@ -9,6 +9,7 @@ from typing import Any
 
 import duckdb
 import msgpack
+import numpy as np
 import pytest
 
 from gymbus.services.ingest.store import DEAD_LETTER_PAYLOAD_BYTES, FLUSH_ROWS, Store
@@ -299,3 +300,18 @@ def test_the_writer_uses_the_duckdb_threads_it_is_given(db_path: Path) -> None:
         store = Store(db_path, threads=threads)
         assert store.cursor().execute("SELECT current_setting('threads')").fetchone() == (threads,)
         store.close()
+
+
+def test_repeated_strings_come_out_row_by_row_in_order() -> None:
+    import pyarrow as pa
+
+    from gymbus.services.ingest.buffers import Repeated, TableBuffer
+
+    buf = TableBuffer([("run_id", pa.string()), ("seq", pa.int64())])
+    for value, n in (("a", 2), ("b", 3), ("a", 1), ("c", 0)):
+        buf.append(n, {"run_id": Repeated(value, n), "seq": np.arange(n)})
+    assert buf.to_arrow().column("run_id").to_pylist() == ["a", "a", "b", "b", "b", "a"]
+    buf.append(2, {"run_id": ["d", "e"], "seq": np.arange(2)})  # mixed with Python values
+    buf.append(1, {"seq": np.arange(1)})  # and a NULL chunk
+    assert buf.to_arrow().column("run_id").to_pylist() == [
+        "a", "a", "b", "b", "b", "a", "d", "e", None]

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from gymbus.services.ingest.archive import Archive, archive_root, live_table
-from gymbus.services.ingest.buffers import ArrowColumns, Chunk, TableBuffer, rows_table
+from gymbus.services.ingest.buffers import ArrowColumns, Chunk, Repeated, TableBuffer, rows_table
 from gymbus.services.ingest.runs import Gap, RunAccount
 from gymbus.shared import schema
 from gymbus.shared.codec import Frame
@@ -91,7 +91,7 @@ def _frame_chunks(frame: Frame) -> dict[str, Chunk]:
     chunks: dict[str, Chunk] = {}
     for name, _ in schema.FRAME_HEADER:
         value = getattr(frame, name)
-        chunks[name] = [value] * n if isinstance(value, str) else np.full(n, value)
+        chunks[name] = Repeated(value, n) if isinstance(value, str) else np.full(n, value)
     for column, names in STORED_NAMES[frame.kind]:
         values = body.get(column.name)
         if values is None:  # an optional column left out: NULL rows
