@@ -22,12 +22,13 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import zmq
@@ -40,6 +41,10 @@ from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError
 from gymbus.shared.protocol import FrameKind, LifecycleEvent, RunState, TelemetryMode
 from gymbus.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from gymbus.recording import RecordedEnv
+    from gymbus.vector import RecordedVectorEnv
 
 log = logging.getLogger("gymbus.api")
 
@@ -295,7 +300,6 @@ class Run:
 
         from gymbus import spaces
         from gymbus.recording import RecordedEnv
-        from gymbus.vector import RecordedVectorEnv
 
         self._require_open("record()")
         if _is_recorded(env):
@@ -313,7 +317,9 @@ class Run:
                              "num_envs": env.num_envs if vector else 1,
                              "info_keys": list(info_keys)}
         wrapped: RecordedEnv | RecordedVectorEnv
-        if vector:
+        if vector:  # its module imported only for a vector env (~3 ms)
+            from gymbus.vector import RecordedVectorEnv
+
             wrapped = RecordedVectorEnv(env, self.recorder, self._policy, obs, action, info_keys,
                                         self.stop)
         else:  # several single envs of one run (SB3's wrapper_class): one env_index each
@@ -380,10 +386,11 @@ def _scalar(name: str, value: Any) -> float:
 
 def _is_recorded(env: Any) -> bool:
     from gymbus.recording import RecordedEnv
-    from gymbus.vector import RecordedVectorEnv
 
+    vector = sys.modules.get("gymbus.vector")  # not imported yet: no vector env is recorded
+    kinds = RecordedEnv if vector is None else RecordedEnv | vector.RecordedVectorEnv
     while env is not None:
-        if isinstance(env, RecordedEnv | RecordedVectorEnv):
+        if isinstance(env, kinds):
             return True
         env = getattr(env, "env", None)
     return False
