@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +34,16 @@ EPISODE_BATCH_ROWS = 256
 FLUSH_INTERVAL = 0.1
 
 Send = Callable[[FrameKind, dict[str, Any], int], None]
+#: an ended episode as the recorder buffers it, a plain tuple (a named one costs twice as much
+#: to make, per episode): (episode, return, length, terminated, truncated, env_index, seed,
+#: reset_obs, reset_info, obs_layout, ts_ns, global_step); env_index to reset_info are None
+#: when the episode has none
+EpisodeRow = tuple[Any, ...]
+#: the optional fields of an EpisodeRow, each a column a frame holds in all its rows or in none
+_OPTIONAL = (5, 6, 7, 8)
+#: a batch of ended episodes, as `on_episodes` gets it: numpy columns "episode", "return",
+#: "length", "ts_ns" and "global_step" (the run's steps taken when the episode ended)
+EpisodeColumns = dict[str, np.ndarray[Any, Any]]
 
 
 def _column(values: Any, layout: Layout, n: int) -> np.ndarray[Any, Any]:
@@ -171,7 +181,7 @@ class Recorder:
     """The buffers of one run, for any number of recorded environments."""
 
     def __init__(self, send: Send, *, clock: Callable[[], float] = time.monotonic,
-                 on_episodes: Callable[[list[EpisodeRow]], None] | None = None) -> None:
+                 on_episodes: Callable[[EpisodeColumns], None] | None = None) -> None:
         self._send = send
         self._on_episodes = on_episodes
         self._clock = clock
@@ -180,6 +190,7 @@ class Recorder:
         self.deadline = math.inf
         self.episodes: list[EpisodeRow] = []
         self._episode_deadline = math.inf
+        self._episode_check_at = 1
         self._next_episode = 0
         #: steps recorded, episodes ended, steps whose observation was not stored, rows refused
         self.steps = 0
@@ -289,14 +300,19 @@ class Recorder:
         """Buffer one ended episode; `reset_obs` is an int or the bytes of a row of
         `obs_layout`, and None (like seed and reset_info) leaves its column out."""
         self.steps_taken += length
-        if not self.episodes:
+        episodes = self.episodes
+        if not episodes:
             self._episode_deadline = self._clock() + FLUSH_INTERVAL
-        self.episodes.append(EpisodeRow(episode, ret, length, terminated, truncated, env_index,
-                                        seed, reset_obs, reset_info, obs_layout,
-                                        time.time_ns(), self.steps_taken))
+            self._episode_check_at = 1
+        episodes.append((episode, ret, length, terminated, truncated, env_index, seed, reset_obs,
+                         reset_info, obs_layout, time.time_ns(), self.steps_taken))
         self.episode_count += 1
-        if len(self.episodes) >= EPISODE_BATCH_ROWS or self._clock() >= self._episode_deadline:
-            self.flush()
+        n = len(episodes)
+        if n >= self._episode_check_at:  # the clock looked at when the batch doubles
+            if n >= EPISODE_BATCH_ROWS or self._clock() >= self._episode_deadline:
+                self.flush()
+            else:
+                self._episode_check_at = 2 * n
 
     def flush(self) -> None:
         """Send every buffered step, then every buffered episode."""
@@ -305,68 +321,54 @@ class Recorder:
             return
         rows, self.episodes = self.episodes, []
         self._episode_deadline = math.inf
-        if self._on_episodes is not None:
-            self._on_episodes(rows)
-        # a frame's optional columns are present in all its rows or in none: group by them
-        groups: dict[tuple[bool, bool, bool, bool], list[EpisodeRow]] = {}
+        columns = list(zip(*rows))
+        n = len(rows)
+        if all(columns[i].count(None) in (0, n) for i in _OPTIONAL):
+            self._send_episodes(rows, columns)
+            return
+        # a frame's optional columns are present in all its rows or in none: sent in groups
+        groups: dict[tuple[bool, ...], list[EpisodeRow]] = {}
         for row in rows:
-            key = (row.env_index is not None, row.seed is not None, row.reset_obs is not None,
-                   row.reset_info is not None)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [row]
-            else:
-                group.append(row)
-        for key, group in groups.items():
-            self._send_episodes(key, group)
+            groups.setdefault(tuple(row[i] is not None for i in _OPTIONAL), []).append(row)
+        for group in groups.values():
+            self._send_episodes(group, list(zip(*group)))
 
-    def _send_episodes(self, present: tuple[bool, bool, bool, bool],
-                       rows: list[EpisodeRow]) -> None:
+    def _send_episodes(self, rows: list[EpisodeRow], fields: list[tuple[Any, ...]]) -> None:
+        """One episode frame of `rows`, which hold the same optional fields; `fields`: their
+        values field by field."""
         n = len(rows)
         episode, ret, length, terminated, truncated, env_index, seed, reset_obs, reset_info, \
-            _, ts_ns, _ = zip(*rows)
+            layouts, ts_ns, global_step = fields
         returns = np.fromiter(ret, np.float64, n)
+        columns: EpisodeColumns = {
+            "episode": np.fromiter(episode, np.int64, n), "return": returns,
+            "length": np.fromiter(length, np.int64, n), "ts_ns": np.fromiter(ts_ns, np.int64, n),
+            "global_step": np.fromiter(global_step, np.int64, n)}
+        if self._on_episodes is not None:
+            self._on_episodes(columns)
         if not np.isfinite(returns).all():
             self.refused += int((~np.isfinite(returns)).sum())
             returns = np.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0)
         body: dict[str, Any] = {
-            "episode": typed_array(np.fromiter(episode, np.int64, n)),
+            "episode": typed_array(columns["episode"]),
             "return": typed_array(returns),
-            "length": typed_array(np.fromiter(length, np.int64, n)),
+            "length": typed_array(columns["length"]),
             "terminated": typed_array(np.fromiter(terminated, np.bool_, n)),
             "truncated": typed_array(np.fromiter(truncated, np.bool_, n)),
-            "ts_ns": typed_array(np.fromiter(ts_ns, np.int64, n)),
+            "ts_ns": typed_array(columns["ts_ns"]),
         }
-        has_env, has_seed, has_obs, has_info = present
-        if has_env:
+        first = rows[0]
+        if first[5] is not None:
             body["env_index"] = typed_array(np.fromiter(env_index, np.int64, n))
-        if has_seed:
+        if first[6] is not None:
             body["seed"] = typed_array(np.fromiter(seed, np.int64, n))
-        if has_obs:
-            layout = rows[0].obs_layout
+        if first[7] is not None:
+            layout = layouts[0]
             assert layout is not None
             body["reset_obs"] = typed_array(_column(reset_obs, layout, n))
-        if has_info:
+        if first[8] is not None:
             body["reset_info"] = list(reset_info)
         self._send(FrameKind.EPISODE, body, n)
-
-
-class EpisodeRow(NamedTuple):
-    """One ended episode, as the recorder buffers it."""
-
-    episode: int
-    ret: float
-    length: int
-    terminated: bool
-    truncated: bool
-    env_index: int | None
-    seed: int | None
-    reset_obs: Any
-    reset_info: str | None
-    obs_layout: Layout | None
-    ts_ns: int
-    #: the run's steps taken when the episode ended (its TensorBoard step)
-    global_step: int
 
 
 def _take(value: Any, keep: np.ndarray[Any, Any]) -> Any:

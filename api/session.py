@@ -35,7 +35,7 @@ import zmq
 from ulid import ULID
 
 from gymbus import launched
-from gymbus.recorder import EpisodeRow, Recorder
+from gymbus.recorder import EpisodeColumns, Recorder
 from gymbus.registration import KeepAlive, close_run, open_run
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError
@@ -271,16 +271,13 @@ class Run:
             self._announce()
         self._emitter.send_columns(kind, body, rows)
 
-    def _episodes_to_tensorboard(self, rows: list[EpisodeRow]) -> None:
-        """CleanRL's episode curves in the run's TensorBoard files, from the episode rows."""
+    def _episodes_to_tensorboard(self, episodes: EpisodeColumns) -> None:
+        """CleanRL's episode curves in the run's TensorBoard files, from a batch of episodes."""
         if self._tensorboard is None:
             return
-        curves = []
-        for row in rows:
-            step, ts_ns = row.global_step, row.ts_ns
-            curves.append(("charts/episodic_return", step, float(row.ret), ts_ns))
-            curves.append(("charts/episodic_length", step, float(row.length), ts_ns))
-        self._tensorboard.add_rows(curves)
+        steps, ts_ns = episodes["global_step"], episodes["ts_ns"]
+        self._tensorboard.add_series("charts/episodic_return", steps, episodes["return"], ts_ns)
+        self._tensorboard.add_series("charts/episodic_length", steps, episodes["length"], ts_ns)
 
     def _require_open(self, what: str) -> None:
         if not self._started:

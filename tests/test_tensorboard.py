@@ -115,6 +115,34 @@ def test_many_values_are_averaged_in_runs_few_are_kept() -> None:
     assert [step for step, _, _ in events] == sorted(step for step, _, _ in events)
 
 
+def test_series_are_averaged_as_rows_are(tmp_path: Path) -> None:
+    import numpy as np
+
+    def series(tag: str, values: list[float], step0: int = 0) -> Any:
+        r = rows(tag, values, step0)
+        return (tag, np.array([x[1] for x in r]), np.array(values), np.array([x[3] for x in r]))
+
+    b = [float(v) for v in range(10)]
+    # a series averages as the same values as rows would, split over two batches or not
+    as_rows = aggregate(rows("b", b, step0=1), max_points=4)
+    assert aggregate([], 4, [series("b", b, step0=1)]) == as_rows
+    assert aggregate([], 4, [series("b", b[:3], step0=1), series("b", b[3:], step0=31)]) == as_rows
+    assert aggregate([], 4, [series("a", [1.0, 2.0])]) == aggregate(rows("a", [1.0, 2.0]), 4)
+    # a tag given both ways: its values joined in the order they came
+    joined = aggregate(rows("b", b[:5], step0=1), 4, [series("b", b[5:], step0=51)])
+    assert joined == as_rows
+    # inf and -inf in one run: NaN, as for rows
+    mixed = aggregate([], 1, [series("c", [math.inf, -math.inf])])
+    assert math.isnan(mixed[0][2][0][1])
+
+    log = ScalarLog(tmp_path)
+    log.add_series(*series("charts/episodic_length", [10.0, 12.0, 9.0]))
+    log.close()
+    assert read_tensorboard(tmp_path) == {"charts/episodic_length": [(0, 10.0), (10, 12.0),
+                                                                      (20, 9.0)]}
+    assert log.stats()["values"] == 3
+
+
 def test_the_file_is_flushed_on_an_interval_and_at_close(tmp_path: Path) -> None:
     clock = FakeClock()
     log = ScalarLog(tmp_path, flush_seconds=1.0, clock=clock)

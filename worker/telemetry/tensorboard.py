@@ -11,7 +11,7 @@ CRC-32C, bytes, masked CRC-32C) around `Event` protos, encoded here (the three m
 fields a scalar needs, byte for byte what TensorBoard's own `event_pb2` writes: a test compares
 them). No thread, no torch, no protobuf: `torch.utils.tensorboard` costs about 1.3 s of imports
 per run process, TensorBoard's `EventFileWriter` about 70 ms and a thread, its `event_pb2`
-module alone about 10 ms; this module imports nothing beyond the standard library, and writes
+module alone about 10 ms; this module imports nothing beyond numpy and the standard library, and writes
 on the run's main thread, where a background thread would compete for the same GIL anyway.
 
 Aggregation: the rows of the batches are kept, and written once a second (FLUSH_SECONDS). Per
@@ -33,12 +33,14 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
-from itertools import count, pairwise
+from collections.abc import Callable, Iterable, Sequence
+from itertools import count, pairwise, repeat
 from math import fsum
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from gymbus.shared.errors import GymbusError
 from gymbus.worker.telemetry.observers import MetricRow
@@ -200,13 +202,18 @@ class EventFileWriter:
 _VALUE = itemgetter(2)
 
 
-def aggregate(rows: Sequence[MetricRow], max_points: int = MAX_POINTS
-              ) -> list[tuple[int, float, list[tuple[str, float]]]]:
-    """Metric rows as events: [(step, wall_time, [(tag, value), ...])], sorted by step.
+#: one tag's values as columns (steps, values, ts_ns), numpy arrays of equal length
+Series = tuple[str, np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]
+
+
+def aggregate(rows: Sequence[MetricRow], max_points: int = MAX_POINTS,
+              series: Sequence[Series] = ()) -> list[tuple[int, float, list[tuple[str, float]]]]:
+    """Metric rows and series as events: [(step, wall_time, [(tag, value), ...])], by step.
 
     Up to `max_points` values of a tag are kept as they are; more are averaged in `max_points`
     runs of consecutive values, each point at its run's last step and time. One dict lookup
-    per row to group, `fsum` in C for the means: ~0.1 us per row.
+    per row to group, `fsum` in C for the means: ~0.1 us per row; a series' values are
+    averaged in numpy, with nothing per value in Python.
     """
     groups: dict[str, list[MetricRow]] = {}
     for row in rows:
@@ -215,6 +222,13 @@ def aggregate(rows: Sequence[MetricRow], max_points: int = MAX_POINTS
             groups[row[0]] = [row]
         else:
             group.append(row)
+    columns: dict[str, list[Series]] = {}
+    for one in series:
+        if one[0] in groups:  # a tag logged as rows too: its series joins them, in order
+            groups[one[0]].extend(zip(repeat(one[0]), one[1].tolist(),
+                                      one[2].tolist(), one[3].tolist()))
+        else:
+            columns.setdefault(one[0], []).append(one)
     events: dict[int, tuple[float, list[tuple[str, float]]]] = {}
     for tag, tag_rows in groups.items():
         n = len(tag_rows)
@@ -224,9 +238,30 @@ def aggregate(rows: Sequence[MetricRow], max_points: int = MAX_POINTS
             bounds = [i * n // max_points for i in range(max_points + 1)]
             points = [(tag_rows[hi - 1][1], _mean(tag_rows[lo:hi]), tag_rows[hi - 1][3])
                       for lo, hi in pairwise(bounds)]
-        for step, value, ts_ns in points:
-            events.setdefault(int(step), (ts_ns / 1e9, []))[1].append((tag, value))
+        _add_points(events, tag, points)
+    for tag, parts in columns.items():
+        _add_points(events, tag, _series_points(parts, max_points))
     return [(step, wall, values) for step, (wall, values) in sorted(events.items())]
+
+
+def _add_points(events: dict[int, tuple[float, list[tuple[str, float]]]], tag: str,
+                points: Iterable[tuple[int, float, int]]) -> None:
+    for step, value, ts_ns in points:
+        events.setdefault(int(step), (ts_ns / 1e9, []))[1].append((tag, value))
+
+
+def _series_points(parts: list[Series], max_points: int) -> list[tuple[int, float, int]]:
+    """A tag's series joined, as points: as they are, or averaged in `max_points` runs."""
+    steps, values, ts_ns = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+    values = values.astype(np.float64)
+    n = len(values)
+    if n <= max_points:
+        return list(zip(steps.tolist(), values.tolist(), ts_ns.tolist()))
+    bounds = np.arange(max_points + 1) * n // max_points
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and -inf in one run: NaN
+        means = np.add.reduceat(values, bounds[:-1]) / np.diff(bounds)
+    last = bounds[1:] - 1
+    return list(zip(steps[last].tolist(), means.tolist(), ts_ns[last].tolist()))
 
 
 def _mean(rows: Sequence[MetricRow]) -> float:
@@ -260,6 +295,7 @@ class ScalarLog:
         #: the event file (None when it could not be created)
         self.path: Path | None = None
         self._rows: list[MetricRow] = []  # kept since the last write
+        self._series: list[Series] = []
         self._last_flush = clock()
         try:
             self._writer = EventFileWriter(logdir)
@@ -276,15 +312,27 @@ class ScalarLog:
         if self._clock() - self._last_flush >= self.flush_seconds:
             self.flush()
 
+    def add_series(self, tag: str, steps: np.ndarray[Any, Any], values: np.ndarray[Any, Any],
+                   ts_ns: np.ndarray[Any, Any]) -> None:
+        """Keep one tag's values given as columns (a recorded run's batch of episodes), each
+        value at its step and time; written with the rows."""
+        if self._writer is None or not len(steps):
+            return
+        self.values += len(steps)
+        self._series.append((tag, steps, values, ts_ns))
+        if self._clock() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
     def flush(self) -> None:
         """Write the kept rows as points and hand the file to the operating system."""
         writer = self._writer
         rows, self._rows = self._rows, []
+        series, self._series = self._series, []
         self._last_flush = self._clock()
         if writer is None:
             return
         try:
-            for step, wall, values in aggregate(rows, self.max_points):
+            for step, wall, values in aggregate(rows, self.max_points, series):
                 writer.add_scalars(step, wall, values)
                 self.points += len(values)
             writer.flush()
