@@ -44,6 +44,7 @@ from gymbus.shared.settings import Settings
 
 if TYPE_CHECKING:
     from gymbus.recording import RecordedEnv
+    from gymbus.sync import Confirmation
     from gymbus.vector import RecordedVectorEnv
 
 log = logging.getLogger("gymbus.api")
@@ -123,6 +124,8 @@ class Run:
         #: KeyboardInterrupt at the next call once it holds a reason (a list: its truth test
         #: is done in C, once per step)
         self.stop: list[str] = []
+        #: how the ended run's spool is being stored (`wait_stored`)
+        self._stored: Confirmation | bool = False
         self._previous_sigint: Any = None
         self._previous_sigterm: Any = None
 
@@ -261,8 +264,25 @@ class Run:
         if not self.offline and not self.attached:  # a worker's run: its repair stores it
             from gymbus.sync import store_at_end
 
-            store_at_end(self.settings, self.run_id, self.run_dir, self._ctx, emitter.seq)
-        self._ctx.term()
+            self._stored = store_at_end(self.settings, self.run_id, self.run_dir, self._ctx,
+                                        emitter.seq, close=self._ctx.term)
+        else:
+            self._ctx.term()
+
+    def wait_stored(self, timeout: float | None = None) -> bool:
+        """Wait until the ingest holds the ended run in its main file and its spool is gone.
+
+        The `with` block waits only until the ingest holds every frame (a query sees them
+        all); its checkpoint follows within about a second, on a thread, and the script's exit
+        waits for it. True once the spool is confirmed; False after `timeout` seconds, for a
+        run recorded offline, one the ingest could not take whole (its spool stays for `gymbus
+        sync`, said on stderr), or one launched by `gymbus submit --command` (its worker stores
+        it once the script has exited)."""
+        if self.status is None:
+            raise UsageError("wait_stored() is for a run that has ended: call it after its "
+                             "`with` block")
+        stored = self._stored
+        return stored if isinstance(stored, bool) else stored.wait(timeout)
 
     # --- recording --------------------------------------------------------------------------
 

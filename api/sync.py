@@ -1,16 +1,19 @@
 """Storing a recorded run's spool: at the run's end, and later with `gymbus sync`.
 
 A recorded script spools every frame in its run folder (as a worker's run child does). When
-its run ends, `store_spool` asks the ingest what it misses and replays that, for a few seconds
-at most (`Run.finish`); what is still missing then, a run recorded offline, or one whose stack
-went away, is stored later by `gymbus sync`, which first registers the run with the controller
-(from its spooled run_started and run_completed frames) and then does the same. The ingest drops
-frames it holds already, so syncing twice stores nothing twice.
+its run ends, `store_at_end` waits until the ingest holds every frame, and confirms the spool
+(removes it) once the ingest has them in its main file, on a thread (`Confirmation`); a frame
+missing is replayed from the spool by `store_spool`, for a few seconds at most. What is still
+missing then, a run recorded offline, or one whose stack went away, is stored later by `gymbus
+sync`, which first registers the run with the controller (from its spooled run_started and
+run_completed frames) and then does the same. The ingest drops frames it holds already, so
+syncing twice stores nothing twice.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ END_OF_RUN_STALL = 5.0
 #: seconds `gymbus sync` waits per run
 SYNC_WAIT = 60.0
 POLL_SECONDS = 0.02
+FIRST_POLL_SECONDS = 0.001
 #: the end's first questions go on this long without progress (the ingest spacing the
 #: checkpoints it is asked for, or the run's last frames in flight) before the spool's repair
 #: takes over
@@ -158,14 +162,55 @@ def store_spool(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context
         repairer.close()
 
 
+class Confirmation:
+    """A run's spool being confirmed after its end: the ingest holds every frame already (a
+    query sees all of them); this waits, on a thread of its own, for the checkpoint that holds
+    them in the ingest's main file, then removes the spool. Python's exit waits for the thread
+    (it is not a daemon), so a script that ends right after its run leaves no spool behind."""
+
+    def __init__(self, target: Callable[[], bool], run_id: str) -> None:
+        self.confirmed: bool | None = None  # None: still waiting
+
+        def run() -> None:
+            self.confirmed = target()
+
+        self._thread = threading.Thread(target=run, name=f"gymbus-confirm-{run_id}")
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the spool is confirmed; False if it stays (for `gymbus sync`) or
+        `timeout` seconds pass first."""
+        self._thread.join(timeout)
+        return self.confirmed is True
+
+
 def store_at_end(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any],
-                 frames: int | None = None) -> bool:
+                 frames: int | None = None, close: Callable[[], None] = lambda: None
+                 ) -> Confirmation | bool:
     """At a run's end: wait for the ingest to hold every frame, replaying what it misses, while
     it makes progress; what it still misses is left in the spool for `gymbus sync` (said).
     `frames`, the run's frame count when the caller knows it (its emitter), lets the common
-    case (nothing missing) be answered without reading the spool back."""
-    if frames is not None and _held_at_once(settings, run_id, run_dir, ctx, frames):
-        return True
+    case (nothing missing) be answered without reading the spool back: once the ingest holds
+    them all, the rest (its checkpoint, the spool's removal) goes on in a `Confirmation`.
+    Otherwise returns whether the spool was confirmed. `close` is called when done with `ctx`."""
+    if frames is not None and _ask_until_held(settings, run_id, run_dir, ctx, frames, False):
+
+        def confirm() -> bool:
+            try:
+                return _ask_until_held(settings, run_id, run_dir, ctx, frames, True) or \
+                    _store_rest(settings, run_id, run_dir, ctx)
+            finally:
+                close()
+
+        return Confirmation(confirm, run_id)
+    try:
+        return _store_rest(settings, run_id, run_dir, ctx)
+    finally:
+        close()
+
+
+def _store_rest(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any]) -> bool:
+    """Replay what the ingest misses of a run that has ended, while it makes progress."""
     try:
         done = store_spool(settings, run_id, run_dir, ctx, timeout=END_OF_RUN_WAIT,
                            stall=END_OF_RUN_STALL)
@@ -178,22 +223,25 @@ def store_at_end(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Contex
     return done
 
 
-def _held_at_once(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any],
-                  frames: int) -> bool:
-    """Ask the ingest (final: the spool is closed) whether it holds the run's `frames` frames,
-    durably, again every POLL_SECONDS while its last frames are still arriving and it stores
-    more of them; True once it does (the spool is confirmed). False as soon as it lacks a frame
-    before its last one (a hole: the spool's repair replays it), stops progressing, or does not
-    answer: `store_spool` takes over."""
+def _ask_until_held(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Context[Any],
+                    frames: int, final: bool) -> bool:
+    """Ask the ingest whether it holds the run's `frames` frames, again while its last frames
+    are still arriving and it stores more of them (after 1 ms, then twice as long each time, up
+    to POLL_SECONDS: the last frames are usually a millisecond away); True once it does:
+    has them all (buffered or written) or, `final`, holds them in its main file (the spool is
+    confirmed then). False as soon as it lacks a frame before its last one (a hole: the spool's
+    repair replays it), stops progressing, or does not answer: `store_spool` takes over."""
     client = Client(settings.ingest, "ingest", min(settings.request_timeout, 1.0), ctx=ctx)
     progress: tuple[Any, ...] | None = None
     still = time.monotonic()
+    pause = FIRST_POLL_SECONDS
     try:
         while True:
             status = client.request(Command.SPOOL_STATUS,
-                                    {"run_id": run_id, "frames": frames, "final": True})
+                                    {"run_id": run_id, "frames": frames, "final": final})
             if status.get("complete") is True:
-                spool.confirm(run_dir, frames)
+                if final:
+                    spool.confirm(run_dir, frames)
                 return True
             last = status.get("last_seq")
             # a hole: a frame missing before one the ingest holds (none held yet: all in flight)
@@ -205,7 +253,8 @@ def _held_at_once(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Conte
                 progress, still = (status.get("stored"), last), now
             elif now - still > END_OF_RUN_QUICK_STALL:
                 return False
-            time.sleep(POLL_SECONDS)  # its last frames are on their way, or it checkpoints soon
+            time.sleep(pause)  # its last frames are on their way, or it checkpoints soon
+            pause = min(POLL_SECONDS, 2 * pause)
     except (GymbusError, OSError) as exc:
         log.debug("run %s: asking the ingest at the run's end: %s", run_id, exc)
         return False

@@ -56,7 +56,11 @@ SINGLE = """
             run.log({"charts/epsilon": 0.5, "losses/td_loss": np.float32(0.25)}, step=steps)
         open("policy.npy", "wb").write(b"weights")
         run.save("policy.npy")
-    print(json.dumps({"run_id": run.run_id, "episodes": episodes, "steps": steps}))
+    # the block's end waited until the ingest held every frame: a query sees them all
+    held = None if run.offline else int(gymbus.sql(
+        f"SELECT count(*) AS n FROM steps WHERE run_id = '{run.run_id}'")["n"][0])
+    print(json.dumps({"run_id": run.run_id, "episodes": episodes, "steps": steps,
+                      "held": held, "stored": run.wait_stored(30)}))
 """
 
 
@@ -82,7 +86,9 @@ def test_a_recorded_loop_is_a_run_like_any_other(stack: Stack, tmp_path: Path) -
     assert metrics == [{"name": "charts/epsilon", "n": 30, "v": 0.5},
                        {"name": "losses/td_loss", "n": 30, "v": 0.25}]
     run_dir = stack.settings.run_dir(run_id)
-    # the block's end waited until the ingest held the run in its main file: spool confirmed
+    assert seen["held"] == seen["steps"]
+    # then the ingest checkpointed it, and the spool was removed, before the script's exit
+    assert seen["stored"] is True
     assert spool.is_confirmed(run_dir) and not spool.segments(spool.spool_dir(run_dir))
     assert (run_dir / "artifacts" / "policy.npy").read_bytes() == b"weights"
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -186,6 +192,25 @@ def test_the_block_s_end_is_the_run_s_end(stack: Stack, raise_: str, state: str,
     assert (record["status"], record["reason"]) == (state, reason)
 
 
+def test_a_script_s_exit_waits_for_its_spool_to_be_stored(stack: Stack) -> None:
+    code = """
+        import gymnasium as gym, gymbus
+        with gymbus.run(name="exits") as run:
+            env = run.record(gym.make("CartPole-v1"))
+            env.reset(seed=0)
+            for _ in range(20_000):
+                _, _, term, trunc, _ = env.step(env.action_space.sample())
+                if term or trunc:
+                    env.reset()
+        print(run.run_id)  # and exits at once: the spool's confirmation is still under way
+    """
+    result = script(stack, code)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    run_dir = stack.settings.run_dir(result.stdout.split()[-1])
+    # checked the moment the process is gone: the exit waited for the confirmation
+    assert spool.is_confirmed(run_dir) and not spool.segments(spool.spool_dir(run_dir))
+
+
 def test_runs_list_shows_a_script_s_run_while_it_runs(stack: Stack) -> None:
     code = """
         import json, sys, gymbus
@@ -253,6 +278,7 @@ def test_misuse_of_the_api_gets_an_error_that_says_what_to_do(stack: Stack) -> N
             attempt("text", lambda: run.log({"loss": "low"}))
             attempt("step", lambda: run.log({"loss": 1.0}, step="ten"))
             run.log({"loss": math.nan, "ok": 1.0}, step=1)
+            attempt("not ended", run.wait_stored)
         attempt("ended", lambda: run.log({"loss": 1.0}))
         print(json.dumps({"run_id": run.run_id, "errors": errors, "stats": run.stats()}))
     """
@@ -263,6 +289,7 @@ def test_misuse_of_the_api_gets_an_error_that_says_what_to_do(stack: Stack) -> N
     assert "'loss' is a str, not a number" in errors["text"]
     assert "the step must be an integer" in errors["step"]
     assert "has ended (completed)" in errors["ended"]
+    assert "after its `with` block" in errors["not ended"]
     assert seen["stats"]["metrics_dropped"] == 1  # the NaN: refused, counted, not stored
     stored_run(stack, seen["run_id"])
     names = store_query(stack, f"SELECT name FROM metrics WHERE run_id = '{seen['run_id']}'")
