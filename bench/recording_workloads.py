@@ -192,11 +192,15 @@ def child(case: str, variant: str, steps: int, seed: int) -> dict[str, Any]:
         out["episodes"] = loop(env, steps, seed)
         loop_s, loop_cpu = time.perf_counter() - t1, time.process_time() - c1
         env.close()
-    out.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+    ended = time.perf_counter()
+    out.update(seconds=ended - t0, cpu_seconds=time.process_time() - c0,
                loop_seconds=loop_s, loop_cpu_seconds=loop_cpu)
     if recorded:
+        # not timed: the checkpoint that frees the spool, which the script's exit waits for
+        stored = run.wait_stored(120)
         stats = run.stats()
-        out.update(run_id=run.run_id, confirmed=spool.is_confirmed(run.run_dir),
+        out.update(run_id=run.run_id, confirmed=stored and spool.is_confirmed(run.run_dir),
+                   confirm_s=time.perf_counter() - ended,
                    recorded=stats["steps"], obs_not_stored=stats["obs_not_stored"],
                    refused=stats["rows_refused"], offline=stats["offline"])
     return out
