@@ -275,6 +275,7 @@ def test_garbage_does_not_kill_it(ctx: zmq.Context[Any], gymbus_env: dict[str, s
     controller.sock.send(encode_message(Command.READY, {}))  # a worker's command
     worker.sock.send(b"\x93\x01\x02\x03")  # msgpack, not a map
     worker.send(Command.READY, {"worker_id": "w1", "host": 1, "pid": "x"})
+    worker.send(Command.READY, {"worker_id": "w1", "host": "h", "pid": 2**64 - 1, "slots": 1})
     worker.send(Command.RUN_UPDATE, {"run_id": "r1", "state": "exploded"})
     worker.send(Command.HELLO)
     raw = socket.create_connection(("127.0.0.1", int(gymbus_env["GYMBUS_BROKER_WORKERS"].rsplit(":", 1)[1])))

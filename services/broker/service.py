@@ -24,7 +24,7 @@ from gymbus.services.broker.grants import PublishGrants
 from gymbus.services.broker.lost_runs import LostRuns
 from gymbus.services.broker.telemetry_proxy import TelemetryProxy
 from gymbus.services.broker.worker_table import WorkerTable
-from gymbus.shared.codec import encode_message
+from gymbus.shared.codec import INT64_MAX, INT64_MIN, encode_message
 from gymbus.shared.errors import DecodeError
 from gymbus.shared.gate import KeyedMessageTable
 from gymbus.shared.protocol import CONTROLLER_IDENTITY, Command, RunState
@@ -45,10 +45,13 @@ MAX_WORKER_SLOTS = 4096
 
 
 def require(body: dict[str, Any], name: str, kind: type) -> Any:
-    """A field of a message body, of the given type, or DecodeError naming it."""
+    """A field of a message body, of the given type (an int: one of 64 bits, as the protocol's
+    integers are), or DecodeError naming it."""
     value = body.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise DecodeError(f"{name} must be {kind.__name__}, got {value!r}")
+    if kind is int and not INT64_MIN <= value <= INT64_MAX:
+        raise DecodeError(f"{name} must be a 64-bit integer, got {value}")
     return value
 
 
