@@ -4,7 +4,8 @@
 
 Each case is a user's script, run in ways that interleave round by round (bare, full, fast,
 bare, full, fast, ...), each in a fresh interpreter that imports the same modules before its
-clock starts, against one private stack (ingest, broker, controller):
+clock starts, against one private stack (ingest, broker, controller), after one short warm-up
+run of each that is not counted (Python's bytecode cache, as a user's: `cache_bytecode`):
 
   cartpole  CartPole-v1, random policy (`env.action_space.sample()`): bare, recorded with
             `telemetry="full"` and `"fast"`, with Minari's `DataCollector` (until its dataset
@@ -49,7 +50,7 @@ from recording_workloads import CASES, NEEDS, RECORDED, VECTOR_ENVS
 
 #: variants run after every round of the others (see `bench`)
 LAST = ("full+pixels",)
-from telemetry_overhead import cpu_seconds, stack_env
+from telemetry_overhead import cache_bytecode, cpu_seconds, stack_env
 
 from gymbus.services.stack.launcher import Stack
 from gymbus.shared.protocol import Command
@@ -235,9 +236,14 @@ def bench(args: argparse.Namespace) -> int:
     print(f"recording overhead: {args.rounds} rounds, {args.steps} steps ({args.peer_steps} for "
           f"peers,\n  {args.sb3_steps} sb3, {args.pixel_steps} stored pixels), "
           f"{os.cpu_count()} CPUs, in {scratch}", flush=True)
+    cache_bytecode(scratch)
     stack = Stack(stack_env(scratch / "home"))
     try:
         stack.start(("ingest", "broker", "controller"))
+        for case in cases:  # warm-up, not counted: the bytecode cache, each variant's imports
+            for variant in plan[case]:
+                if variant not in LAST:
+                    run_child(stack, case, variant, 2 * VECTOR_ENVS * 64, args.seed, scratch)
         # the stored-pixel runs come after every round: one writes ~0.5 GB, and the next run's
         # end would wait for the ingest's checkpoint of it
         order = [(rnd, case, variant) for rnd in range(args.rounds) for case in cases
