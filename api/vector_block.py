@@ -64,6 +64,9 @@ class Block:
         self.obs_layout, self.action_layout = obs, action
         self.obs = _values(obs, self.size, n)
         self.action = _values(action, self.size, n)
+        #: the shape of one call's values that is written as it is (None: through `_put`)
+        self._obs_shape = _direct(obs, self.obs)
+        self._action_shape = _direct(action, self.action)
         #: SAME_STEP: (row, sub-env, final observation row) of the steps that ended episodes
         self.finals: list[tuple[int, int, Any]] = []
         self._index = np.tile(np.arange(n, dtype=np.int64), self.size)
@@ -76,10 +79,18 @@ class Block:
         self.reward[k] = rewards
         self.terminated[k] = terminated
         self.truncated[k] = truncated
-        if self.action is not None:
-            _put(self.action_layout, self.action, k, actions, self.n)
-        if self.obs is not None:
-            _put(self.obs_layout, self.obs, k, obs, self.n)
+        into = self.action
+        if into is not None:
+            if actions.__class__ is np.ndarray and actions.shape == self._action_shape:
+                into[k] = actions  # the common call: no reshape, no function call
+            else:
+                _put(self.action_layout, into, k, actions, self.n)
+        into = self.obs
+        if into is not None:
+            if obs.__class__ is np.ndarray and obs.shape == self._obs_shape:
+                into[k] = obs
+            else:
+                _put(self.obs_layout, into, k, obs, self.n)
             if infos is not None and "final_obs" in infos:
                 final, mask = infos["final_obs"], infos.get("_final_obs")
                 for i in np.flatnonzero(mask if mask is not None else
@@ -221,6 +232,12 @@ def _values(layout: Layout, size: int, n: int) -> np.ndarray[Any, Any] | None:
     if not layout.stored:
         return None
     return np.zeros((size, n, layout.size), layout.dtype)
+
+
+def _direct(layout: Layout, into: np.ndarray[Any, Any] | None) -> tuple[int, ...] | None:
+    """The shape of a call's values that `put` writes into a row as they are: a row's own
+    (a Discrete space's ints, a flat Box), not for Dict and Tuple spaces."""
+    return None if into is None or layout.leaves else into.shape[1:]
 
 
 def _put(layout: Layout, into: np.ndarray[Any, Any], k: int, values: Any, n: int) -> None:
