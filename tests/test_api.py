@@ -411,7 +411,7 @@ def test_large_observations_asked_for_are_stored_in_frames_under_the_limit(stack
         with gymbus.run(name="frames") as run:
             env = run.record(Frames(), store_large_obs=True)
             env.reset(seed=0)
-            for _ in range(1100):  # 1,024 rows of 12 KiB would be a frame over 8 MiB
+            for _ in range(1100):  # 1,024 rows of 12 KiB (of 4,096 a frame) would be over 8 MiB
                 env.step(0)
         print(json.dumps({"run_id": run.run_id}))
     """
