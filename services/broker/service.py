@@ -50,7 +50,7 @@ def require(body: dict[str, Any], name: str, kind: type) -> Any:
     value = body.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise DecodeError(f"{name} must be {kind.__name__}, got {value!r}")
-    if kind is int and not INT64_MIN <= value <= INT64_MAX:
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
         raise DecodeError(f"{name} must be a 64-bit integer, got {value}")
     return value
 
