@@ -164,12 +164,15 @@ class Run:
         self._ctx = zmq.Context()
         if not self.attached and not self.offline:
             self.offline = not self._open()
+        elif self.offline:
+            log.warning("%s=offline: recording run %s to its spool in %s (store it later with "
+                        "`gymbus sync %s`)", MODE_VAR, self.run_id, self.run_dir, self.run_id)
         # offline, frames go to the spool alone: the socket is connected to nothing
         endpoint = f"inproc://gymbus-offline-{self.run_id}" if self.offline else \
             self.settings.telemetry_in
         self._emitter = Emitter.connect(
             self._ctx, endpoint, self.run_id, agent_id=self.agent_id,
-            worker_id=self.worker_id, subscribe_wait=0.0 if self.offline else SUBSCRIBE_WAIT)
+            worker_id=self.worker_id, subscribe_wait=None if self.offline else SUBSCRIBE_WAIT)
         self._emitter.spool = SpoolWriter.create(self.run_dir)
         self._tensorboard = ScalarLog(self.run_dir)
         self._emitter.observe_metrics(self._tensorboard.add_rows)

@@ -243,8 +243,11 @@ def test_a_run_recorded_offline_is_stored_by_sync_once(stack: Stack, how: str,
     else:  # the same data folder, but endpoints where nothing listens
         dead = free_endpoints(tmp_path / "nowhere")
         env = {k: v for k, v in dead.items() if k != "GYMBUS_HOME"}
-    seen = last_json(script(stack, SINGLE, env=env, cwd=tmp_path))
+    result = script(stack, SINGLE, env=env, cwd=tmp_path)
+    seen = last_json(result)
     run_id = seen["run_id"]
+    # said once, on stderr, with what to do; no warning about a broker it does not need
+    assert f"gymbus sync {run_id}" in result.stderr and "subscriber" not in result.stderr
     runs = gymbus_cli_json(stack.process_env(), "runs")
     assert run_id not in {r["run_id"] for r in runs}
     assert store_query(stack, f"SELECT count(*) AS n FROM frames WHERE run_id = '{run_id}'") \

@@ -128,16 +128,17 @@ class Emitter:
         agent_id: str = "",
         worker_id: str = "",
         hwm: int = SEND_HWM,
-        subscribe_wait: float = SUBSCRIBE_WAIT,
+        subscribe_wait: float | None = SUBSCRIBE_WAIT,
         stop: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> Emitter:
         """A publisher connected to `endpoint`, after waiting up to `subscribe_wait` s for a
-        subscriber."""
+        subscriber (None: no wait, for a run that knows it records offline, to its spool)."""
         publisher = Publisher.connect(ctx, endpoint, hwm=hwm, stop=stop,
                                       name=f"telemetry of run {run_id}")
         emitter = cls(publisher, run_id, agent_id=agent_id, worker_id=worker_id, clock=clock)
-        emitter.wait_for_subscriber(subscribe_wait)
+        if subscribe_wait is not None:
+            emitter.wait_for_subscriber(subscribe_wait)
         return emitter
 
     def wait_for_subscriber(self, timeout: float) -> bool:
