@@ -231,7 +231,10 @@ def _ask_until_held(settings: Settings, run_id: str, run_dir: Path, ctx: zmq.Con
     has them all (buffered or written) or, `final`, holds them in its main file (the spool is
     confirmed then). False as soon as it lacks a frame before its last one (a hole: the spool's
     repair replays it), stops progressing, or does not answer: `store_spool` takes over."""
-    client = Client(settings.ingest, "ingest", min(settings.request_timeout, 1.0), ctx=ctx)
+    # a final question can wait for the ingest to flush and checkpoint what it holds (seconds,
+    # for stored pixels): it is asked on the confirmation's thread, with the usual timeout
+    timeout = settings.request_timeout if final else min(settings.request_timeout, 1.0)
+    client = Client(settings.ingest, "ingest", timeout, ctx=ctx)
     progress: tuple[Any, ...] | None = None
     still = time.monotonic()
     pause = FIRST_POLL_SECONDS
