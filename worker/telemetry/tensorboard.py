@@ -11,8 +11,9 @@ CRC-32C, bytes, masked CRC-32C) around `Event` protos, encoded here (the three m
 fields a scalar needs, byte for byte what TensorBoard's own `event_pb2` writes: a test compares
 them). No thread, no torch, no protobuf: `torch.utils.tensorboard` costs about 1.3 s of imports
 per run process, TensorBoard's `EventFileWriter` about 70 ms and a thread, its `event_pb2`
-module alone about 10 ms; this module imports nothing beyond numpy and the standard library, and writes
-on the run's main thread, where a background thread would compete for the same GIL anyway.
+module alone about 10 ms; this module imports nothing beyond numpy and the standard library,
+and writes on the run's main thread, where a background thread would compete for the same GIL
+anyway.
 
 Aggregation: the rows of the batches are kept, and written once a second (FLUSH_SECONDS). Per
 tag, up to `MAX_POINTS` values are written as they are, one point per value (CleanRL's one point
@@ -104,9 +105,6 @@ def frame_record(data: bytes) -> bytes:
 # Event: wall_time = 1 (double), step = 2 (int64), file_version = 3 (string), summary = 5.
 # Summary: repeated Value value = 1; Value: tag = 1 (string), simple_value = 2 (float).
 # Fields in number order, proto3 defaults (0, "") left out, oneof members always written.
-
-_F32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
-
 
 def _varint(value: int) -> bytes:
     """A protobuf varint; a negative int64 as its 64-bit two's complement (ten bytes)."""
