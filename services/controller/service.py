@@ -90,6 +90,8 @@ class Controller:
         self.malformed = 0
         #: active runs a cancel was asked for: if their dispatch fails they end, not requeue
         self.cancelling: set[str] = set()
+        #: lost runs their worker lists again: said once in the log, cancelled at every view
+        self.stopping_lost: set[str] = set()
         self._closed = False
         self.poller = zmq.Poller()
         self.registry = Registry(settings.registry_path)
@@ -354,10 +356,13 @@ class Controller:
                     self.send_broker(Command.GRANT, {"run_id": run_id,
                                                      "worker_id": view.worker_id})
                 elif run.state is RunState.LOST:
-                    log.warning("worker %s lists run %s, which is lost: cancelling it",
-                                view.worker_id, run_id)
+                    if run_id not in self.stopping_lost:
+                        self.stopping_lost.add(run_id)
+                        log.warning("worker %s lists run %s, which is lost: cancelling it",
+                                    view.worker_id, run_id)
                     self.send_broker(Command.CANCEL, {"run_id": run_id,
                                                       "worker_id": view.worker_id})
+        self.stopping_lost &= {run_id for view in views for run_id in view.runs}
         holding = {run.worker_id for run in self.registry.active()
                    if run.worker_id is not None and not run.worker_id.startswith(OWNER_PREFIX)}
         for worker_id in self.scheduler.absent_workers(holding, now):
