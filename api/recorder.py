@@ -37,8 +37,8 @@ EPISODE_BATCH_ROWS = 256
 FLUSH_INTERVAL = 0.1
 
 Send = Callable[[FrameKind, dict[str, Any], int], None]
-#: an ended episode as the recorder buffers it, a plain tuple (a named one costs twice as much
-#: to make, per episode): (episode, return, length, terminated, truncated, env_index, seed,
+#: an ended episode as the recorder buffers it, a plain tuple (0.13 us to make, a named one
+#: 0.35): (episode, return, length, terminated, truncated, env_index, seed,
 #: reset_obs, reset_info, obs_layout, ts_ns, global_step); env_index to reset_info are None
 #: when the episode has none
 EpisodeRow = tuple[Any, ...]

@@ -298,9 +298,8 @@ class Run:
         """CleanRL's episode curves in the run's TensorBoard files, from a batch of episodes."""
         if self._tensorboard is None:
             return
-        steps, ts_ns = episodes["global_step"], episodes["ts_ns"]
-        self._tensorboard.add_series("charts/episodic_return", steps, episodes["return"], ts_ns)
-        self._tensorboard.add_series("charts/episodic_length", steps, episodes["length"], ts_ns)
+        self._tensorboard.add_episodes(episodes["global_step"], episodes["return"],
+                                       episodes["length"], episodes["ts_ns"])
 
     def _require_open(self, what: str) -> None:
         if not self._started:

@@ -48,6 +48,8 @@ from typing import Any
 
 from recording_workloads import CASES, NEEDS, RECORDED, VECTOR_ENVS
 
+#: steps of each variant's warm-up run (a multiple of VECTOR_ENVS)
+WARM_UP_STEPS = 1024
 #: variants run after every round of the others (see `bench`)
 LAST = ("full+pixels",)
 from telemetry_overhead import cache_bytecode, cpu_seconds, stack_env
@@ -243,7 +245,7 @@ def bench(args: argparse.Namespace) -> int:
         for case in cases:  # warm-up, not counted: the bytecode cache, each variant's imports
             for variant in plan[case]:
                 if variant not in LAST:
-                    run_child(stack, case, variant, 2 * VECTOR_ENVS * 64, args.seed, scratch)
+                    run_child(stack, case, variant, WARM_UP_STEPS, args.seed, scratch)
         # the stored-pixel runs come after every round: one writes ~0.5 GB, and the next run's
         # end would wait for the ingest's checkpoint of it
         order = [(rnd, case, variant) for rnd in range(args.rounds) for case in cases

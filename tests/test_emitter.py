@@ -423,20 +423,19 @@ def test_non_finite_metrics_are_dropped_not_the_frame(ctx: zmq.Context[Any],
     emitter.close(0)
 
 
-def test_episode_curves_go_to_a_series_observer_as_columns(ctx: zmq.Context[Any],
-                                                           sink: FrameSink) -> None:
+def test_episodes_go_to_an_episodes_observer_as_columns(ctx: zmq.Context[Any],
+                                                        sink: FrameSink) -> None:
     emitter = connect(ctx, sink, clock=FakeClock())
     rows: list[Any] = []
-    series: dict[str, list[Any]] = {}
-    emitter.observe_metrics(rows.extend, lambda tag, steps, values, ts: series.setdefault(
-        tag, []).append((steps.tolist(), values.tolist(), len(ts))))
+    batches: list[Any] = []
+    emitter.observe_metrics(rows.extend, lambda steps, returns, lengths, ts: batches.append(
+        (steps.tolist(), returns.tolist(), lengths.tolist(), len(ts))))
     emitter.metric("charts/epsilon", 1, 0.5)
     for e, (ret, length) in enumerate([(1.0, 3), (0.0, 5), (2.5, 2)]):
         emitter.episode(e, ret, length, True, False)
     emitter.finish("completed", None, 3, 10)
     sink.wait_completed()
     assert [r[0] for r in rows] == ["charts/epsilon"]  # episode curves: not as rows
-    # each curve at the global step of its episode's end, the sum of the lengths so far
-    assert series == {"charts/episodic_return": [([3, 8, 10], [1.0, 0.0, 2.5], 3)],
-                      "charts/episodic_length": [([3, 8, 10], [3, 5, 2], 3)]}
+    # each episode at the global step of its end, the sum of the lengths so far
+    assert batches == [([3, 8, 10], [1.0, 0.0, 2.5], [3, 5, 2], 3)]
     emitter.close(0)

@@ -135,12 +135,14 @@ def test_series_are_averaged_as_rows_are(tmp_path: Path) -> None:
     mixed = aggregate([], 1, [series("c", [math.inf, -math.inf])])
     assert math.isnan(mixed[0][2][0][1])
 
-    log = ScalarLog(tmp_path)
-    log.add_series(*series("charts/episodic_length", [10.0, 12.0, 9.0]))
+    log = ScalarLog(tmp_path)  # a batch of episodes: both of CleanRL's curves
+    _, steps, lengths, ts = series("charts/episodic_length", [10.0, 12.0, 9.0])
+    log.add_episodes(steps, np.array([1.0, 0.0, 2.5]), lengths.astype(np.int64), ts)
     log.close()
-    assert read_tensorboard(tmp_path) == {"charts/episodic_length": [(0, 10.0), (10, 12.0),
-                                                                      (20, 9.0)]}
-    assert log.stats()["values"] == 3
+    assert read_tensorboard(tmp_path) == {
+        "charts/episodic_length": [(0, 10.0), (10, 12.0), (20, 9.0)],
+        "charts/episodic_return": [(0, 1.0), (10, 0.0), (20, 2.5)]}
+    assert log.stats()["values"] == 6
 
 
 def test_the_file_is_flushed_on_an_interval_and_at_close(tmp_path: Path) -> None:

@@ -208,7 +208,7 @@ class RunProcess:
             raise
         self.mode = telemetry_mode(config.telemetry, self.no_telemetry, os.environ)
         self.tensorboard = ScalarLog(self.run_dir)
-        self.emitter.observe_metrics(self.tensorboard.add_rows, self.tensorboard.add_series)
+        self.emitter.observe_metrics(self.tensorboard.add_rows, self.tensorboard.add_episodes)
         # imported before run_started, so that the run's timing (run_started to run_completed)
         # holds the training and not gymnasium's import
         from gymbus.worker import training  # noqa: F401

@@ -79,7 +79,7 @@ def _arrow_column(chunks: list[Chunk], lengths: list[int], typ: pa.DataType) -> 
 
 def _repeated_column(chunks: list[Repeated], typ: pa.DataType) -> pa.Array:
     """Strings each repeated over its chunk, decoded from a dictionary in Arrow: no Python
-    string per row (two such columns cost a quarter of a CartPole step row's flush)."""
+    string per row (two such columns were a quarter of building a CartPole step batch)."""
     codes: dict[str, int] = {}
     index = np.fromiter((codes.setdefault(c.value, len(codes)) for c in chunks), np.int32,
                         len(chunks))

@@ -33,10 +33,10 @@ from gymbus.shared.protocol import FrameKind, LifecycleEvent
 from gymbus.worker.telemetry import columns
 from gymbus.worker.telemetry.columns import KINDS, StepColumns
 from gymbus.worker.telemetry.observers import (
+    EpisodesObserver,
     MetricObserver,
     MetricObservers,
     MetricRow,
-    SeriesObserver,
 )
 from gymbus.worker.telemetry.publisher import (
     CLOSE_LINGER_MS,
@@ -298,15 +298,16 @@ class Emitter:
     # --- per episode and per metric -----------------------------------------------------------
 
     def observe_metrics(self, observer: MetricObserver,
-                        series: SeriesObserver | None = None) -> None:
+                        episodes: EpisodesObserver | None = None) -> None:
         """Call `observer` with every batch of metric rows, before the batch is sent, and with
-        `charts/episodic_return` and `charts/episodic_length` made from the episode rows: as
-        rows, or as columns to `series` if given (the run's TensorBoard log gives one).
+        `charts/episodic_return` and `charts/episodic_length` made from the episode rows, or,
+        given `episodes`, call that with the episodes as columns instead (the run's
+        TensorBoard log: `ScalarLog.add_episodes`).
 
         Observers run on this thread (the run's TensorBoard log is one); a row reaches each
         observer once, whether or not its frame is delivered.
         """
-        self._observers.add(observer, series)
+        self._observers.add(observer, episodes)
 
     def feed_observers(self) -> None:
         """Hand the metric rows buffered so far to the observers now, without sending them.

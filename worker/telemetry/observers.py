@@ -21,9 +21,10 @@ from gymbus.worker.telemetry.columns import COLUMNS
 #: a buffered metric row: (name, step, value, ts_ns), as metric observers receive it
 MetricRow = tuple[str, int, float, int]
 MetricObserver = Callable[[Sequence[MetricRow]], None]
-#: an observer of one tag's values as columns: (tag, steps, values, ts_ns), numpy arrays
-SeriesObserver = Callable[[str, np.ndarray[Any, Any], np.ndarray[Any, Any],
-                           np.ndarray[Any, Any]], None]
+#: an observer of a batch of episodes as columns: (global steps at their ends, returns,
+#: lengths, ts_ns), numpy arrays (`ScalarLog.add_episodes`)
+EpisodesObserver = Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any],
+                             np.ndarray[Any, Any]], None]
 
 _EPISODE = COLUMNS[FrameKind.EPISODE]
 _LENGTH = itemgetter(_EPISODE.index("length"))
@@ -44,17 +45,17 @@ class MetricObservers:
         self._metric_rows = metric_rows
         self._episode_rows = episode_rows
         self._observers: list[MetricObserver] = []
-        #: each observer's series observer, if it has one (all have one: episodes as series)
-        self._series: list[SeriesObserver | None] = []
+        #: each observer's episodes observer, if it has one (all have one: episodes as columns)
+        self._episodes: list[EpisodesObserver | None] = []
         self._metrics_seen = 0  # buffered metric rows already handed to the observers
         self._episodes_seen = 0  # and buffered episode rows
         self._episode_steps = 0  # the global step at the end of the last observed episode
 
-    def add(self, observer: MetricObserver, series: SeriesObserver | None = None) -> None:
-        """`observer` gets metric rows; `series`, if given, the episode curves as columns
-        (without, they come to `observer` as rows, two per episode)."""
+    def add(self, observer: MetricObserver, episodes: EpisodesObserver | None = None) -> None:
+        """`observer` gets metric rows; `episodes`, if given, the episodes as columns (without,
+        their curves come to `observer` as rows, two per episode)."""
         self._observers.append(observer)
-        self._series.append(series)
+        self._episodes.append(episodes)
 
     def feed(self) -> None:
         """Hand the observers the buffered metric rows, and the episodes' rows, they have not
@@ -79,8 +80,8 @@ class MetricObservers:
         if not self._observers:
             self._episode_steps += sum(map(_LENGTH, fresh))
             return
-        if all(self._series):
-            self._feed_series(fresh)
+        if all(self._episodes):
+            self._feed_columns(fresh)
             return
         derived: list[MetricRow] = []
         steps = self._episode_steps
@@ -92,18 +93,17 @@ class MetricObservers:
         for observer in self._observers:
             observer(derived)
 
-    def _feed_series(self, fresh: list[tuple[Any, ...]]) -> None:
-        """The episode curves of `fresh` as numpy columns: nothing per episode in Python."""
+    def _feed_columns(self, fresh: list[tuple[Any, ...]]) -> None:
+        """The episodes of `fresh` as numpy columns: nothing per episode in Python."""
         n = len(fresh)
         lengths = np.fromiter(map(_LENGTH, fresh), np.int64, n)
         steps = self._episode_steps + np.cumsum(lengths)
         returns = np.fromiter(map(_RETURN, fresh), np.float64, n)
         ts_ns = np.fromiter(map(_TIME, fresh), np.int64, n)
         self._episode_steps = int(steps[-1])
-        for series in self._series:
-            assert series is not None
-            series("charts/episodic_return", steps, returns, ts_ns)
-            series("charts/episodic_length", steps, lengths, ts_ns)
+        for episodes in self._episodes:
+            assert episodes is not None
+            episodes(steps, returns, lengths, ts_ns)
 
     def taking_metrics(self) -> None:
         """The metric batch is about to be taken: the observers get what they have not seen,

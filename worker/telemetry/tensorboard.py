@@ -52,6 +52,8 @@ log = logging.getLogger("gymbus.run.tensorboard")
 EVENT_FILE_MARKER = "tfevents"
 FILE_SUFFIX = ".gymbus"
 FILE_VERSION = "brain.Event:2"
+#: the episode curves' tags (CleanRL's)
+EPISODIC_RETURN, EPISODIC_LENGTH = "charts/episodic_return", "charts/episodic_length"
 #: points per tag per write before consecutive values are averaged
 MAX_POINTS = 8
 #: seconds between two writes of the kept rows, each handed to the operating system at once
@@ -320,6 +322,13 @@ class ScalarLog:
         self._series.append((tag, steps, values, ts_ns))
         if self._clock() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def add_episodes(self, steps: np.ndarray[Any, Any], returns: np.ndarray[Any, Any],
+                     lengths: np.ndarray[Any, Any], ts_ns: np.ndarray[Any, Any]) -> None:
+        """CleanRL's episode curves, `charts/episodic_return` and `charts/episodic_length`,
+        of a batch of episodes given as columns, each at the global step of its end."""
+        self.add_series(EPISODIC_RETURN, steps, returns, ts_ns)
+        self.add_series(EPISODIC_LENGTH, steps, lengths, ts_ns)
 
     def flush(self) -> None:
         """Write the kept rows as points and hand the file to the operating system."""
