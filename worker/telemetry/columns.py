@@ -13,6 +13,8 @@ are converted by `normalized`, only when the encoder has refused the body as it 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import is_, itemgetter
 from typing import Any
 
 import numpy as np
@@ -110,6 +112,9 @@ def rows_body(kind: FrameKind, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
 #: an episode row's fields after the six every row has: env_index, seed, reset_obs
 _EPISODE_BASE = 6
 _SEED, _RESET_OBS = 7, 8
+#: one getter per row field: a batch's columns are `map`s of them over its rows, half the cost
+#: of `zip(*rows)` (which steps a thousand row iterators once per column)
+_FIELDS = tuple(itemgetter(i) for i in range(_RESET_OBS + 1))
 
 
 def episode_bodies(rows: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], int]]:
@@ -119,28 +124,53 @@ def episode_bodies(rows: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], in
     A row is the six columns every episode has, or those and (env_index, seed, reset_obs),
     either of the last two None. A reset observation is an integer (Discrete) or an array,
     sent as one typed array of the observations' dtype and shape (rows, values per row).
+
+    Rows of one shape (the usual batch: the training loop's, after its seeded first episode)
+    are turned into columns by one `zip`, in C; a batch that mixes shapes is grouped row by
+    row first (measured on FrozenLake's rows: 390 ns a row grouped, 180 ns in columns).
     """
+    n = len(rows)
+    if n and len(set(map(len, rows))) == 1:
+        cols = [tuple(map(get, rows)) for get in _FIELDS[:len(rows[0])]]
+        if len(cols) == _EPISODE_BASE:
+            return [(_episode_body(cols, n, False, False), n)]
+        seeds_none, obs_none = _nones(cols[_SEED], n), _nones(cols[_RESET_OBS], n)
+        if seeds_none in (0, n) and obs_none in (0, n):
+            return [(_episode_body(cols, n, not seeds_none, not obs_none), n)]
     groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
     for row in rows:
         key = (len(row) > _EPISODE_BASE and row[_SEED] is not None,
                len(row) > _EPISODE_BASE and row[_RESET_OBS] is not None)
         groups.setdefault(key, []).append(row)
-    bodies = []
-    for (has_seed, has_obs), group in groups.items():
-        n = len(group)
-        body = rows_body(FrameKind.EPISODE, [row[:_EPISODE_BASE] for row in group])
-        if has_seed:
-            seeds = np.fromiter((row[_SEED] for row in group), np.int64, n)
-            body["seed"] = typed_array_of(seeds.dtype, [n], seeds.tobytes())
-        if has_obs:
-            body["reset_obs"] = _obs_column([row[_RESET_OBS] for row in group])
-        bodies.append((body, n))
-    return bodies
+    return [(_episode_body([tuple(map(get, group)) for get in _FIELDS[:len(group[0])]],
+                           len(group), has_seed, has_obs), len(group))
+            for (has_seed, has_obs), group in groups.items()]
 
 
-def _obs_column(values: list[Any]) -> Any:
+def _nones(values: Sequence[Any], n: int) -> int:
+    """How many of `values` are None (by identity: arrays do not compare to None)."""
+    return sum(map(is_, values, repeat(None, n)))
+
+
+def _episode_body(cols: list[tuple[Any, ...]], n: int, has_seed: bool,
+                  has_obs: bool) -> dict[str, Any]:
+    """One episode frame's body from its rows' columns (`cols`: one tuple per row field)."""
+    body: dict[str, Any] = dict(zip(COLUMNS[FrameKind.EPISODE], cols[:_EPISODE_BASE]))
+    typed_columns(body, KINDS[FrameKind.EPISODE], n)
+    if has_seed:
+        seeds = np.fromiter(cols[_SEED], np.int64, n)
+        body["seed"] = typed_array_of(seeds.dtype, [n], seeds.tobytes())
+    if has_obs:
+        body["reset_obs"] = _obs_column(cols[_RESET_OBS])
+    return body
+
+
+def _obs_column(values: Sequence[Any]) -> Any:
     """Observations as a column: integers as they are, arrays as one 2-D typed array."""
-    if all(isinstance(v, (int, np.integer)) for v in values):
+    kinds = set(map(type, values))
+    if kinds == {int}:
+        return list(values)
+    if all(issubclass(kind, (int, np.integer)) for kind in kinds):
         return [int(v) for v in values]
     arr = np.stack([np.asarray(v).reshape(-1) for v in values])
     if arr.dtype.str not in TYPED_ARRAY_DTYPES:

@@ -51,7 +51,7 @@ log = logging.getLogger("gymbus.run.emitter")
 #: a step frame is flushed at this many rows, or (at most about twice) FLUSH_INTERVAL after its
 #: first row
 STEP_BATCH_ROWS = 1024
-EPISODE_BATCH_ROWS = 256
+EPISODE_BATCH_ROWS = 1024
 METRIC_BATCH_ROWS = 1024
 #: seconds; also the age at which episode and metric batches are flushed
 FLUSH_INTERVAL = 0.1
