@@ -177,9 +177,9 @@ def test_qlearning_refuses_box_observations() -> None:
         train({"env": "CartPole-v1", "algo": "q-learning", "episodes": 1})
 
 
-def test_every_agent_publishes_epsilon_per_episode() -> None:
+def test_the_random_agent_publishes_its_constant_epsilon_once() -> None:
     _, _, rec, _ = train({"env": "CartPole-v1", "algo": "random", "episodes": 4, "seed": 2})
-    assert [v for n, _, v in rec.metrics if n == "charts/epsilon"] == [1.0] * 4
+    assert [(s, v) for n, s, v in rec.metrics if n == "charts/epsilon"] == [(0, 1.0)]
 
 
 def test_periodic_evaluation_tracks_the_greedy_policy() -> None:

@@ -8,6 +8,7 @@ emitter, a recorder in tests, or `NullTelemetry` in benchmarks.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,15 +146,6 @@ def configure_steps(emitter: Any, env: gym.Env[Any, Any], agent: Agent) -> None:
                             obs_dtype=env.observation_space.dtype)
 
 
-def records_steps(mode: TelemetryMode, every: int | None, episode: int) -> bool:
-    """Whether the steps of `episode` go into step frames under this telemetry mode."""
-    if mode is TelemetryMode.FULL:
-        return True
-    if mode is TelemetryMode.SAMPLED:
-        return episode % (every or 1) == 0
-    return False
-
-
 def run_training(
     env: gym.Env[Any, Any],
     agent: Agent,
@@ -169,90 +161,115 @@ def run_training(
 ) -> LoopResult:
     """Train until the budget is spent or `stop` turns true (checked before every step).
 
-    In an episode whose steps are not recorded the inner loop makes no telemetry call at all.
-    An episode cut short by the step budget, by `stop` or by an exception still gets its
-    episode frame, so that step rows always add up to the episode lengths. `evaluation`, if
-    given, runs after every finished episode (it decides itself when it is due).
+    In an episode whose steps are not recorded the inner loop makes no telemetry call at all;
+    for an agent that neither learns nor looks at the observation (`draw`: the random agent)
+    it is a user's random loop, plus the return, the step count and the stop test. An episode
+    cut short by the step budget, by `stop` or by an exception still gets its episode frame,
+    so that step rows always add up to the episode lengths. `evaluation`, if given, runs after
+    every finished episode (it decides itself when it is due).
+
+    Per episode, the loop does what a plain loop does (a reset) plus one episode row and a few
+    integer tests: the budget, the `charts/SPS` meter (which looks at the clock only about ten
+    times per SPS_INTERVAL) and the telemetry mode are kept in local variables.
     """
-    act, learn, env_step = agent.act, agent.learn, env.step
-    record_step = telemetry.step
-    max_steps = budget.total_steps if budget.total_steps is not None else float("inf")
-    never_stop = stop is None
+    act, learn, draw, env_step, env_reset = agent.act, agent.learn, agent.draw, env.step, env.reset
+    learns, labels = agent.learns, agent.has_labels
+    begin_episode, end_episode = agent.begin_episode, agent.end_episode
+    record_step, episode_row = telemetry.step, telemetry.episode
+    after_episode = evaluation.after_episode if evaluation is not None else None
+    max_steps = budget.total_steps if budget.total_steps is not None else sys.maxsize
+    max_episodes = budget.episodes if budget.episodes is not None else sys.maxsize
+    stop_test: StopSignal | tuple[()] = () if stop is None else stop  # () is never true
+    full, sampled = mode is TelemetryMode.FULL, mode is TelemetryMode.SAMPLED
+    every = every or 1
     progress = LoopResult() if progress is None else progress
     sps = _SpsMeter(telemetry)
+    sps_at = 0
+    steps = progress.steps
     episode = 0
-    while not budget.done(episode, progress.steps):
-        if not never_stop and stop:
+    while episode < max_episodes and steps < max_steps:
+        if stop_test:
             progress.stopped = True
             break
         reset_seed = seed if episode == 0 else None
-        obs, _ = env.reset(seed=reset_seed)
+        obs, _ = env_reset(seed=reset_seed)
         reset_obs = obs
-        agent.begin_episode(episode, progress.steps)
-        record = records_steps(mode, every, episode)
+        begin_episode(episode, steps)
+        record = full or (sampled and episode % every == 0)
         ret = 0.0
         t = 0
         terminated = truncated = False
-        left = max_steps - progress.steps
+        left = max_steps - steps
         try:
-            while True:
-                if not never_stop and stop:
-                    progress.stopped = True
-                    break
-                action = act(obs)
-                next_obs, raw_reward, terminated, truncated, _ = env_step(action)
-                reward = float(raw_reward)
-                learn(obs, action, reward, next_obs, terminated, truncated)
-                if record:
-                    record_step(episode, t, action, next_obs, reward, terminated, truncated,
-                                agent.label)
-                ret += reward
-                t += 1
-                obs = next_obs
-                if terminated or truncated or t >= left:
-                    break
+            if draw is not None and not record and not learns:
+                while True:  # a plain random loop
+                    if stop_test:
+                        progress.stopped = True
+                        break
+                    obs, raw_reward, terminated, truncated, _ = env_step(draw())
+                    ret += float(raw_reward)
+                    t += 1
+                    if terminated or truncated or t >= left:
+                        break
+            else:
+                while True:
+                    if stop_test:
+                        progress.stopped = True
+                        break
+                    action = act(obs) if draw is None else draw()
+                    next_obs, raw_reward, terminated, truncated, _ = env_step(action)
+                    reward = float(raw_reward)
+                    if learns:
+                        learn(obs, action, reward, next_obs, terminated, truncated)
+                    if record:
+                        record_step(episode, t, action, next_obs, reward, terminated, truncated,
+                                    agent.label if labels else None)
+                    ret += reward
+                    t += 1
+                    obs = next_obs
+                    if terminated or truncated or t >= left:
+                        break
         except BaseException:
             if t:  # the steps recorded so far get their episode frame before the run fails
-                _end_episode(telemetry, agent, progress, episode, ret, t, False, False,
-                             reset_seed, reset_obs)
+                progress.episodes, progress.steps = episode + 1, steps + t
+                episode_row(episode, ret, t, False, False, reset_seed, reset_obs)
+                end_episode(episode, steps + t, ret, t)
             raise
         if t:
-            _end_episode(telemetry, agent, progress, episode, ret, t, terminated, truncated,
-                         reset_seed, reset_obs)
+            # the emitter derives the TensorBoard curves `charts/episodic_return` and
+            # `charts/episodic_length` from episode rows: sending them as metric rows as well
+            # measured 4% of a fast-mode FrozenLake run
+            steps += t
+            progress.episodes, progress.steps = episode + 1, steps
+            episode_row(episode, ret, t, terminated, truncated, reset_seed, reset_obs)
+            end_episode(episode, steps, ret, t)
             episode += 1
-            sps.tick(progress.steps)
-            if evaluation is not None:
-                evaluation.after_episode(episode, progress.steps)
+            if steps >= sps_at:
+                sps_at = sps.tick(steps)
+            if after_episode is not None:
+                after_episode(episode, steps)
         if progress.stopped:
             break
     return progress
 
 
-def _end_episode(telemetry: Telemetry, agent: Agent, progress: LoopResult, episode: int,
-                 ret: float, length: int, terminated: bool, truncated: bool,
-                 seed: int | None, reset_obs: Any) -> None:
-    """Count the episode and publish its row (the emitter derives the TensorBoard curves
-    `charts/episodic_return` and `charts/episodic_length` from episode rows: sending them as
-    metric rows as well measured 4% of a fast-mode FrozenLake run)."""
-    progress.episodes = episode + 1
-    progress.steps += length
-    telemetry.episode(episode, ret, length, terminated, truncated, seed, reset_obs)
-    agent.end_episode(episode, progress.steps, ret, length)
-
-
 class _SpsMeter:
-    """Publishes `charts/SPS` about every SPS_INTERVAL seconds (checked at episode ends)."""
+    """Publishes `charts/SPS` about every SPS_INTERVAL seconds; `tick` says at which step count
+    to look at the clock next (about ten looks per interval, from the rate so far)."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
         self.since = time.perf_counter()
         self.steps = 0
 
-    def tick(self, steps: int) -> None:
+    def tick(self, steps: int) -> int:
+        """Publish if an interval has passed; the step count of the next look."""
         now = time.perf_counter()
-        if now - self.since >= SPS_INTERVAL:
-            self.telemetry.metric("charts/SPS", steps, (steps - self.steps) / (now - self.since))
+        elapsed, done = now - self.since, steps - self.steps
+        if elapsed >= SPS_INTERVAL:
+            self.telemetry.metric("charts/SPS", steps, done / elapsed)
             self.since, self.steps = now, steps
+        return steps + max(1, int(done / max(elapsed, 1e-9) * SPS_INTERVAL / 10))
 
 
 class PeriodicEvaluation:

@@ -8,6 +8,7 @@ run process to write (`gymbus.worker.agents.policies.write_artifact`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +61,12 @@ class Agent(Protocol):
     label: str | None
     #: whether `label` is meaningful; decides if step frames carry a label column
     has_labels: bool
+    #: whether `learn` does anything; the loop of an agent that does not learn never calls it
+    learns: bool
+    #: for a policy that ignores the observation: its next action, drawn without one (the
+    #: random agent's seeded `action_space.sample`, called by the loop with nothing between);
+    #: None for every policy that looks at what it sees
+    draw: Callable[[], Any] | None
 
     def begin_episode(self, episode: int, global_step: int) -> None:
         """Called before the first step of each episode."""
@@ -70,7 +77,7 @@ class Agent(Protocol):
     def learn(
         self, obs: Any, action: int, reward: float, next_obs: Any, terminated: bool, truncated: bool
     ) -> None:
-        """Learn from one transition (no-op for agents that do not learn)."""
+        """Learn from one transition (never called when `learns` is false)."""
 
     def end_episode(self, episode: int, global_step: int, ret: float, length: int) -> None:
         """Called after the last step of each episode; may publish metrics."""

@@ -126,6 +126,8 @@ class BdiAgent:
     """
 
     has_labels = True
+    learns = True  # an evaluating agent still perceives: its beliefs follow the walk
+    draw: Callable[[], Any] | None = None
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ and on one CPU thread otherwise; with the same seed, a CPU run repeats itself ex
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,8 @@ class DqnAgent:
     """
 
     has_labels = True
+    learns = True
+    draw: Callable[[], Any] | None = None
 
     def __init__(
         self,
@@ -240,6 +243,8 @@ class GreedyDqn:
     """The greedy policy of a Q-network (shared with its learner); learns nothing."""
 
     has_labels = True
+    learns = False
+    draw: Callable[[], Any] | None = None
     label: str | None = GREEDY
 
     def __init__(self, network: nn.Module, device: torch.device, sink: MetricSink) -> None:

@@ -7,6 +7,7 @@ float64 array of shape [n_states, n_actions] by `artifacts()` and `table()`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ class QLearningAgent:
     """
 
     has_labels = True
+    learns = True
+    draw: Callable[[], Any] | None = None
 
     def __init__(
         self,
@@ -150,6 +153,8 @@ class GreedyQ:
     """
 
     has_labels = True
+    learns = False
+    draw: Callable[[], Any] | None = None
     label: str | None = GREEDY
 
     def __init__(self, q: list[list[float]], sink: MetricSink) -> None:
