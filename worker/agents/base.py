@@ -47,12 +47,6 @@ class Budget:
     episodes: int | None = None
     total_steps: int | None = None
 
-    def done(self, episodes: int, steps: int) -> bool:
-        """True once either budget is spent."""
-        return (self.episodes is not None and episodes >= self.episodes) or (
-            self.total_steps is not None and steps >= self.total_steps
-        )
-
 
 class Agent(Protocol):
     """One learner. The loop calls these on the run's main thread, in this order per episode."""

@@ -127,7 +127,7 @@ def episode_bodies(rows: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], in
 
     Rows of one shape (the usual batch: the training loop's, after its seeded first episode)
     are turned into columns by one `zip`, in C; a batch that mixes shapes is grouped row by
-    row first (measured on FrozenLake's rows: 390 ns a row grouped, 180 ns in columns).
+    row first (measured on FrozenLake's rows: 390 ns a row grouped, 245 ns in columns).
     """
     n = len(rows)
     if n and len(set(map(len, rows))) == 1:
