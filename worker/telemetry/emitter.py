@@ -285,14 +285,15 @@ class Emitter:
         n = len(self._rows)
         if not n:
             return
-        steps = self._steps
-        step_columns = steps.split(self._rows)
-        self._rows.clear()
-        body = steps.body(step_columns, n, self._t0_ns)
+        steps, rows = self._steps, self._rows
         try:
-            parts = self._encode(FrameKind.STEP, body)
-        except DecodeError:  # numpy scalars somewhere: convert by column type, once
-            parts = self._encode(FrameKind.STEP, steps.normalized(body, step_columns, n))
+            body = steps.body(rows, self._t0_ns)
+            try:
+                parts = self._encode(FrameKind.STEP, body)
+            except DecodeError:  # numpy scalars somewhere: convert by column type, once
+                parts = self._encode(FrameKind.STEP, steps.normalized(body, rows))
+        finally:
+            rows.clear()
         self._publish(FrameKind.STEP, parts, n)
 
     # --- per episode and per metric -----------------------------------------------------------
