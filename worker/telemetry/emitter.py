@@ -201,40 +201,46 @@ class Emitter:
         max_steps, max_episodes = STEP_BATCH_ROWS, EPISODE_BATCH_ROWS
         max_metrics, interval = METRIC_BATCH_ROWS, FLUSH_INTERVAL
         deadline = 0.0  # of the step batch: FLUSH_INTERVAL after its first row
-        # the clock is looked at when the batch reaches check_at rows: at rows 1, 2, 4, ...,
-        # ten times for a full batch instead of once per step; a slow run's batch goes out at
-        # most about twice FLUSH_INTERVAL after its first row
-        first_check = check_at = min(2, max_steps)
+        # the batch is looked at when it reaches check_at rows: at its first row (its start
+        # time and deadline are taken), then at rows 2, 4, 8, ..., when the clock is looked
+        # at: eleven times for a full batch instead of once per step; a slow run's batch goes
+        # out at most about twice FLUSH_INTERVAL after its first row
+        check_at = 1
 
-        def due(rows: int, deadline: float) -> int:
+        def due(rows: int) -> int:
             """The next check_at of a batch of `rows` rows, flushed if full or due."""
+            nonlocal deadline
+            if rows == 1:
+                self._t0_ns = time_ns()
+                deadline = clock() + interval
+                if max_steps > 1:
+                    return 2
             if rows >= max_steps or clock() >= deadline:
-                flush_steps()
-                return first_check
+                flush_steps()  # check_at starts over at 1
+                return 1
             return min(max_steps, 2 * rows)
+
+        def restart_steps() -> None:
+            """A flushed batch: the next row starts a new one."""
+            nonlocal check_at
+            check_at = 1
 
         def step(episode: int, step: int, action: int, obs: Any, reward: float,
                  terminated: bool, truncated: bool, label: str | None = None) -> None:
             """Buffer one step (Discrete observations); flushes at STEP_BATCH_ROWS rows, or once
             the clock, looked at when the rows double, is FLUSH_INTERVAL past the first."""
-            nonlocal deadline, check_at
-            if not step_rows:
-                self._t0_ns = time_ns()
-                deadline, check_at = clock() + interval, first_check
+            nonlocal check_at
             add_step((episode, step, action, obs, reward, terminated, truncated, label))
             if len(step_rows) >= check_at:
-                check_at = due(len(step_rows), deadline)
+                check_at = due(len(step_rows))
 
         def step_vector(episode: int, step: int, action: int, obs: Any, reward: float,
                         terminated: bool, truncated: bool, label: str | None = None) -> None:
             """`step` for Box observations, copied as lists (an environment may reuse arrays)."""
-            nonlocal deadline, check_at
-            if not step_rows:
-                self._t0_ns = time_ns()
-                deadline, check_at = clock() + interval, first_check
+            nonlocal check_at
             add_step((episode, step, action, obs.tolist(), reward, terminated, truncated, label))
             if len(step_rows) >= check_at:
-                check_at = due(len(step_rows), deadline)
+                check_at = due(len(step_rows))
 
         def episode(episode: int, ret: float, length: int, terminated: bool,
                     truncated: bool, seed: int | None = None, reset_obs: Any = None) -> None:
@@ -259,16 +265,14 @@ class Emitter:
         def step_bytes(episode: int, step: int, action: int, obs: Any, reward: float,
                        terminated: bool, truncated: bool, label: str | None = None) -> None:
             """`step` for Box observations of `obs_dtype`, kept as their bytes."""
-            nonlocal deadline, check_at
-            if not step_rows:
-                self._t0_ns = time_ns()
-                deadline, check_at = clock() + interval, first_check
+            nonlocal check_at
             if obs.dtype is not obs_dtype:
                 obs = np.asarray(obs, dtype=obs_dtype)
             add_step((episode, step, action, obs.tobytes(), reward, terminated, truncated, label))
             if len(step_rows) >= check_at:
-                check_at = due(len(step_rows), deadline)
+                check_at = due(len(step_rows))
 
+        self._restart_steps = restart_steps
         self.step: Callable[..., None] = (
             step if not self._steps.vector_obs else step_vector if obs_dtype is None
             else step_bytes)
@@ -294,6 +298,7 @@ class Emitter:
                 parts = self._encode(FrameKind.STEP, steps.normalized(body, rows))
         finally:
             rows.clear()
+            self._restart_steps()
         self._publish(FrameKind.STEP, parts, n)
 
     # --- per episode and per metric -----------------------------------------------------------
