@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -224,6 +225,22 @@ def test_steps_batch_by_time(ctx: zmq.Context[Any], sink: FrameSink) -> None:
     emitter.episode(4, 1.0, 2, True, False)
     wait_until(lambda: len(sink.of(FrameKind.EPISODE)) == 2, what="the second episode frame")
     assert [f.rows for f in sink.of(FrameKind.EPISODE)] == [1, 4]
+    emitter.close(0)
+
+
+def test_a_batch_after_any_flush_is_timed_from_its_own_first_row(
+        ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    clock = FakeClock()
+    emitter = connect(ctx, sink, clock=clock)
+    step_n(emitter, 3)  # the clock was looked at on rows 1 and 2: the next look is at row 4
+    emitter.flush()  # a flush from outside the step path (lifecycle, episode deadline)
+    clock.now += 10 * FLUSH_INTERVAL  # a pause: an evaluation, a slow reset
+    before_ns = time.time_ns()
+    step_n(emitter, 5)  # a new batch: its deadline is FLUSH_INTERVAL after its first row
+    emitter.lifecycle(LifecycleEvent.RUN_STARTED, config={})  # flushes the 5 rows
+    wait_until(lambda: len(sink.of(FrameKind.STEP)) == 2, what="the second step frame")
+    assert [f.rows for f in sink.of(FrameKind.STEP)] == [3, 5]  # not cut by a stale deadline
+    assert sink.of(FrameKind.STEP)[1].body["t0_ns"] >= before_ns  # its first row's time
     emitter.close(0)
 
 
