@@ -32,7 +32,7 @@ bench: setup
 	$(BIN)/python bench/run_all.py
 
 lint: setup
-	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/python -m pip install --quiet ruff==0.17.6 mypy==2.4.1
 	$(BIN)/ruff check api shared services worker tests bench examples
 	@# mypy cannot follow the editable install's folder mapping (gymbus is api/, gymbus.shared is
 	@# shared/, and so on: an import hook, not a folder): it reads the same files through links

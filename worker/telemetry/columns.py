@@ -13,6 +13,7 @@ are converted by `normalized`, only when the encoder has refused the body as it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from itertools import repeat
 from operator import is_, itemgetter
 from typing import Any
@@ -65,7 +66,7 @@ def typed_columns(body: dict[str, Any], kinds: dict[str, type], rows: int) -> di
     (`typed_column` for each)."""
     for name, kind in kinds.items():
         if name in body and kind in _TYPED_DTYPES:
-            body[name] = typed_column(lambda column=body[name]: column, kind, rows)
+            body[name] = typed_column(partial(iter, body[name]), kind, rows)
     return body
 
 
@@ -169,7 +170,7 @@ def _episode_body(rows: list[tuple[Any, ...]], has_seed: bool, has_obs: bool) ->
     n = len(rows)
     body: dict[str, Any] = {}
     for name, get, kind in _EPISODE_FIELDS:
-        body[name] = (typed_column(lambda get=get: map(get, rows), kind, n)
+        body[name] = (typed_column(partial(map, get, rows), kind, n)
                       if kind in _TYPED_DTYPES else list(map(get, rows)))
     if has_seed:
         seeds = np.fromiter(map(_FIELDS[_SEED], rows), np.int64, n)
@@ -226,7 +227,7 @@ class StepColumns:
         """
         n = len(rows)
         body: dict[str, Any] = {
-            name: typed_column(lambda get=get: map(get, rows), self._typed[name], n)
+            name: typed_column(partial(map, get, rows), self._typed[name], n)
             for name, get in self._numeric}
         if self.obs_dtype is not None:
             body[_OBS] = obs_typed_array(list(map(_GET_OBS, rows)), self.obs_dtype)
