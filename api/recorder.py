@@ -192,6 +192,8 @@ class Recorder:
         #: when the oldest buffered step is due (FLUSH_INTERVAL after it), for every env
         self.deadline = math.inf
         self.episodes: list[EpisodeRow] = []
+        #: a vector env's ended episodes, a block's at a time, as numpy columns (`add_episodes`)
+        self._episode_blocks: list[dict[str, Any]] = []
         self._episode_deadline = math.inf
         self._episode_check_at = 1
         self._next_episode = 0
@@ -208,6 +210,11 @@ class Recorder:
         """The next episode id of the run (ids are unique across every recorded env)."""
         self._next_episode += 1
         return self._next_episode - 1
+
+    def new_episodes(self, count: int) -> int:
+        """Ids for `count` episodes at once, from the one returned."""
+        self._next_episode += count
+        return self._next_episode - count
 
     def buffer(self, obs: Layout, action: Layout, info: bool, env_index: int = 0) -> Steps:
         """A step buffer for one more recorded env."""
@@ -233,9 +240,12 @@ class Recorder:
             steps.check_at = min(steps.max_rows, 2 * n)
 
     def add_chunk(self, steps: Steps, chunk: dict[str, Any], n: int) -> None:
-        """Add `n` rows of a vector env: arrays with a first axis of `n`."""
+        """Add `n` rows of a vector env: arrays with a first axis of `n`. A frame never holds
+        more than the buffer's `max_rows` (a block of stored pixels is a frame's worth)."""
         if n <= 0:
             return
+        if steps.chunk_rows and steps.chunk_rows + n > steps.max_rows:
+            self.flush_steps()
         if self.deadline == math.inf:
             self.deadline = self._clock() + FLUSH_INTERVAL
         steps.chunks.append(chunk)
@@ -262,11 +272,14 @@ class Recorder:
     def _send_chunks(self, steps: Steps) -> None:
         chunks, n = steps.chunks, steps.chunk_rows
         steps.chunks, steps.chunk_rows = [], 0
-        body: dict[str, Any] = {}
-        for name in chunks[0]:
-            parts = [c[name] for c in chunks]
-            body[name] = (list(np.concatenate(parts)) if name == "info"
-                          else np.concatenate(parts))
+        body: dict[str, Any] = dict(chunks[0])  # a block's chunk: a frame as it is
+        if len(chunks) > 1:
+            for name in body:
+                parts = [c[name] for c in chunks]
+                body[name] = (list(np.concatenate(parts)) if name == "info"
+                              else np.concatenate(parts))
+        elif "info" in body:
+            body["info"] = list(body["info"])
         if "obs" not in body:
             self.obs_not_stored += n
         self._emit_steps(body, n)
@@ -305,8 +318,9 @@ class Recorder:
         self.steps_taken += length
         episodes = self.episodes
         if not episodes:
-            self._episode_deadline = self._clock() + FLUSH_INTERVAL
             self._episode_check_at = 1
+            if not self._episode_blocks:
+                self._episode_deadline = self._clock() + FLUSH_INTERVAL
         episodes.append((episode, ret, length, terminated, truncated, env_index, seed, reset_obs,
                          reset_info, obs_layout, time.time_ns(), self.steps_taken))
         self.episode_count += 1
@@ -317,61 +331,124 @@ class Recorder:
             else:
                 self._episode_check_at = 2 * n
 
+    def add_episodes(self, columns: dict[str, Any], n: int) -> None:
+        """Buffer `n` ended episodes of a vector env's block, in call order, as columns: numpy
+        arrays "episode", "return", "length", "terminated", "truncated", "env_index", and
+        optionally "seed" and "reset_obs" (ints, or rows of the observation layout's dtype).
+        An optional column held by some rows only comes with a mask of those rows, named
+        "has:" and the column's name. Their global steps follow on from the run's steps taken,
+        and they share one timestamp: the block's, when its episodes are worked out."""
+        if n <= 0:
+            return
+        global_step = np.cumsum(columns["length"]) + self.steps_taken
+        self.steps_taken = int(global_step[-1])
+        columns["global_step"] = global_step
+        columns["ts_ns"] = np.full(n, time.time_ns(), np.int64)
+        if not self.episodes and not self._episode_blocks:
+            self._episode_deadline = self._clock() + FLUSH_INTERVAL
+        self._episode_blocks.extend(_by_masks(columns))
+        self.episode_count += n
+        if (sum(len(c["episode"]) for c in self._episode_blocks) + len(self.episodes)
+                >= EPISODE_BATCH_ROWS or self._clock() >= self._episode_deadline):
+            self.flush()
+
     def flush(self) -> None:
         """Send every buffered step, then every buffered episode."""
         self.flush_steps()
-        if not self.episodes:
+        if not self.episodes and not self._episode_blocks:
             return
         rows, self.episodes = self.episodes, []
+        blocks, self._episode_blocks = self._episode_blocks, []
         self._episode_deadline = math.inf
-        columns = list(zip(*rows))
-        n = len(rows)
-        if all(columns[i].count(None) in (0, n) for i in _OPTIONAL):
-            self._send_episodes(rows, columns)
+        groups = _row_groups(rows) + blocks
+        if len(groups) == 1:
+            self._send_episodes(groups[0])
             return
-        # a frame's optional columns are present in all its rows or in none: sent in groups
-        groups: dict[tuple[bool, ...], list[EpisodeRow]] = {}
-        for row in rows:
-            groups.setdefault(tuple(row[i] is not None for i in _OPTIONAL), []).append(row)
-        for group in groups.values():
-            self._send_episodes(group, list(zip(*group)))
+        # a frame's optional columns are present in all its rows or in none: one frame a set
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for group in groups:
+            by_keys.setdefault(tuple(sorted(group)), []).append(group)
+        for parts in by_keys.values():
+            self._send_episodes(parts[0] if len(parts) == 1 else {
+                name: (np.concatenate([p[name] for p in parts]) if name != "reset_info"
+                       else [v for p in parts for v in p[name]]) for name in parts[0]})
 
-    def _send_episodes(self, rows: list[EpisodeRow], fields: list[tuple[Any, ...]]) -> None:
-        """One episode frame of `rows`, which hold the same optional fields; `fields`: their
-        values field by field."""
-        n = len(rows)
-        episode, ret, length, terminated, truncated, env_index, seed, reset_obs, reset_info, \
-            layouts, ts_ns, global_step = fields
-        returns = np.fromiter(ret, np.float64, n)
-        columns: EpisodeColumns = {
-            "episode": np.fromiter(episode, np.int64, n), "return": returns,
-            "length": np.fromiter(length, np.int64, n), "ts_ns": np.fromiter(ts_ns, np.int64, n),
-            "global_step": np.fromiter(global_step, np.int64, n)}
+    def _send_episodes(self, columns: dict[str, Any]) -> None:
+        """One episode frame of `columns` (numpy arrays, "reset_info" a list of JSON text)."""
+        n = len(columns["episode"])
+        returns = columns["return"]
         if self._on_episodes is not None:
-            self._on_episodes(columns)
+            self._on_episodes({name: columns[name] for name in
+                               ("episode", "return", "length", "ts_ns", "global_step")})
         if not np.isfinite(returns).all():
             self.refused += int((~np.isfinite(returns)).sum())
             returns = np.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0)
-        body: dict[str, Any] = {
-            "episode": typed_array(columns["episode"]),
-            "return": typed_array(returns),
-            "length": typed_array(columns["length"]),
-            "terminated": typed_array(np.fromiter(terminated, np.bool_, n)),
-            "truncated": typed_array(np.fromiter(truncated, np.bool_, n)),
-            "ts_ns": typed_array(columns["ts_ns"]),
-        }
-        first = rows[0]
-        if first[5] is not None:
-            body["env_index"] = typed_array(np.fromiter(env_index, np.int64, n))
-        if first[6] is not None:
-            body["seed"] = typed_array(np.fromiter(seed, np.int64, n))
-        if first[7] is not None:
-            layout = layouts[0]
-            assert layout is not None
-            body["reset_obs"] = typed_array(_column(reset_obs, layout, n))
-        if first[8] is not None:
-            body["reset_info"] = list(reset_info)
+        body: dict[str, Any] = {}
+        for name in ("episode", "return", "length", "terminated", "truncated", "ts_ns",
+                     "env_index", "seed", "reset_obs"):
+            if name in columns:
+                body[name] = typed_array(returns if name == "return" else
+                                         np.ascontiguousarray(columns[name]))
+        if "reset_info" in columns:
+            body["reset_info"] = list(columns["reset_info"])
         self._send(FrameKind.EPISODE, body, n)
+
+
+def _by_masks(columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columns with "has:NAME" masks split into groups of rows that hold the same optional
+    columns (a frame's optional column is in all its rows or in none)."""
+    masks = {name[4:]: columns.pop(name) for name in [c for c in columns if c.startswith("has:")]}
+    if not masks:
+        return [columns]
+    key = np.zeros(len(columns["episode"]), np.int64)
+    for bit, mask in enumerate(masks.values()):
+        key |= mask.astype(np.int64) << bit
+    groups = []
+    for value in np.unique(key).tolist():
+        rows = key == value
+        held = {name for bit, name in enumerate(masks) if value >> bit & 1}
+        groups.append({name: column[rows] for name, column in columns.items()
+                       if name not in masks or name in held})
+    return groups
+
+
+def _row_groups(rows: list[EpisodeRow]) -> list[dict[str, Any]]:
+    """Buffered episode rows as columns, one dict per set of optional fields present."""
+    if not rows:
+        return []
+    fields = list(zip(*rows))
+    n = len(rows)
+    if all(fields[i].count(None) in (0, n) for i in _OPTIONAL):
+        return [_row_columns(fields, n)]
+    groups: dict[tuple[bool, ...], list[EpisodeRow]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[i] is not None for i in _OPTIONAL), []).append(row)
+    return [_row_columns(list(zip(*group)), len(group)) for group in groups.values()]
+
+
+def _row_columns(fields: list[tuple[Any, ...]], n: int) -> dict[str, Any]:
+    """Episode rows holding the same optional fields (`fields`: their values field by field)
+    as the columns `Recorder.add_episodes` takes."""
+    episode, ret, length, terminated, truncated, env_index, seed, reset_obs, reset_info, \
+        layouts, ts_ns, global_step = fields
+    columns: dict[str, Any] = {
+        "episode": np.fromiter(episode, np.int64, n), "return": np.fromiter(ret, np.float64, n),
+        "length": np.fromiter(length, np.int64, n),
+        "terminated": np.fromiter(terminated, np.bool_, n),
+        "truncated": np.fromiter(truncated, np.bool_, n),
+        "ts_ns": np.fromiter(ts_ns, np.int64, n),
+        "global_step": np.fromiter(global_step, np.int64, n)}
+    if env_index[0] is not None:
+        columns["env_index"] = np.fromiter(env_index, np.int64, n)
+    if seed[0] is not None:
+        columns["seed"] = np.fromiter(seed, np.int64, n)
+    if reset_obs[0] is not None:
+        layout = layouts[0]
+        assert layout is not None
+        columns["reset_obs"] = _column(reset_obs, layout, n)
+    if reset_info[0] is not None:
+        columns["reset_info"] = list(reset_info)
+    return columns
 
 
 def _take(value: Any, keep: np.ndarray[Any, Any]) -> Any:

@@ -72,10 +72,9 @@ class RecordedVectorEnv(VectorWrapper):
         if blocks and not info_keys and self.autoreset_mode is not AutoresetMode.DISABLED:
             self._block = Block(n, obs, action,
                                 next_step=self.autoreset_mode is AutoresetMode.NEXT_STEP)
-            self.step = self._step_block  # type: ignore[method-assign]
         self._same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
-        #: when the block's first call is due to be sent (FLUSH_INTERVAL after it)
-        self._due = 0.0
+        if self._block is not None:
+            self._bind_block(self._block)
 
     # --- episodes -------------------------------------------------------------------------
 
@@ -157,49 +156,106 @@ class RecordedVectorEnv(VectorWrapper):
         self._step_ends(done, obs, terminated, truncated, infos)
         return result
 
-    def _step_block(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-        """`step`, when calls are kept in blocks: the call's arrays written into the block."""
-        if self._stop:
-            raise KeyboardInterrupt(self._stop[0])
-        result = self.env.step(actions)
-        obs, rewards, terminated, truncated, infos = result
-        block = self._block
-        assert block is not None
-        first = block.k == 0
-        full = block.put(actions, obs, rewards, terminated, truncated,
-                         infos if self._same_step else None)
-        if first:
-            self._due = time.monotonic() + FLUSH_INTERVAL
-        elif full or time.monotonic() >= self._due:
-            self._take_block()
-        return result
+    def _bind_block(self, block: Block) -> None:
+        """`step` and `_take_block` as closures, when calls are kept in blocks. The common
+        call (arrays whose shapes are a block row's, NEXT_STEP) is written into the block's
+        row as it is, five slice assignments; any other goes through `Block.put`. The clock is
+        looked at when the block's calls double (1, 2, 4, ...): a block is taken when full or
+        when its first call has waited FLUSH_INTERVAL, at most about twice that."""
+        env_step, stop, take_rows = self.env.step, self._stop, self._take_rows
+        rewards, terminated, truncated = block.reward, block.terminated, block.truncated
+        actions_at, obs_at = block.action, block.obs
+        action_shape, obs_shape = block.direct_shapes()
+        finals = self._same_step  # the final observations come from `infos`
+        direct = action_shape is not None and obs_shape is not None and not finals
+        size, clock, ndarray = block.size, time.monotonic, np.ndarray
+        k, check_at, due = 0, 1, 0.0
 
-    def _take_block(self) -> None:
+        def take() -> None:
+            nonlocal k, check_at
+            block.k, k, check_at = k, 0, 1
+            take_rows()
+
+        def step(actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+            nonlocal k, check_at, due
+            if stop:  # Ctrl-C or `gymbus cancel`: stop here, between two steps
+                raise KeyboardInterrupt(stop[0])
+            result = env_step(actions)
+            obs = result[0]
+            if direct and actions.__class__ is ndarray and actions.shape == action_shape \
+                    and obs.__class__ is ndarray and obs.shape == obs_shape:
+                rewards[k] = result[1]
+                terminated[k] = result[2]
+                truncated[k] = result[3]
+                actions_at[k] = actions  # type: ignore[index]
+                obs_at[k] = obs  # type: ignore[index]
+                k += 1
+            else:
+                block.k = k
+                block.put(actions, obs, result[1], result[2], result[3],
+                          result[4] if finals else None)
+                k = block.k
+            if k >= check_at:
+                if k >= size:
+                    take()
+                else:
+                    now = clock()
+                    if k == 1:
+                        due = now + FLUSH_INTERVAL
+                    if now >= due:
+                        take()
+                    else:
+                        check_at = min(size, 2 * k)
+            return result
+
+        self.step = step  # type: ignore[method-assign]
+        self._take_block = take  # type: ignore[method-assign]
+
+    def _take_block(self) -> None:  # replaced per instance by _bind_block
+        """The block's calls so far into the run's buffer (a vector env in blocks)."""
+
+    def _take_rows(self) -> None:
         """The block's steps into the run's buffer, its episodes ended and started in order."""
         block = self._block
         if block is None or not block.k:
             return
         state = EnvState(self._episode, self._t, self._ret, self._live, self._resetting)
-        taken = block.take(state, self._recorder.new_episode, self._policy)
+        taken = block.take(state, self._recorder.new_episodes, self._policy)
         self._recorder.add_chunk(self._steps, taken.chunk, taken.rows)
         self._block_episodes(taken)
 
     def _block_episodes(self, taken: Taken) -> None:
-        """A block's ended and started episodes, in call order: ends and starts merged by
-        (row, sub-env), an episode's end before the start of the next one of its sub-env
-        (which SAME_STEP puts on the same row), so that each end finds its episode's reset in
-        `_reset_rows`."""
-        episode, resets, layout = self._recorder.episode, self._reset_rows, self._obs
-        ends, starts = taken.ends, taken.starts
-        j, m = 0, len(starts)
-        for k, i, ep, ret, length, terminated, truncated in ends:
-            while j < m and starts[j][:2] < (k, i):
-                _, si, obs, _ = starts[j]
-                resets[si] = (si, None, obs, None, layout)
-                j += 1
-            episode(ep, ret, length, terminated, truncated, *resets[i])
-        for _, si, obs, _ in starts[j:]:
-            resets[si] = (si, None, obs, None, layout)
+        """A block's ended episodes to the recorder, as columns; each sub-env's reset as the
+        block leaves it into `_reset_rows`. An episode that began in an earlier block takes
+        its reset (seed, observation) from there: the only ones that can have a seed."""
+        ends, resets = taken.ends, self._reset_rows
+        m = len(ends["episode"])
+        if m:
+            stored = "reset_obs" in ends
+            seeds: np.ndarray[Any, Any] | None = None
+            has_seed = has_obs = None
+            for j in np.flatnonzero(taken.carried).tolist():
+                _, seed, obs, _, _ = resets[int(ends["env_index"][j])]
+                if seed is not None:
+                    if seeds is None:
+                        seeds, has_seed = np.zeros(m, np.int64), np.zeros(m, np.bool_)
+                    seeds[j], has_seed[j] = seed, True  # type: ignore[index]
+                if not stored:
+                    continue
+                if obs is None:  # stepped before any reset
+                    has_obs = np.ones(m, np.bool_) if has_obs is None else has_obs
+                    has_obs[j] = False
+                else:
+                    ends["reset_obs"][j] = (obs if self._obs.kind == "int" else
+                                            np.frombuffer(obs, self._obs.dtype))
+            if seeds is not None:
+                ends["seed"], ends["has:seed"] = seeds, has_seed  # type: ignore[assignment]
+            if has_obs is not None:
+                ends["has:reset_obs"] = has_obs
+            self._recorder.add_episodes(ends, m)
+        layout = self._obs
+        for i, obs in taken.resets:
+            resets[i] = (i, None, obs, None, layout)
         self._recording[:] = self._live
         self._started[:] = ~self._resetting
 

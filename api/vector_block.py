@@ -28,24 +28,22 @@ from gymbus.spaces import Layout
 BLOCK_VALUES = 4096
 
 
-#: an episode that starts within the block: (row k, sub-env i, its reset observation as an
-#: episode row holds it: an int, the bytes of its row, or None, its episode id); at its reset row
-#: under NEXT_STEP, at its predecessor's last row under SAME_STEP
-Start = tuple[int, int, Any, int]
-#: an episode that ended within the block: (row k, sub-env i, episode, return, length,
-#: terminated, truncated)
-End = tuple[int, int, int, float, int, bool, bool]
-
-
 @dataclass
 class Taken:
     """What a block held: the step rows (a chunk of arrays, `rows` long, in call order), and
-    the episodes that ended and started in it, each in call order (row, then sub-env)."""
+    the episodes that ended in it, as columns in call order (row, then sub-env): "episode",
+    "return", "length", "terminated", "truncated", "env_index", and "reset_obs" when the
+    observations are stored. An ended episode that began in an earlier block (`carried`) has
+    its reset where the wrapper keeps it, and its "reset_obs" row is left for the wrapper to
+    fill. `resets`: each sub-env's last reset in the block, (sub-env, its observation as an
+    episode row holds it: an int, the bytes of its row, or None), the episode it has under way
+    as the block ends."""
 
     chunk: dict[str, Any]
     rows: int
-    ends: list[End] = field(default_factory=list)
-    starts: list[Start] = field(default_factory=list)
+    ends: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    carried: np.ndarray[Any, Any] = field(default_factory=lambda: np.zeros(0, np.bool_))
+    resets: list[tuple[int, Any]] = field(default_factory=list)
 
 
 class Block:
@@ -70,6 +68,11 @@ class Block:
         #: SAME_STEP: (row, sub-env, final observation row) of the steps that ended episodes
         self.finals: list[tuple[int, int, Any]] = []
         self._index = np.tile(np.arange(n, dtype=np.int64), self.size)
+
+    def direct_shapes(self) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+        """The shapes of one call's actions and observations that are written into a row as
+        they are (None: they go through `put`)."""
+        return self._action_shape, self._obs_shape
 
     def put(self, actions: Any, obs: Any, rewards: Any, terminated: Any, truncated: Any,
             infos: dict[str, Any] | None) -> bool:
@@ -100,11 +103,12 @@ class Block:
         self.k = k + 1
         return self.k == self.size
 
-    def take(self, state: EnvState, new_episode: Callable[[], int],
+    def take(self, state: EnvState, new_episodes: Callable[[int], int],
              recorded: Callable[[int], bool]) -> Taken:
         """The block's rows as steps and episodes; `state` (each sub-env's episode under way)
-        is carried into the next block. `new_episode()` numbers each episode that starts, in
-        call order (row, then sub-env); `recorded(episode)` says whether its steps are kept."""
+        is carried into the next block. `new_episodes(count)` numbers the episodes that start,
+        in call order (row, then sub-env), from the id it returns; `recorded(episode)` says
+        whether an episode's steps are kept."""
         K, n = self.k, self.n
         self.k = 0
         term, trunc, reward = self.terminated[:K], self.truncated[:K], self.reward[:K]
@@ -119,7 +123,7 @@ class Block:
             starts_at = ended
         taken = Taken({}, 0)
         episode, step, keep = self._segments(K, state, valid, ended, starts_at, reward,
-                                             new_episode, recorded, taken)
+                                             new_episodes, recorded, taken)
         mask = keep.reshape(-1)
         chunk: dict[str, Any] = {
             "episode": episode.reshape(-1)[mask], "step": step.reshape(-1)[mask],
@@ -140,7 +144,7 @@ class Block:
 
     def _segments(self, K: int, state: EnvState, valid: np.ndarray[Any, Any],
                   ended: np.ndarray[Any, Any], starts_at: np.ndarray[Any, Any],
-                  reward: np.ndarray[Any, Any], new_episode: Callable[[], int],
+                  reward: np.ndarray[Any, Any], new_episodes: Callable[[int], int],
                   recorded: Callable[[int], bool],
                   taken: Taken) -> tuple[np.ndarray[Any, Any], ...]:
         """Each row's episode and step index, and whether it is kept, as (K, n) arrays; the
@@ -163,8 +167,8 @@ class Block:
         first = seg[::K]  # each sub-env's first segment: its episode under way
         # new episodes, numbered in call order (row, then sub-env)
         ks, is_ = np.nonzero(starts_at)
-        ids = np.array([new_episode() for _ in range(ks.size)], np.int64)
-        live_ids = np.array([recorded(int(e)) for e in ids], np.bool_)
+        ids = np.arange(ks.size, dtype=np.int64) + new_episodes(ks.size)
+        live_ids = np.fromiter(map(recorded, ids.tolist()), np.bool_, ks.size)
         seg_ep = np.empty(nseg, np.int64)
         seg_live = np.empty(nseg, np.bool_)
         offset = np.zeros(nseg, np.int64)
@@ -174,8 +178,6 @@ class Block:
         inner = ks < K - 1
         after = seg[is_[inner] * K + ks[inner] + 1]
         seg_ep[after], seg_live[after] = ids[inner], live_ids[inner]
-        taken.starts = list(zip(ks.tolist(), is_.tolist(), self._reset_values(ks, is_),
-                                ids.tolist(), strict=True))
         # step index: valid rows before it in its segment, after those of earlier blocks
         before = np.cumsum(V) - V
         seg_begin = np.flatnonzero(begins)
@@ -183,12 +185,22 @@ class Block:
         count = np.bincount(seg, weights=V, minlength=nseg).astype(np.int64) + offset
         total = np.bincount(seg, weights=reward.T.reshape(-1) * V, minlength=nseg) + base
         p = np.flatnonzero(E)
-        order = np.lexsort((p // K, p % K))  # call order: row, then sub-env
-        p = p[order]
+        p = p[np.lexsort((p // K, p % K))]  # call order: row, then sub-env
         g, k, i = seg[p], p % K, p // K
-        taken.ends = list(zip(k.tolist(), i.tolist(), seg_ep[g].tolist(), total[g].tolist(),
-                              count[g].tolist(), self.terminated[k, i].tolist(),
-                              self.truncated[k, i].tolist(), strict=True))
+        taken.ends = {"episode": seg_ep[g], "return": total[g], "length": count[g],
+                      "terminated": self.terminated[k, i], "truncated": self.truncated[k, i],
+                      "env_index": i}
+        # an ended episode's reset: the row before its segment begins, or an earlier block's
+        taken.carried = g == first[i]
+        if self.obs is not None:
+            at = seg_begin[g] - 1
+            at[taken.carried] = i[taken.carried] * K  # any row: the wrapper fills these in
+            taken.ends["reset_obs"] = self.obs[at % K, i]
+        if ks.size:  # each sub-env's last reset in the block: its episode under way
+            which = np.flatnonzero(starts_at.any(axis=0))
+            last_k = K - 1 - np.argmax(starts_at[::-1, which], axis=0)
+            taken.resets = list(zip(which.tolist(), self._reset_values(last_k, which),
+                                    strict=True))
         last = seg[K - 1::K]
         state.episode[:], state.live[:] = seg_ep[last], seg_live[last]
         state.t[:], state.ret[:] = count[last], total[last]

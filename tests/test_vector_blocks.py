@@ -16,7 +16,7 @@ import pytest
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from gymbus import vector_block
-from gymbus.recorder import Recorder
+from gymbus.recorder import FRAME_VALUE_BYTES, Recorder
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import layout
@@ -76,13 +76,14 @@ def record(make: Any, mode: AutoresetMode, blocks: bool, every: int,
                               np.asarray(obs[r]).tolist(), float(body["reward"][r]),
                               bool(body["terminated"][r]), bool(body["truncated"][r])))
         elif frame.kind is FrameKind.EPISODE:
-            reset_obs = body.get("reset_obs")
+            reset_obs, seed = body.get("reset_obs"), body.get("seed")
             for r in range(frame.rows):
                 episodes.append((int(body["episode"][r]), float(body["return"][r]),
                                  int(body["length"][r]), bool(body["terminated"][r]),
                                  bool(body["truncated"][r]), int(body["env_index"][r]),
                                  None if reset_obs is None else
-                                 np.asarray(reset_obs[r]).tolist()))
+                                 np.asarray(reset_obs[r]).tolist(),
+                                 None if seed is None else int(seed[r])))
     return sorted(steps), sorted(episodes)
 
 
@@ -96,6 +97,8 @@ def test_blocks_record_what_call_by_call_recording_does(env: str, mode: Autorese
     steps, episodes = record(ENVS[env], mode, True, every)
     expected_steps, expected_episodes = record(ENVS[env], mode, False, every)
     assert len(episodes) > 20 and len(steps) > 100  # many episodes, several blocks
+    # the seeded resets' episodes (3 sub-envs, reset at the start and at call 400) keep seeds
+    assert sorted(e[-1] for e in episodes if e[-1] is not None) == [5, 6, 7, 9, 10, 11]
     assert episodes == expected_episodes
     assert steps == expected_steps
     # each recorded episode's step rows number its length, indices 0..length-1
@@ -114,7 +117,8 @@ def test_a_block_sends_when_full_and_keeps_rows_in_call_order() -> None:
 
 
 def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
-    """Stored pixels: a block holds as many calls as fit in one frame, not BLOCK_VALUES."""
+    """Stored pixels: a block holds as many calls as fit in one frame, not BLOCK_VALUES; a
+    block whose reset rows left it short of a frame is not merged with the next one."""
     sizes: list[int] = []
 
     def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
@@ -127,12 +131,16 @@ def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
     class Frames(gym.Env[Any, Any]):
         observation_space, action_space = pixels, gym.spaces.Discrete(2)
 
+        t = 0
+
         def reset(self, *, seed: int | None = None,
                   options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+            self.t = 0
             return frame, {}
 
         def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-            return frame, 0.0, False, False, {}
+            self.t += 1
+            return frame, 0.0, False, self.t == 25, {}  # a reset row every 26 calls
 
     recorder = Recorder(send)
     envs = SyncVectorEnv([Frames] * 4)
@@ -144,5 +152,6 @@ def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
         wrapped.step(envs.action_space.sample())
     wrapped.finish()
     recorder.flush()
-    assert len(sizes) > 1 and max(sizes) <= MAX_FRAME_BYTES
-    assert recorder.steps == 1200
+    # at most FRAME_VALUE_BYTES of observations and actions a frame, beside a few columns
+    assert len(sizes) > 1 and max(sizes) <= FRAME_VALUE_BYTES + 64 * 1024 < MAX_FRAME_BYTES
+    assert recorder.steps == 1200 - 4 * (300 // 26)  # every call's rows but the resets
