@@ -248,3 +248,27 @@ def test_control_messages_and_replies_round_trip() -> None:
 def test_bad_control_messages_are_rejected(data: bytes, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason):
         decode_message(data)
+
+
+def test_encoding_keeps_its_packer_and_packs_as_msgpack_does() -> None:
+    """The kept per-thread Packer gives msgpack's own bytes, frame after frame, after a value it
+    refused (nothing of it left behind) and on another thread."""
+    import threading
+
+    def packed(seq: int, body: dict[str, Any]) -> bytes:
+        return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "step", "run_id": RUN,
+                              "agent_id": "", "worker_id": "", "seq": seq, "ts_ns": 5,
+                              "body": body}, use_bin_type=True)
+
+    big = {**STEP_BODY, "obs": typed_array(np.arange(60_000, dtype=np.float32).reshape(-1, 4))}
+    for body in (STEP_BODY, big, STEP_BODY):
+        assert encode_frame(FrameKind.STEP, RUN, 3, body, ts_ns=5)[1] == packed(3, body)
+    with pytest.raises(DecodeError, match="cannot encode"):
+        encode_frame(FrameKind.STEP, RUN, 4, {**STEP_BODY, "reward": [object()]})
+    assert encode_frame(FrameKind.STEP, RUN, 4, STEP_BODY, ts_ns=5)[1] == packed(4, STEP_BODY)
+    on_thread: list[bytes] = []
+    worker = threading.Thread(target=lambda: on_thread.append(
+        encode_frame(FrameKind.STEP, RUN, 4, big, ts_ns=5)[1]))
+    worker.start()
+    worker.join()
+    assert on_thread == [packed(4, big)]
