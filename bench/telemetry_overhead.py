@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -140,10 +141,12 @@ class JsonLines:
 def run_baseline(mode: str, env_id: str, steps: int, seed: int) -> dict[str, Any]:
     """One timed baseline run in this process; its numbers as a dict."""
     writer: Any = None
+    tb_dir = None
     if mode == "tb":
         from torch.utils.tensorboard import SummaryWriter  # imported before the clock starts
 
-        writer = SummaryWriter(tempfile.mkdtemp(prefix="gymbus-bench-tb-"))
+        tb_dir = tempfile.mkdtemp(prefix="gymbus-bench-tb-")
+        writer = SummaryWriter(tb_dir)
     wall, cpu = time.perf_counter(), time.process_time()
     if mode == "plain":
         episodes = plain_loop(env_id, steps, seed)
@@ -163,8 +166,11 @@ def run_baseline(mode: str, env_id: str, steps: int, seed: int) -> dict[str, Any
 
         episodes = hooked_loop(env_id, steps, seed, log_step)
         writer.close()
-    return {"steps": steps, "episodes": episodes, "seconds": time.perf_counter() - wall,
-            "cpu_seconds": time.process_time() - cpu}
+    timed = {"steps": steps, "episodes": episodes, "seconds": time.perf_counter() - wall,
+             "cpu_seconds": time.process_time() - cpu}
+    if tb_dir is not None:
+        shutil.rmtree(tb_dir, ignore_errors=True)
+    return timed
 
 
 def baseline_subprocess(mode: str, env_id: str, steps: int, seed: int) -> dict[str, Any]:
@@ -414,6 +420,8 @@ def bench(args: argparse.Namespace) -> int:
         watch.close()
     finally:
         stack.stop()
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
     missed = [m for s in summaries for m in print_summary(s)]
     for s in summaries:  # the same work: every mode ran the same episodes
         same = {m: s["episodes"][m] for m in ("plain", "fast", "full", "jsonl")}
@@ -433,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envs", default=",".join(ENVS))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--keep", action="store_true", help="keep the stack's folder (its store)")
     parser.add_argument("--baseline", choices=("plain", "jsonl", "tb"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
