@@ -65,8 +65,10 @@ def _finite_rows(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
     """Which rows of a float column are finite (None: all, or not a float column)."""
     if arr.dtype.kind != "f":
         return None
-    ok = np.isfinite(arr) if arr.ndim == 1 else np.isfinite(arr).all(axis=1)
-    return None if ok.all() else ok
+    ok = np.isfinite(arr)
+    if ok.all():  # the common frame: no row test (`all(axis=1)` over short rows is ~10x slower)
+        return None
+    return ok if arr.ndim == 1 else ok.all(axis=1)
 
 
 def info_json(info: dict[str, Any], keys: Sequence[str]) -> str:

@@ -152,3 +152,74 @@ def test_a_frame_is_sent_when_its_first_row_has_waited() -> None:
         now[0] += 0.03
     assert sent and all(rows <= 8 for rows in sent)
     assert sum(sent) + len(env._steps) == 40
+
+
+class NonFinite(gym.Env[Any, Any]):
+    """CartPole-shaped steps where every 7th observation holds a NaN or an inf and every 11th
+    reward is NaN; 20-step episodes."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self) -> None:
+        self.t = self.n = 0
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        self.t = 0
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        self.n += 1
+        obs = np.full(4, self.n, np.float32)
+        if self.n % 7 == 0:
+            obs[self.n % 4] = np.nan if self.n % 2 else np.inf
+        reward = float("nan") if self.n % 11 == 0 else 1.0
+        return obs, reward, False, self.t == 20, {}
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_rows_with_nan_or_inf_are_refused_and_counted_and_the_rest_stored(vector: bool) -> None:
+    steps: list[int] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        frame = decode_frame(list(encode_frame(kind, "r", 0, body)))
+        if frame.kind is FrameKind.STEP:
+            assert np.isfinite(np.asarray(frame.body["obs"], np.float64)).all()
+            assert np.isfinite(np.asarray(frame.body["reward"], np.float64)).all()
+            steps.extend(int(v) for v in np.asarray(frame.body["obs"])[:, 0])
+
+    recorder = Recorder(send)
+    obs, action = layout(NonFinite.observation_space), layout(NonFinite.action_space, "action")
+    if vector:
+        from gymnasium.vector import SyncVectorEnv
+
+        from gymbus.vector import RecordedVectorEnv
+
+        envs = RecordedVectorEnv(SyncVectorEnv([NonFinite]), recorder, lambda e: True, obs,
+                                 action)
+        envs.reset(seed=0)
+        for _ in range(1000):  # NEXT_STEP: every 21st call is a reset row, not a step
+            envs.step(np.zeros(1, np.int64))
+        envs.finish()
+        taken = [n for n in range(1, 1001) if n % 21]
+    else:
+        env = RecordedEnv(NonFinite(), recorder, lambda e: True, obs, action)
+        env.reset(seed=0)
+        for n in range(1, 1001):
+            env.step(0)
+            if n % 20 == 0:
+                env.reset()
+        env.finish()  # type: ignore[attr-defined]
+        taken = list(range(1, 1001))
+    recorder.flush()
+    # the env's own counter numbers its steps (NonFinite.n); a reset row took no step
+    numbered = list(range(1, len(taken) + 1))
+    bad = [n for n in numbered if n % 7 == 0 or n % 11 == 0]
+    # an episode with a NaN reward has a NaN return: counted too (stored as 0.0)
+    nan_returns = sum(any(n % 11 == 0 for n in numbered[i:i + 20])
+                      for i in range(0, len(numbered), 20))
+    assert recorder.refused == len(bad) + nan_returns and len(bad) > 100
+    assert steps == sorted(set(numbered) - set(bad))  # each kept step once, in order
+    assert recorder.steps == len(numbered) - len(bad)
