@@ -68,7 +68,8 @@ def _finite_rows(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
     ok = np.isfinite(arr)
     if ok.all():  # the common frame: no row test (`all(axis=1)` over short rows is ~10x slower)
         return None
-    return ok if arr.ndim == 1 else ok.all(axis=1)
+    rows: np.ndarray[Any, Any] = ok if arr.ndim == 1 else ok.all(axis=1)
+    return rows
 
 
 def info_json(info: dict[str, Any], keys: Sequence[str]) -> str:
