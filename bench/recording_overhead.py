@@ -176,6 +176,21 @@ def whole_rate(s: dict[str, Any]) -> float:
     return float(s.get("projected_steps_per_s", s["steps_per_s"]))
 
 
+def run_rate(r: dict[str, Any], steps: int) -> float:
+    """One run's whole rate, projected to `steps` at its loop's rate if it ran fewer."""
+    if r["steps"] >= steps:
+        return float(r["steps"] / r["seconds"])
+    return steps / (r["seconds"] - r["loop_seconds"] + steps * r["loop_seconds"] / r["steps"])
+
+
+def round_ratios(variant: dict[str, Any], against: dict[str, Any]) -> list[float]:
+    """The variant's whole rate over `against`'s, round by round (runs of one round ran one
+    after the other): their spread says how far the machine moved the medians."""
+    steps = max(variant["runs"][0]["steps"], against["runs"][0]["steps"])
+    return [run_rate(v, steps) / run_rate(a, steps)
+            for v, a in zip(variant["runs"], against["runs"], strict=False)]
+
+
 def print_case(case: str, s: dict[str, Any], skipped: list[str]) -> list[str]:
     """Print one case's table and its verdicts; returns the targets it misses."""
     bare = s["bare"]
@@ -214,8 +229,9 @@ def print_case(case: str, s: dict[str, Any], skipped: list[str]) -> list[str]:
         ratio = whole_rate(s[variant]) / whole_rate(s[against])
         cpu = s[variant]["cpu_steps_per_s"] / s[against]["cpu_steps_per_s"]
         ok = ratio >= target
-        print(f"  target {variant} >= {target:g}x {against}: {ratio:.3f}x (cpu {cpu:.3f}x) "
-              f"{'met' if ok else 'MISSED'}")
+        rounds = round_ratios(s[variant], s[against])
+        print(f"  target {variant} >= {target:g}x {against}: {ratio:.3f}x (cpu {cpu:.3f}x; "
+              f"rounds {min(rounds):.3f}-{max(rounds):.3f}) {'met' if ok else 'MISSED'}")
         if not ok:
             missed.append(f"{case}: {variant} {ratio:.3f}x {against} < {target:g}x")
     return missed
