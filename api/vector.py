@@ -111,8 +111,9 @@ class RecordedVectorEnv(VectorWrapper):
     def reset(self, *, seed: int | list[int | None] | None = None,
               options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         self._take_block()
-        obs, infos = self.env.reset(seed=seed, options=options)  # type: ignore[arg-type]
+        # read before the reset: SyncVectorEnv takes reset_mask out of the options it is given
         mask = (options or {}).get("reset_mask")
+        obs, infos = self.env.reset(seed=seed, options=options)  # type: ignore[arg-type]
         which = np.flatnonzero(mask) if mask is not None else self._index
         seeds = (seed if isinstance(seed, list) else
                  [None if seed is None else seed + i for i in range(self.num_envs)])

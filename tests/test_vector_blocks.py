@@ -43,8 +43,8 @@ ENVS = {
 }
 
 
-def record(make: Any, mode: AutoresetMode, blocks: bool, every: int,
-           calls: int = 700) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def record(make: Any, mode: AutoresetMode, blocks: bool, every: int, calls: int = 700,
+           vector: Any = SyncVectorEnv) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Step rows and episode rows of a seeded random loop, as decoded frames hold them."""
     frames: list[Any] = []
 
@@ -52,7 +52,7 @@ def record(make: Any, mode: AutoresetMode, blocks: bool, every: int,
         frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
 
     recorder = Recorder(send)
-    envs = SyncVectorEnv([make] * 3, autoreset_mode=mode)
+    envs = vector([make] * 3, autoreset_mode=mode)
     wrapped = RecordedVectorEnv(envs, recorder, lambda e: e % every == 0,
                                 layout(envs.single_observation_space),
                                 layout(envs.single_action_space, "action"), blocks=blocks)
@@ -63,7 +63,13 @@ def record(make: Any, mode: AutoresetMode, blocks: bool, every: int,
         if call == 400:  # an explicit reset mid-run cuts every episode under way
             wrapped.reset(seed=9)
     wrapped.finish()
+    wrapped.close()
     recorder.flush()
+    return rows_of(frames)
+
+
+def rows_of(frames: list[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The step rows and episode rows that decoded frames hold, each sorted."""
     steps: list[tuple[Any, ...]] = []
     episodes: list[tuple[Any, ...]] = []
     for frame in frames:
@@ -105,6 +111,54 @@ def test_blocks_record_what_call_by_call_recording_does(env: str, mode: Autorese
     for episode, _, length, *_ in episodes:
         mine = [s[1] for s in steps if s[0] == episode]
         assert mine in ([], list(range(length)))
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_an_async_vector_env_records_what_a_sync_one_does(mode: AutoresetMode) -> None:
+    """AsyncVectorEnv (sub-environments in processes of their own, observations through shared
+    memory) through the block path: the same rows as SyncVectorEnv with the same seeds."""
+    steps, episodes = record(ENVS["cartpole"], mode, True, 1, calls=500,
+                             vector=gym.vector.AsyncVectorEnv)
+    assert len(episodes) > 20
+    assert (steps, episodes) == record(ENVS["cartpole"], mode, True, 1, calls=500)
+
+
+def test_disabled_autoreset_records_the_episodes_the_loop_counts() -> None:
+    """AutoresetMode.DISABLED: the loop resets the sub-envs that ended (a reset_mask); each
+    sub-env's episodes are recorded as the loop itself counts them (length, return)."""
+    frames: list[Any] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
+
+    recorder = Recorder(send)
+    envs = SyncVectorEnv([ENVS["cartpole"]] * 3, autoreset_mode=AutoresetMode.DISABLED)
+    wrapped = RecordedVectorEnv(envs, recorder, lambda e: True,
+                                layout(envs.single_observation_space),
+                                layout(envs.single_action_space, "action"))
+    wrapped.reset(seed=3)
+    envs.action_space.seed(3)
+    counted: list[tuple[int, int, float]] = []  # (sub-env, length, return), as the loop sees
+    length, ret = np.zeros(3, np.int64), np.zeros(3)
+    for _ in range(600):
+        _, rewards, terminated, truncated, _ = wrapped.step(envs.action_space.sample())
+        length += 1
+        ret += rewards
+        done = terminated | truncated
+        for i in np.flatnonzero(done):
+            counted.append((int(i), int(length[i]), float(ret[i])))
+        if done.any():
+            wrapped.reset(options={"reset_mask": done})
+            length[done], ret[done] = 0, 0.0
+    wrapped.finish()
+    recorder.flush()
+    steps, episodes = rows_of(frames)
+    ended = sorted((e[5], e[2], e[1]) for e in episodes if e[3] or e[4])
+    assert len(counted) > 30 and ended == sorted(counted)
+    # and the episodes cut short by the end of the run, with the steps taken since their reset
+    assert sorted((e[5], e[2]) for e in episodes if not (e[3] or e[4])) == [
+        (i, int(length[i])) for i in range(3) if length[i]]
+    assert len(steps) == 600 * 3
 
 
 def test_a_block_sends_when_full_and_keeps_rows_in_call_order() -> None:
