@@ -210,3 +210,55 @@ def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
     # at most FRAME_VALUE_BYTES of observations and actions a frame, beside a few columns
     assert len(sizes) > 1 and max(sizes) <= FRAME_VALUE_BYTES + 64 * 1024 < MAX_FRAME_BYTES
     assert recorder.steps == 1200 - 4 * (300 // 26)  # every call's rows but the resets
+
+
+class Counted(gym.Wrapper[Any, Any, Any, Any]):
+    """CartPole with info {"t": steps since the reset} (0 at the reset)."""
+
+    def __init__(self) -> None:
+        super().__init__(gym.make("CartPole-v1"))
+        self.t = 0
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        self.t = 0
+        obs, _ = self.env.reset(**kwargs)
+        return obs, {"t": 0}
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        self.t += 1
+        obs, reward, terminated, truncated, _ = self.env.step(action)
+        return obs, reward, terminated, truncated, {"t": self.t}
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_a_vector_envs_named_info_keys_are_each_steps_own(mode: AutoresetMode) -> None:
+    """Each step row holds its own sub-env's info, the last step of an episode too (under
+    SAME_STEP from `final_info`, the returned info being the next episode's reset info); each
+    episode row holds its reset's info."""
+    import json
+
+    frames: list[Any] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
+
+    recorder = Recorder(send)
+    envs = SyncVectorEnv([Counted] * 3, autoreset_mode=mode)
+    wrapped = RecordedVectorEnv(envs, recorder, lambda e: True,
+                                layout(envs.single_observation_space),
+                                layout(envs.single_action_space, "action"), info_keys=["t"])
+    wrapped.reset(seed=2)
+    envs.action_space.seed(2)
+    for _ in range(300):
+        wrapped.step(envs.action_space.sample())
+    wrapped.finish()
+    recorder.flush()
+    rows = [(int(f.body["step"][r]), json.loads(f.body["info"][r]), bool(f.body["terminated"][r]
+             or f.body["truncated"][r])) for f in frames if f.kind is FrameKind.STEP
+            for r in range(f.rows)]
+    ends = [r for r in rows if r[2]]
+    assert len(rows) > 800 and len(ends) > 20
+    assert all(info == {"t": step + 1} for step, info, _ in rows)
+    resets = [json.loads(text) for f in frames if f.kind is FrameKind.EPISODE
+              for text in f.body["reset_info"]]
+    assert len(resets) > 20 and all(info == {"t": 0} for info in resets)
