@@ -36,7 +36,32 @@ class DictObs(gym.ObservationWrapper[Any, Any, Any]):
         return {"pos": obs[[0, 2]], "vel": obs[[1, 3]]}
 
 
+class Multi(gym.Env[Any, Any]):
+    """MultiBinary observations and MultiDiscrete actions; an episode ends when the action's
+    first part is 0 twice in a row, or at 15 steps."""
+
+    observation_space = gym.spaces.MultiBinary(5)
+    action_space = gym.spaces.MultiDiscrete([3, 4])
+
+    def __init__(self) -> None:
+        self.t, self.last = 0, -1
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.t, self.last = 0, -1
+        return self.np_random.integers(0, 2, 5, dtype=np.int8), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        terminated = self.last == action[0] == 0
+        self.last = int(action[0])
+        obs = self.np_random.integers(0, 2, 5, dtype=np.int8)
+        return obs, float(action[1]) - 1.5, terminated, self.t >= 15, {}
+
+
 ENVS = {
+    "multi": Multi,
     "cartpole": lambda: gym.make("CartPole-v1"),
     "frozenlake": lambda: gym.make("FrozenLake-v1", max_episode_steps=12),
     "dict": lambda: DictObs(gym.make("CartPole-v1")),
