@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -57,8 +57,26 @@ DISABLE_TELEMETRY_VAR = "DISABLE_TELEMETRY"
 SUBSCRIBE_WAIT = 2.0
 BACKENDS = ("gymbus", "sb3", "cleanrl", "custom")
 
-#: per episode: record its steps or not (full: all; sampled: every Nth; fast: none)
-StepPolicy = Callable[[int], bool]
+class StepPolicy:
+    """Per episode: record its steps or not. `every`: 1 records every episode (full), N every
+    Nth (sampled), 0 none (fast). Called per episode; `of` answers for an array of episode ids
+    at once (a vector env's block)."""
+
+    __slots__ = ("every",)
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def __call__(self, episode: int) -> bool:
+        every = self.every
+        return every == 1 or (every > 1 and episode % every == 0)
+
+    def of(self, episodes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if self.every == 1:
+            return np.ones(episodes.size, np.bool_)
+        if self.every < 1:
+            return np.zeros(episodes.size, np.bool_)
+        return np.asarray(episodes % self.every == 0)
 
 
 class UsageError(GymbusError):
@@ -67,10 +85,10 @@ class UsageError(GymbusError):
 
 def _policy(mode: TelemetryMode, every: int) -> StepPolicy:
     if mode is TelemetryMode.FAST:
-        return lambda episode: False
+        return StepPolicy(0)
     if mode is TelemetryMode.SAMPLED:
-        return lambda episode: episode % every == 0
-    return lambda episode: True
+        return StepPolicy(every)
+    return StepPolicy(1)
 
 
 def _true(word: str | None) -> bool:

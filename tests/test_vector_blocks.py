@@ -17,6 +17,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from gymbus import vector_block
 from gymbus.recorder import FRAME_VALUE_BYTES, Recorder
+from gymbus.session import StepPolicy
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import layout
@@ -78,7 +79,7 @@ def record(make: Any, mode: AutoresetMode, blocks: bool, every: int, calls: int 
 
     recorder = Recorder(send)
     envs = vector([make] * 3, autoreset_mode=mode)
-    wrapped = RecordedVectorEnv(envs, recorder, lambda e: every > 0 and e % every == 0,
+    wrapped = RecordedVectorEnv(envs, recorder, StepPolicy(every),  # the run's policy
                                 layout(envs.single_observation_space),
                                 layout(envs.single_action_space, "action"), blocks=blocks)
     wrapped.reset(seed=5)
