@@ -407,8 +407,10 @@ def _by_masks(columns: dict[str, Any]) -> list[dict[str, Any]]:
     for bit, mask in enumerate(masks.values()):
         key |= mask.astype(np.int64) << bit
     groups = []
-    for value in np.unique(key).tolist():
+    for value in range(1 << len(masks)):  # not np.unique: its first call imports numpy.ma
         rows = key == value
+        if not rows.any():
+            continue
         held = {name for bit, name in enumerate(masks) if value >> bit & 1}
         groups.append({name: column[rows] for name, column in columns.items()
                        if name not in masks or name in held})
