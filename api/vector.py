@@ -49,6 +49,8 @@ class RecordedVectorEnv(VectorWrapper):
         super().__init__(env)
         self._stop = stop if stop is not None else []
         self._recorder, self._policy = recorder, policy
+        function = getattr(policy, "function", None)  # a StepPolicy's, cheaper to call
+        self._recorded = function() if function is not None else policy
         self._obs, self._action = obs, action
         self._info_keys = tuple(info_keys)
         mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
@@ -86,7 +88,7 @@ class RecordedVectorEnv(VectorWrapper):
         episode = rec.new_episode()
         self._episode[i], self._t[i], self._ret[i] = episode, 0, 0.0
         self._started[i] = True
-        self._recording[i] = self._policy(episode)
+        self._recording[i] = self._recorded(episode)
         self._live[i] = self._recording[i]
         layout = self._obs
         self._reset_rows[i] = (
