@@ -161,10 +161,10 @@ class RecordedVectorEnv(VectorWrapper):
 
     def _bind_block(self, block: Block) -> None:
         """`step` and `_take_block` as closures, when calls are kept in blocks. The common
-        call (arrays whose shapes are a block row's, NEXT_STEP) is written into the block's
-        row as it is, five assignments into row views; any other goes through `Block.put`. The clock is
-        looked at when the block's calls double (1, 2, 4, ...): a block is taken when full or
-        when its first call has waited FLUSH_INTERVAL, at most about twice that."""
+        call (arrays whose shapes are a block row's, NEXT_STEP) is written into the block's row
+        as it is, five assignments into row views; any other goes through `Block.put`. The
+        clock is looked at when the block's calls double (1, 2, 4, ...): a block is taken when
+        full or when its first call has waited FLUSH_INTERVAL, at most about twice that."""
         env_step, stop, take_rows = self.env.step, self._stop, self._take_rows
         # each row of the block's arrays as a view, made once: `view[...] = value` costs
         # ~110 ns where `array[k] = value` costs ~170 (numpy makes the row's view each time)

@@ -1,9 +1,11 @@
 """The steps of a vector env kept as blocks of arrays, and turned into rows and episodes later.
 
-Per `step` call, `Block.put` writes the call's arrays into row k of preallocated (rows, envs)
-arrays: a handful of slice assignments. Which rows are steps, which episode each belongs to, its
-step index, and where episodes end and start are worked out when the block is full (or due),
-for the whole block at once (`Block.take`), with a loop per episode, not per step.
+Per `step` call, the call's arrays are written into row k of preallocated (rows, envs) arrays:
+five assignments into row views by the wrapper's step closure (gymbus.vector), or `Block.put`
+for the other shapes. Which rows are steps, which episode each belongs to, its step index,
+and where episodes end and start are worked out when the block is full (or due), for the whole
+block at once (`Block.take`), with array operations: no Python per step, and the block's ended
+episodes handed on as columns.
 
 Gymnasium's two autoreset modes (docs/python-api.md):
 - NEXT_STEP: the row after a sub-environment's last step is its reset: not a step, and its
