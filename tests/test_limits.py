@@ -194,12 +194,15 @@ AFFINITY = """
     print(json.dumps({"cores": sorted(os.sched_getaffinity(0)),
                       "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}))
 """
-#: sleeps, with a process of its own in its group, until the timeout stops both
+#: waits for a signal, with a process of its own in its group, until the timeout stops both
+#: (each ends by itself after 120 s: SIGALRM's default action)
 SLEEPER = """
-    import pathlib, subprocess, sys, time
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    import pathlib, signal, subprocess, sys
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import signal; signal.alarm(120); signal.pause()"])
     pathlib.Path("grandchild.pid").write_text(str(child.pid))
-    time.sleep(120)
+    signal.alarm(120)
+    signal.pause()
 """
 #: holds its run (and its cores) until the file `release` appears
 HOLDER = """

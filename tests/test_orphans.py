@@ -35,10 +35,12 @@ QUIET_WINDOW = 1.0
 #: that keeps writing into the run folder, as a data loader or a simulator might
 SCRIPT = """
     import os, signal, subprocess, sys, gymnasium as gym, gymbus
-    helper = subprocess.Popen([sys.executable, "-c", "import os, signal, time\\n"
+    helper = subprocess.Popen([sys.executable, "-c", "import os, signal\\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
         "f = open(os.path.join(os.environ['GYMBUS_RUN_DIR'], 'helper.log'), 'a')\\n"
-        "while True:\\n    f.write('x'); f.flush(); time.sleep(0.01)\\n"])
+        "signal.signal(signal.SIGALRM, lambda *_: (f.write('x'), f.flush()))\\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)\\n"
+        "for _ in range(6000):\\n    signal.pause()\\n"])  # a write every 10 ms, 60 s at most
     with gymbus.run(name="spawns-a-helper") as run:
         env = run.record(gym.make("CartPole-v1"))
         env.reset(seed=0)
@@ -148,8 +150,10 @@ def test_a_launched_script_and_its_process_group_die_with_its_killed_worker(
 
 def test_the_watchdog_kills_the_group_at_end_of_file_and_spares_it_when_released() -> None:
     """The pipe's end of file (the daemon died) kills the whole group; a release does not."""
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', " \
-             "'import time; time.sleep(60)']); time.sleep(60)"
+    # the leader and its child wait for a signal; each ends by itself after 60 s (SIGALRM)
+    script = "import signal, subprocess, sys; subprocess.Popen([sys.executable, '-c', " \
+             "'import signal; signal.alarm(60); signal.pause()']); signal.alarm(60); " \
+             "signal.pause()"
     leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
         released = orphans.watch_group(leader.pid)
