@@ -12,22 +12,19 @@ the seed it was reset with, if any.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from gymbus.recorder import Recorder, info_json
+from gymbus.recorder import Recorder, info_json, per_episode
 from gymbus.spaces import Layout
-
-if TYPE_CHECKING:
-    from gymbus.session import StepPolicy
 
 
 class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
     """Records every step and episode of `env` into a run (made by `Run.record`)."""
 
-    def __init__(self, env: gym.Env[Any, Any], recorder: Recorder, policy: StepPolicy,
+    def __init__(self, env: gym.Env[Any, Any], recorder: Recorder, policy: Callable[[int], bool],
                  obs: Layout, action: Layout, info_keys: Sequence[str] = (),
                  env_index: int = 0, stop: list[str] | None = None) -> None:
         super().__init__(env)
@@ -44,10 +41,8 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         self._bind()
 
     def _bind(self) -> None:
-        rec, policy, buffer = self._recorder, self._policy, self._steps
-        function = getattr(policy, "function", None)
-        if function is not None:  # a run's StepPolicy: its plain function is cheaper to call
-            policy = function()
+        rec, buffer = self._recorder, self._steps
+        policy = per_episode(self._policy)
         rewards, actions, observations = buffer.rewards, buffer.actions, buffer.observations
         add_reward, check = rewards.append, rec.check
         env_step, env_reset = self.env.step, self.env.reset

@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -35,7 +35,7 @@ import zmq
 from ulid import ULID
 
 from gymbus import launched
-from gymbus.recorder import EpisodeColumns, Recorder
+from gymbus.recorder import EpisodeColumns, Recorder, StepPolicy
 from gymbus.registration import KeepAlive, close_run, open_run
 from gymbus.shared import settings as settings_mod
 from gymbus.shared.errors import GymbusError
@@ -56,38 +56,6 @@ DISABLE_TELEMETRY_VAR = "DISABLE_TELEMETRY"
 #: seconds to wait for the broker to forward the first subscription
 SUBSCRIBE_WAIT = 2.0
 BACKENDS = ("gymbus", "sb3", "cleanrl", "custom")
-
-class StepPolicy:
-    """Per episode: record its steps or not. `every`: 1 records every episode (full), N every
-    Nth (sampled), 0 none (fast). Called per episode; `of` answers for an array of episode ids
-    at once (a vector env's block)."""
-
-    __slots__ = ("every",)
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-
-    def __call__(self, episode: int) -> bool:
-        every = self.every
-        return every == 1 or (every > 1 and episode % every == 0)
-
-    def function(self) -> Callable[[int], bool]:
-        """The same answer as a plain function: ~70 ns a call where calling the policy costs
-        ~170 (an env's reset asks it once an episode)."""
-        every = self.every
-        if every == 1:
-            return lambda episode: True
-        if every < 1:
-            return lambda episode: False
-        return lambda episode: episode % every == 0
-
-    def of(self, episodes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        if self.every == 1:
-            return np.ones(episodes.size, np.bool_)
-        if self.every < 1:
-            return np.zeros(episodes.size, np.bool_)
-        return np.asarray(episodes % self.every == 0)
-
 
 class UsageError(GymbusError):
     """The Python API used in a way that cannot work; the message says what to do instead."""

@@ -18,18 +18,15 @@ is (docs/python-api.md):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
-from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json
+from gymbus.recorder import FLUSH_INTERVAL, Recorder, info_json, per_episode
 from gymbus.spaces import Layout
 from gymbus.vector_block import Block, EnvState, Taken, stack_one
-
-if TYPE_CHECKING:
-    from gymbus.session import StepPolicy
 
 
 def _sub_info(infos: dict[str, Any], i: int, keys: Sequence[str]) -> dict[str, Any]:
@@ -41,7 +38,7 @@ def _sub_info(infos: dict[str, Any], i: int, keys: Sequence[str]) -> dict[str, A
 class RecordedVectorEnv(VectorWrapper):
     """Records every step of every sub-environment of `env` into a run (`Run.record`)."""
 
-    def __init__(self, env: VectorEnv, recorder: Recorder, policy: StepPolicy,
+    def __init__(self, env: VectorEnv, recorder: Recorder, policy: Callable[[int], bool],
                  obs: Layout, action: Layout, info_keys: Sequence[str] = (),
                  stop: list[str] | None = None, *, blocks: bool = True) -> None:
         """`blocks=False` takes every call apart as it comes (as named info keys and the
@@ -49,8 +46,7 @@ class RecordedVectorEnv(VectorWrapper):
         super().__init__(env)
         self._stop = stop if stop is not None else []
         self._recorder, self._policy = recorder, policy
-        function = getattr(policy, "function", None)  # a StepPolicy's, cheaper to call
-        self._recorded = function() if function is not None else policy
+        self._recorded = per_episode(policy)
         self._obs, self._action = obs, action
         self._info_keys = tuple(info_keys)
         mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)

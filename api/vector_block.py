@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gymbus.recorder import FRAME_VALUE_BYTES
+from gymbus.recorder import FRAME_VALUE_BYTES, per_block
 from gymbus.spaces import Layout
 
 #: sub-environment steps a block holds, over all sub-environments (a block of 8 envs: 512
@@ -171,9 +171,7 @@ class Block:
         # new episodes, numbered in call order (row, then sub-env)
         ks, is_ = np.nonzero(starts_at)
         ids = np.arange(ks.size, dtype=np.int64) + new_episodes(ks.size)
-        of = getattr(recorded, "of", None)  # the run's StepPolicy answers for all at once
-        live_ids = (of(ids) if of is not None else
-                    np.fromiter(map(recorded, ids.tolist()), np.bool_, ks.size))
+        live_ids = per_block(recorded, ids)
         seg_ep = np.empty(nseg, np.int64)
         seg_live = np.empty(nseg, np.bool_)
         offset = np.zeros(nseg, np.int64)
@@ -197,10 +195,8 @@ class Block:
                       "env_index": i}
         # an ended episode's reset: the row before its segment begins, or an earlier block's
         taken.carried = g == first[i]
-        if self.obs is not None:
-            at = seg_begin[g] - 1
-            at[taken.carried] = i[taken.carried] * K  # any row: the wrapper fills these in
-            taken.ends["reset_obs"] = self.obs[at % K, i]
+        if self.obs is not None:  # a carried episode's row is some row: the wrapper fills it
+            taken.ends["reset_obs"] = self.obs[(seg_begin[g] - 1) % K, i]
         if ks.size:  # each sub-env's last reset in the block: its episode under way
             which = np.flatnonzero(starts_at.any(axis=0))
             last_k = K - 1 - np.argmax(starts_at[::-1, which], axis=0)
