@@ -68,15 +68,21 @@ ENVS = {
 }
 
 
-def record(make: Any, mode: AutoresetMode, blocks: bool, every: int, calls: int = 700,
-           vector: Any = SyncVectorEnv) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Step rows and episode rows of a seeded random loop, as decoded frames hold them."""
+def collecting() -> tuple[Recorder, list[Any]]:
+    """A Recorder whose frames are encoded and decoded, as the ingest would see them, into the
+    list returned with it."""
     frames: list[Any] = []
 
     def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
         frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
 
-    recorder = Recorder(send)
+    return Recorder(send), frames
+
+
+def record(make: Any, mode: AutoresetMode, blocks: bool, every: int, calls: int = 700,
+           vector: Any = SyncVectorEnv) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Step rows and episode rows of a seeded random loop, as decoded frames hold them."""
+    recorder, frames = collecting()
     envs = vector([make] * 3, autoreset_mode=mode)
     wrapped = RecordedVectorEnv(envs, recorder, StepPolicy(every),  # the run's policy
                                 layout(envs.single_observation_space),
@@ -152,12 +158,7 @@ def test_an_async_vector_env_records_what_a_sync_one_does(mode: AutoresetMode) -
 def test_disabled_autoreset_records_the_episodes_the_loop_counts() -> None:
     """AutoresetMode.DISABLED: the loop resets the sub-envs that ended (a reset_mask); each
     sub-env's episodes are recorded as the loop itself counts them (length, return)."""
-    frames: list[Any] = []
-
-    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
-        frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
-
-    recorder = Recorder(send)
+    recorder, frames = collecting()
     envs = SyncVectorEnv([ENVS["cartpole"]] * 3, autoreset_mode=AutoresetMode.DISABLED)
     wrapped = RecordedVectorEnv(envs, recorder, lambda e: True,
                                 layout(envs.single_observation_space),
@@ -262,12 +263,7 @@ def test_a_vector_envs_named_info_keys_are_each_steps_own(mode: AutoresetMode) -
     episode row holds its reset's info."""
     import json
 
-    frames: list[Any] = []
-
-    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
-        frames.append(decode_frame(list(encode_frame(kind, "r", len(frames), body))))
-
-    recorder = Recorder(send)
+    recorder, frames = collecting()
     envs = SyncVectorEnv([Counted] * 3, autoreset_mode=mode)
     wrapped = RecordedVectorEnv(envs, recorder, lambda e: True,
                                 layout(envs.single_observation_space),
