@@ -39,8 +39,8 @@ FLUSH_INTERVAL = 0.1
 Send = Callable[[FrameKind, dict[str, Any], int], None]
 #: an ended episode as the recorder buffers it, a plain tuple (0.13 us to make, a named one
 #: 0.35): (episode, return, length, terminated, truncated, env_index, seed,
-#: reset_obs, reset_info, obs_layout, ts_ns, global_step); env_index to reset_info are None
-#: when the episode has none
+#: reset_obs, reset_info, obs_layout, ts_ns); env_index to reset_info are None when the episode
+#: has none. Its global step is worked out when its batch is taken, from the lengths in order.
 EpisodeRow = tuple[Any, ...]
 #: the optional fields of an EpisodeRow, each a column a frame holds in all its rows or in none
 _OPTIONAL = (5, 6, 7, 8)
@@ -240,20 +240,29 @@ class Recorder:
         self._steps: list[Steps] = []
         #: when the oldest buffered step is due (FLUSH_INTERVAL after it), for every env
         self.deadline = math.inf
+        #: ended episodes, one row each, in the order they ended; never replaced (a single env's
+        #: closure holds its `append`), emptied when taken. A closure that appends a row calls
+        #: `check_episodes` once the list holds `episode_check_at` rows.
         self.episodes: list[EpisodeRow] = []
-        #: a vector env's ended episodes, a block's at a time, as numpy columns (`add_episodes`)
+        self.episode_check_at = 1
+        #: a vector env's ended episodes, a block's at a time, as numpy columns (`add_episodes`),
+        #: and the rows before them, as columns too (`_settle`)
         self._episode_blocks: list[dict[str, Any]] = []
         self._episode_deadline = math.inf
-        self._episode_check_at = 1
         self._next_episode = 0
-        #: steps recorded, episodes ended, steps whose observation was not stored, rows refused
+        #: steps recorded, steps whose observation was not stored, rows refused
         self.steps = 0
-        #: steps the recorded envs took, stored or not (a fast run stores none): at the end of
-        #: each episode, the global step of its episode row
+        #: steps the recorded envs took, stored or not (a fast run stores none), up to the last
+        #: episode taken from `episodes`: the global step of an episode row is its end's
         self.steps_taken = 0
-        self.episode_count = 0
+        self._episodes_settled = 0
         self.obs_not_stored = 0
         self.refused = 0
+
+    @property
+    def episode_count(self) -> int:
+        """Episodes ended so far, by every recorded env."""
+        return self._episodes_settled + len(self.episodes)
 
     def new_episode(self) -> int:
         """The next episode id of the run (ids are unique across every recorded env)."""
@@ -363,22 +372,26 @@ class Recorder:
                 env_index: int | None = None, seed: int | None = None, reset_obs: Any = None,
                 reset_info: str | None = None, obs_layout: Layout | None = None) -> None:
         """Buffer one ended episode; `reset_obs` is an int or the bytes of a row of
-        `obs_layout`, and None (like seed and reset_info) leaves its column out."""
-        self.steps_taken += length
+        `obs_layout`, and None (like seed and reset_info) leaves its column out. (A single
+        env's closure appends its rows to `episodes` itself, as this does.)"""
         episodes = self.episodes
-        if not episodes:
-            self._episode_check_at = 1
-            if not self._episode_blocks:
-                self._episode_deadline = self._clock() + FLUSH_INTERVAL
         episodes.append((episode, ret, length, terminated, truncated, env_index, seed, reset_obs,
-                         reset_info, obs_layout, time.time_ns(), self.steps_taken))
-        self.episode_count += 1
-        n = len(episodes)
-        if n >= self._episode_check_at:  # the clock looked at when the batch doubles
-            if n >= EPISODE_BATCH_ROWS or self._clock() >= self._episode_deadline:
-                self.flush()
-            else:
-                self._episode_check_at = 2 * n
+                         reset_info, obs_layout, time.time_ns()))
+        if len(episodes) >= self.episode_check_at:
+            self.check_episodes()
+
+    def check_episodes(self) -> None:
+        """`episodes` has reached `episode_check_at` rows: send the batch if it is full or its
+        first row has waited FLUSH_INTERVAL, else check again at twice as many rows (the clock
+        is looked at when the batch doubles, not per episode)."""
+        n = len(self.episodes)
+        now = self._clock()
+        if self._episode_deadline == math.inf:
+            self._episode_deadline = now + FLUSH_INTERVAL
+        if n >= EPISODE_BATCH_ROWS or now >= self._episode_deadline:
+            self.flush()
+        else:
+            self.episode_check_at = 2 * n
 
     def add_episodes(self, columns: dict[str, Any], n: int) -> None:
         """Buffer `n` ended episodes of a vector env's block, in call order, as columns: numpy
@@ -389,27 +402,40 @@ class Recorder:
         and they share one timestamp: the block's, when its episodes are worked out."""
         if n <= 0:
             return
+        self._settle()  # rows that ended before these: their global steps come first
         global_step = np.cumsum(columns["length"]) + self.steps_taken
         self.steps_taken = int(global_step[-1])
         columns["global_step"] = global_step
         columns["ts_ns"] = np.full(n, time.time_ns(), np.int64)
-        if not self.episodes and not self._episode_blocks:
+        if self._episode_deadline == math.inf:
             self._episode_deadline = self._clock() + FLUSH_INTERVAL
         self._episode_blocks.extend(_by_masks(columns))
-        self.episode_count += n
-        if (sum(len(c["episode"]) for c in self._episode_blocks) + len(self.episodes)
-                >= EPISODE_BATCH_ROWS or self._clock() >= self._episode_deadline):
+        self._episodes_settled += n
+        if (sum(len(c["episode"]) for c in self._episode_blocks) >= EPISODE_BATCH_ROWS
+                or self._clock() >= self._episode_deadline):
             self.flush()
+
+    def _settle(self) -> None:
+        """The buffered episode rows as column groups in `_episode_blocks`, each row's global
+        step the run's steps taken when it ended."""
+        rows = self.episodes[:]
+        if not rows:
+            return
+        self.episodes.clear()
+        self.episode_check_at = 1
+        groups = _row_groups(rows, self.steps_taken)
+        self.steps_taken += sum(row[2] for row in rows)
+        self._episodes_settled += len(rows)
+        self._episode_blocks.extend(groups)
 
     def flush(self) -> None:
         """Send every buffered step, then every buffered episode."""
         self.flush_steps()
-        if not self.episodes and not self._episode_blocks:
+        self._settle()
+        if not self._episode_blocks:
             return
-        rows, self.episodes = self.episodes, []
-        blocks, self._episode_blocks = self._episode_blocks, []
+        groups, self._episode_blocks = self._episode_blocks, []
         self._episode_deadline = math.inf
-        groups = _row_groups(rows) + blocks
         if len(groups) == 1:
             self._send_episodes(groups[0])
             return
@@ -463,32 +489,34 @@ def _by_masks(columns: dict[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
-def _row_groups(rows: list[EpisodeRow]) -> list[dict[str, Any]]:
-    """Buffered episode rows as columns, one dict per set of optional fields present."""
-    if not rows:
-        return []
-    fields = list(zip(*rows))
+def _row_groups(rows: list[EpisodeRow], steps_taken: int) -> list[dict[str, Any]]:
+    """Buffered episode rows as columns, one dict per set of optional fields present; their
+    global steps follow on from `steps_taken`, in the rows' order."""
     n = len(rows)
+    fields = list(zip(*rows))
+    global_step = np.cumsum(np.fromiter(fields[2], np.int64, n)) + steps_taken
     if all(fields[i].count(None) in (0, n) for i in _OPTIONAL):
-        return [_row_columns(fields, n)]
-    groups: dict[tuple[bool, ...], list[EpisodeRow]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[i] is not None for i in _OPTIONAL), []).append(row)
-    return [_row_columns(list(zip(*group)), len(group)) for group in groups.values()]
+        return [_row_columns(fields, global_step, n)]
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(tuple(row[i] is not None for i in _OPTIONAL), []).append(index)
+    return [_row_columns(list(zip(*[rows[i] for i in group])),
+                         global_step[np.asarray(group, np.intp)], len(group))
+            for group in groups.values()]
 
 
-def _row_columns(fields: list[tuple[Any, ...]], n: int) -> dict[str, Any]:
+def _row_columns(fields: list[tuple[Any, ...]], global_step: np.ndarray[Any, Any],
+                 n: int) -> dict[str, Any]:
     """Episode rows holding the same optional fields (`fields`: their values field by field)
-    as the columns `Recorder.add_episodes` takes."""
+    as the columns `Recorder.add_episodes` takes, with their global steps."""
     episode, ret, length, terminated, truncated, env_index, seed, reset_obs, reset_info, \
-        layouts, ts_ns, global_step = fields
+        layouts, ts_ns = fields
     columns: dict[str, Any] = {
         "episode": np.fromiter(episode, np.int64, n), "return": np.fromiter(ret, np.float64, n),
         "length": np.fromiter(length, np.int64, n),
         "terminated": np.fromiter(terminated, np.bool_, n),
         "truncated": np.fromiter(truncated, np.bool_, n),
-        "ts_ns": np.fromiter(ts_ns, np.int64, n),
-        "global_step": np.fromiter(global_step, np.int64, n)}
+        "ts_ns": np.fromiter(ts_ns, np.int64, n), "global_step": global_step}
     if env_index[0] is not None:
         columns["env_index"] = np.fromiter(env_index, np.int64, n)
     if seed[0] is not None:

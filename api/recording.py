@@ -11,13 +11,14 @@ the seed it was reset with, if any.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from gymbus.recorder import Recorder, info_json, per_episode
+from gymbus.recorder import Recorder, StepPolicy, info_json, per_episode
 from gymbus.spaces import Layout
 
 
@@ -41,6 +42,9 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         self._bind()
 
     def _bind(self) -> None:
+        if isinstance(self._policy, StepPolicy) and self._policy.every < 1:
+            self._bind_fast()
+            return
         rec, buffer = self._recorder, self._steps
         policy = per_episode(self._policy)
         rewards, actions, observations = buffer.rewards, buffer.actions, buffer.observations
@@ -63,12 +67,18 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         obs0: Any = None
         info0: str | None = None
 
+        rows, time_ns = rec.episodes, time.time_ns
+        add_row, check_episodes = rows.append, rec.check_episodes
+        reset_row = _reset_row(obs_layout, obs_raw)
+
         def end_episode(terminated: bool, truncated: bool) -> None:
             nonlocal started
             if recording:
                 buffer.end(terminated, truncated)
-            rec.episode(episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
-                        obs_layout)
+            add_row((episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
+                     obs_layout, time_ns()))
+            if len(rows) >= rec.episode_check_at:
+                check_episodes()
             started = False
 
         def begin(obs: Any, info: Any, seed: int | None) -> None:
@@ -78,13 +88,8 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
             if recording:
                 buffer.begin(episode)
             seed0 = seed
-            # None: no reset (stepped on past an episode's end), or a layout not stored
-            if obs is None or obs_row is None:
-                obs0 = obs
-            elif obs_raw and obs.__class__ is ndarray and obs.dtype is obs_dtype:
-                obs0 = obs.tobytes()
-            else:
-                obs0 = obs_row(obs)
+            # None: no reset (stepped on past an episode's end)
+            obs0 = None if obs is None else reset_row(obs)
             info0 = info_json(info, info_keys) if info_keys and info is not None else None
 
         def reset(*, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
@@ -149,6 +154,58 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         self.reset = reset  # type: ignore[method-assign]
         self.finish = finish  # type: ignore[method-assign]
 
+    def _bind_fast(self) -> None:
+        """Fast mode: no step rows. A step adds to the episode's length and return, nothing
+        else; an episode's end makes its row, and takes the next episode's id at once, so that
+        a step never asks whether an episode is under way (one stepped on past its end, with
+        no reset, has no reset observation, seed or info)."""
+        rec, env_index, stop = self._recorder, self.env_index, self._stop
+        env_step, env_reset = self.env.step, self.env.reset
+        info_keys, obs_layout = self._info_keys, self._obs
+        rows, time_ns, new_episode = rec.episodes, time.time_ns, rec.new_episode
+        add_row, check_episodes = rows.append, rec.check_episodes
+        reset_row = _reset_row(obs_layout, obs_layout.stored and not obs_layout.leaves)
+        episode, t, ret = new_episode(), 0, 0.0
+        seed0: int | None = None
+        obs0: Any = None
+        info0: str | None = None
+
+        def end_episode(terminated: bool, truncated: bool) -> None:
+            nonlocal episode, t, ret, seed0, obs0, info0
+            add_row((episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
+                     obs_layout, time_ns()))
+            if len(rows) >= rec.episode_check_at:
+                check_episodes()
+            episode, t, ret, seed0, obs0, info0 = new_episode(), 0, 0.0, None, None, None
+
+        def reset(*, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+            nonlocal seed0, obs0, info0
+            if t:  # the loop reset an episode that had not ended: cut short
+                end_episode(False, False)
+            obs, info = env_reset(seed=seed, options=options)
+            seed0, obs0 = seed, reset_row(obs)
+            info0 = info_json(info, info_keys) if info_keys else None
+            return obs, info
+
+        def step(action: Any) -> Any:
+            nonlocal t, ret
+            if stop:  # Ctrl-C or `gymbus cancel`: stop here, between two steps
+                raise KeyboardInterrupt(stop[0])
+            result = env_step(action)
+            t += 1
+            ret += result[1]  # type: ignore[operator]  # a float, or a numpy float
+            if result[2] or result[3]:
+                end_episode(bool(result[2]), bool(result[3]))
+            return result
+
+        def finish() -> None:
+            if t:
+                end_episode(False, False)
+
+        self.step = step  # type: ignore[method-assign]
+        self.reset = reset  # type: ignore[method-assign]
+        self.finish = finish  # type: ignore[method-assign]
+
     def finish(self) -> None:  # replaced per instance by _bind
         """End the episode under way, stored as far as it went (the run is ending)."""
 
@@ -163,3 +220,31 @@ def _adder(layout: Layout, values: list[Any] | bytearray | None) -> tuple[
     if isinstance(values, list):
         return values.append, None, layout.dtype, False
     return values.extend, layout.row, layout.dtype, not layout.leaves
+
+
+def _reset_row(layout: Layout, raw: bool) -> Callable[[Any], Any]:
+    """How an episode row holds its reset observation: an int as it is, a row of numbers as
+    its bytes in the layout's dtype (an array of that dtype's own bytes when `raw`), None when
+    the layout is not stored."""
+    if layout.kind == "int":
+        return _same
+    if not layout.stored:
+        return _none
+    row = layout.row
+    if not raw:
+        return row
+    dtype, ndarray = layout.dtype, np.ndarray
+
+    def reset_row(obs: Any) -> Any:
+        if obs.__class__ is ndarray and obs.dtype is dtype:
+            return obs.tobytes()
+        return row(obs)
+    return reset_row
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _none(value: Any) -> None:
+    return None

@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from gymbus.recorder import Recorder
+from gymbus.recorder import Recorder, StepPolicy
 from gymbus.recording import RecordedEnv
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import FrameKind
@@ -131,6 +131,56 @@ def test_every_row_is_the_step_the_loop_took(every: int, max_rows: int, continuo
     assert episodes == sorted(want_episodes)
     # every kind of boundary was crossed: cut short, terminated, truncated
     assert {(e[3], e[4]) for e in want_episodes} == {(False, False), (True, False), (False, True)}
+
+
+def episode_columns(policy: Any, seeded: bool) -> dict[str, list[Any]]:
+    """Every episode column the recorder sent for `run_loop`'s kind of loop (its resets,
+    seeded or not, cuts and steps past an episode's end), as lists, with each episode's global
+    step; ts_ns left out."""
+    columns: dict[str, list[Any]] = {}
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        if kind is FrameKind.EPISODE:
+            frame = decode_frame(list(encode_frame(kind, "r", 0, body)))
+            for name, values in frame.body.items():
+                if name != "ts_ns":
+                    columns.setdefault(name, []).extend(np.asarray(values).tolist())
+
+    def on_episodes(batch: dict[str, Any]) -> None:  # as the run's TensorBoard curves get it
+        columns.setdefault("global_step", []).extend(batch["global_step"].tolist())
+
+    recorder = Recorder(send, on_episodes=on_episodes)
+    raw = Scripted(False)
+    env = RecordedEnv(raw, recorder, policy, layout(raw.observation_space),
+                      layout(raw.action_space, "action"), ("level",), env_index=2)
+    ended = True
+    for i in range(600):
+        if i % 97 == 50:
+            env.reset(seed=i if seeded else None)
+            ended = False
+        elif ended and i % 41 != 7:
+            env.reset(seed=i if seeded else None)
+        _, _, terminated, truncated, _ = env.step(i % 3)
+        ended = terminated or truncated
+    env.finish()  # type: ignore[attr-defined]
+    recorder.flush()
+    return columns
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_fast_mode_records_the_episodes_full_mode_records(seeded: bool) -> None:
+    """Fast mode's step closure is its own (no step rows, no policy per episode): its episode
+    rows hold what full mode's do, ids, returns, flags, global steps and reset values."""
+    full = episode_columns(StepPolicy(1), seeded)
+    fast = episode_columns(StepPolicy(0), seeded)
+    assert len(full["episode"]) > 80
+    assert fast == full
+    assert max(full["global_step"]) == 600 and len(set(full["global_step"])) == len(full["episode"])
+    assert set(full["env_index"]) == {2}
+    # cut short by a reset, and stepped past an end without one: no reset values
+    assert {(t, u) for t, u in zip(full["terminated"], full["truncated"])} == {
+        (False, False), (True, False), (False, True)}
+    assert ("seed" in full) == seeded
 
 
 def test_a_frame_is_sent_when_its_first_row_has_waited() -> None:
