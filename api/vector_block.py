@@ -1,11 +1,12 @@
 """The steps of a vector env kept as blocks of arrays, and turned into rows and episodes later.
 
-Per `step` call, the call's arrays are written into row k of preallocated (rows, envs) arrays:
-five assignments into row views by the wrapper's step closure (gymbus.vector), or `Block.put`
-for the other shapes. Which rows are steps, which episode each belongs to, its step index,
-and where episodes end and start are worked out when the block is full (or due), for the whole
-block at once (`Block.take`), with array operations: no Python per step, and the block's ended
-episodes handed on as columns.
+Per `step` call, the bytes of the call's five arrays are appended to one bytearray each (the
+rewards, the flags, the actions, the observations): five `bytearray.extend` calls by the
+wrapper's step closure (gymbus.vector) when the arrays are of the block's dtypes and sizes, or
+`Block.put`, which converts anything else. Which rows are steps, which episode each belongs
+to, its step index, and where episodes end and start are worked out when the block is full (or
+due), for the whole block at once (`Block.take`, over arrays viewing those bytes), with array
+operations: no Python per step, and the block's ended episodes handed on as columns.
 
 Gymnasium's two autoreset modes (docs/python-api.md):
 - NEXT_STEP: the row after a sub-environment's last step is its reset: not a step, and its
@@ -49,7 +50,7 @@ class Taken:
 
 
 class Block:
-    """Preallocated arrays for `size` step calls of a vector env of `n` sub-environments."""
+    """The calls of a vector env of `n` sub-environments, `size` at most, as bytes."""
 
     def __init__(self, n: int, obs: Layout, action: Layout, *, next_step: bool,
                  size: int = 0) -> None:
@@ -58,52 +59,86 @@ class Block:
         self.size = size or max(1, min(max(16, BLOCK_VALUES // n), FRAME_VALUE_BYTES // max(
             1, n * (obs.row_bytes + action.row_bytes))))
         self.k = 0
-        self.reward = np.zeros((self.size, n), np.float64)
-        self.terminated = np.zeros((self.size, n), np.bool_)
-        self.truncated = np.zeros((self.size, n), np.bool_)
         self.obs_layout, self.action_layout = obs, action
-        self.obs = _values(obs, self.size, n)
-        self.action = _values(action, self.size, n)
-        #: the shape of one call's values that is written as it is (None: through `_put`)
-        self._obs_shape = _direct(obs, self.obs)
-        self._action_shape = _direct(action, self.action)
+        #: the dtype of a call's values as the block keeps them (None: not stored), their
+        #: shape (n,) or (n, values) and how many a call has
+        self.obs_dtype, self.obs_shape = _kept(obs, n)
+        self.action_dtype, self.action_shape = _kept(action, n)
+        self.obs_count = int(np.prod(self.obs_shape))
+        self.action_count = int(np.prod(self.action_shape))
         #: SAME_STEP: (row, sub-env, final observation row) of the steps that ended episodes
         self.finals: list[tuple[int, int, Any]] = []
         self._index = np.tile(np.arange(n, dtype=np.int64), self.size)
+        self.reward = self.terminated = self.truncated = bytearray()
+        self.action: bytearray | None = None
+        self.obs: bytearray | None = None
+        self._renew()
 
-    def direct_shapes(self) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-        """The shapes of one call's actions and observations that are written into a row as
-        they are (None: they go through `put`)."""
-        return self._action_shape, self._obs_shape
+    def _renew(self) -> None:
+        """New buffers (the last block's may still be viewed by its arrays)."""
+        self.reward, self.terminated, self.truncated = bytearray(), bytearray(), bytearray()
+        self.action = None if self.action_dtype is None else bytearray()
+        self.obs = None if self.obs_dtype is None else bytearray()
+
+    def direct(self) -> bool:
+        """Whether a call's actions and observations can be appended as they are, when of the
+        block's dtype and size (not for Dict and Tuple spaces, whose leaves `put` joins)."""
+        return not (self.obs_layout.leaves or self.action_layout.leaves)
+
+    def rollback(self) -> None:
+        """Drop what a call appended to some buffers only (its `k` is not counted yet)."""
+        n, k = self.n, self.k
+        for buffer, width in ((self.reward, 8 * n), (self.terminated, n), (self.truncated, n),
+                              (self.action, _width(self.action_dtype, self.action_count)),
+                              (self.obs, _width(self.obs_dtype, self.obs_count))):
+            if buffer is not None:
+                del buffer[k * width:]
 
     def put(self, actions: Any, obs: Any, rewards: Any, terminated: Any, truncated: Any,
             infos: dict[str, Any] | None) -> bool:
-        """Write one call's arrays at the next row; True when the block is full. `infos` is
-        given under SAME_STEP, where an episode's final observation comes from it."""
-        k = self.k
-        self.reward[k] = rewards
-        self.terminated[k] = terminated
-        self.truncated[k] = truncated
-        into = self.action
-        if into is not None:
-            if actions.__class__ is np.ndarray and actions.shape == self._action_shape:
-                into[k] = actions  # the common call: no reshape, no function call
-            else:
-                _put(self.action_layout, into, k, actions, self.n)
-        into = self.obs
-        if into is not None:
-            if obs.__class__ is np.ndarray and obs.shape == self._obs_shape:
-                into[k] = obs
-            else:
-                _put(self.obs_layout, into, k, obs, self.n)
+        """Append one call's values, of any type the spaces allow; True when the block is
+        full. `infos` is given under SAME_STEP, where an episode's final observation comes
+        from it."""
+        n = self.n
+        self.reward.extend(np.ascontiguousarray(rewards, np.float64).reshape(n))
+        self.terminated.extend(np.ascontiguousarray(terminated, np.bool_).reshape(n))
+        self.truncated.extend(np.ascontiguousarray(truncated, np.bool_).reshape(n))
+        if self.action is not None:
+            self.action.extend(np.ascontiguousarray(self.action_layout.rows(actions, n)))
+        if self.obs is not None:
+            self.obs.extend(np.ascontiguousarray(self.obs_layout.rows(obs, n)))
             if infos is not None and "final_obs" in infos:
                 final, mask = infos["final_obs"], infos.get("_final_obs")
                 for i in np.flatnonzero(mask if mask is not None else
                                         np.asarray(terminated) | np.asarray(truncated)):
                     one = stack_one(final[i])
-                    self.finals.append((k, int(i), self.obs_layout.rows(one, 1)[0]))
-        self.k = k + 1
+                    self.finals.append((self.k, int(i), self.obs_layout.rows(one, 1)[0]))
+        self.k += 1
         return self.k == self.size
+
+    def _arrays(self, K: int) -> tuple[np.ndarray[Any, Any], ...]:
+        """The block's K calls as (K, n[, values]) arrays over its bytes: reward, terminated,
+        truncated, action and obs (None when not stored); new buffers for the next block."""
+        n = self.n
+        reward, terminated, truncated = (np.frombuffer(b, t) for b, t in (
+            (self.reward, np.float64), (self.terminated, np.bool_), (self.truncated, np.bool_)))
+        if reward.size != K * n or terminated.size != K * n or truncated.size != K * n:
+            raise ValueError(f"the vector env returned {reward.size / K:g} rewards a call for "
+                             f"{n} sub-environments")
+        views: list[Any] = [reward.reshape(K, n), terminated.reshape(K, n),
+                            truncated.reshape(K, n)]
+        for buffer, dtype, shape in ((self.action, self.action_dtype, self.action_shape),
+                                     (self.obs, self.obs_dtype, self.obs_shape)):
+            if buffer is None or dtype is None:
+                views.append(None)
+                continue
+            values = np.frombuffer(buffer, dtype)
+            if values.size != K * int(np.prod(shape)):
+                raise ValueError(f"the vector env's values changed size within a run: "
+                                 f"expected {shape[1:] or 1} values of {dtype} per sub-env")
+            views.append(values.reshape((K, *shape)))
+        self._renew()
+        return tuple(views)
 
     def take(self, state: EnvState, new_episodes: Callable[[int], int],
              recorded: Callable[[int], bool]) -> Taken:
@@ -113,7 +148,7 @@ class Block:
         whether an episode's steps are kept."""
         K, n = self.k, self.n
         self.k = 0
-        term, trunc, reward = self.terminated[:K], self.truncated[:K], self.reward[:K]
+        reward, term, trunc, action, obs = self._arrays(K)
         ended = term | trunc
         valid = np.ones((K, n), np.bool_)
         if self.next_step:
@@ -124,20 +159,19 @@ class Block:
         else:
             starts_at = ended
         taken = Taken({}, 0)
-        episode, step, keep = self._segments(K, state, valid, ended, starts_at, reward,
-                                             new_episodes, recorded, taken)
+        episode, step, keep = self._segments(K, state, valid, ended, starts_at, reward, term,
+                                             trunc, obs, new_episodes, recorded, taken)
         mask = keep.reshape(-1)
         chunk: dict[str, Any] = {
             "episode": episode.reshape(-1)[mask], "step": step.reshape(-1)[mask],
             "reward": reward.reshape(-1)[mask], "terminated": term.reshape(-1)[mask],
             "truncated": trunc.reshape(-1)[mask], "env_index": self._index[:K * n][mask]}
         # rows kept by np.compress: for a (rows, values) array ~8x faster than values[mask]
-        if self.action is not None:
-            chunk["action"] = np.compress(mask, _flat(self.action, K, n), axis=0)
-        if self.obs is not None:
-            obs = _flat(self.obs, K, n)
-            if self.finals:
-                obs = obs.copy()
+        if action is not None:
+            chunk["action"] = np.compress(mask, _flat(action, K, n), axis=0)
+        if obs is not None:
+            obs = _flat(obs, K, n)
+            if self.finals:  # (the block's own bytes: they are not used again)
                 for k, i, row in self.finals:
                     obs[k * n + i] = row
                 self.finals.clear()
@@ -147,8 +181,9 @@ class Block:
 
     def _segments(self, K: int, state: EnvState, valid: np.ndarray[Any, Any],
                   ended: np.ndarray[Any, Any], starts_at: np.ndarray[Any, Any],
-                  reward: np.ndarray[Any, Any], new_episodes: Callable[[int], int],
-                  recorded: Callable[[int], bool],
+                  reward: np.ndarray[Any, Any], term: np.ndarray[Any, Any],
+                  trunc: np.ndarray[Any, Any], obs: np.ndarray[Any, Any] | None,
+                  new_episodes: Callable[[int], int], recorded: Callable[[int], bool],
                   taken: Taken) -> tuple[np.ndarray[Any, Any], ...]:
         """Each row's episode and step index, and whether it is kept, as (K, n) arrays; the
         block's ended and started episodes into `taken`; `state` as the block leaves it.
@@ -191,16 +226,16 @@ class Block:
         p = p[np.lexsort((p // K, p % K))]  # call order: row, then sub-env
         g, k, i = seg[p], p % K, p // K
         taken.ends = {"episode": seg_ep[g], "return": total[g], "length": count[g],
-                      "terminated": self.terminated[k, i], "truncated": self.truncated[k, i],
+                      "terminated": term[k, i], "truncated": trunc[k, i],
                       "env_index": i}
         # an ended episode's reset: the row before its segment begins, or an earlier block's
         taken.carried = g == first[i]
-        if self.obs is not None:  # a carried episode's row is some row: the wrapper fills it
-            taken.ends["reset_obs"] = self.obs[(seg_begin[g] - 1) % K, i]
+        if obs is not None:  # a carried episode's row is some row: the wrapper fills it
+            taken.ends["reset_obs"] = obs[(seg_begin[g] - 1) % K, i]
         if ks.size:  # each sub-env's last reset in the block: its episode under way
             which = np.flatnonzero(starts_at.any(axis=0))
             last_k = K - 1 - np.argmax(starts_at[::-1, which], axis=0)
-            taken.resets = list(zip(which.tolist(), self._reset_values(last_k, which),
+            taken.resets = list(zip(which.tolist(), self._reset_values(obs, last_k, which),
                                     strict=True))
         last = seg[K - 1::K]
         state.episode[:], state.live[:] = seg_ep[last], seg_live[last]
@@ -215,12 +250,13 @@ class Block:
         return (seg_ep[seg].reshape(n, K).T, step.reshape(n, K).T, keep)
 
 
-    def _reset_values(self, ks: np.ndarray[Any, Any], is_: np.ndarray[Any, Any]) -> list[Any]:
+    def _reset_values(self, obs: np.ndarray[Any, Any] | None, ks: np.ndarray[Any, Any],
+                      is_: np.ndarray[Any, Any]) -> list[Any]:
         """The observations at rows (ks, is_) as episode rows hold a reset observation: ints
         (a Discrete space), the bytes of each row, or None (not stored)."""
-        if self.obs is None:
+        if obs is None:
             return [None] * len(ks)
-        rows = self.obs[ks, is_]
+        rows = obs[ks, is_]
         if self.obs_layout.kind == "int":
             return list(rows.tolist())
         blob, width = rows.tobytes(), self.obs_layout.row_bytes
@@ -239,30 +275,18 @@ class EnvState:
     resetting: np.ndarray[Any, Any]
 
 
-def _values(layout: Layout, size: int, n: int) -> np.ndarray[Any, Any] | None:
+def _kept(layout: Layout, n: int) -> tuple[np.dtype[Any] | None, tuple[int, ...]]:
+    """How a block keeps a space's values of one call: (dtype, shape); dtype None: not kept."""
     if layout.kind == "int":
-        return np.zeros((size, n), np.int64)
+        return np.dtype(np.int64), (n,)
     if not layout.stored:
-        return None
-    return np.zeros((size, n, layout.size), layout.dtype)
+        return None, (n, 0)
+    return layout.dtype, (n, layout.size)
 
 
-def _direct(layout: Layout, into: np.ndarray[Any, Any] | None) -> tuple[int, ...] | None:
-    """The shape of a call's values that `put` writes into a row as they are: a row's own
-    (a Discrete space's ints, a flat Box), not for Dict and Tuple spaces."""
-    return None if into is None or layout.leaves else into.shape[1:]
-
-
-def _put(layout: Layout, into: np.ndarray[Any, Any], k: int, values: Any, n: int) -> None:
-    """One call's values into row k: as they are when their shape is the row's (a Discrete
-    space, a flat Box: no reshape), flattened per sub-env otherwise, leaf by leaf for Dict and
-    Tuple spaces."""
-    if layout.leaves:
-        into[k] = layout.rows(values, n)
-    elif getattr(values, "shape", None) == into.shape[1:]:
-        into[k] = values
-    else:
-        into[k] = np.reshape(values, into.shape[1:])
+def _width(dtype: np.dtype[Any] | None, count: int) -> int:
+    """Bytes of one call's values."""
+    return 0 if dtype is None else dtype.itemsize * count
 
 
 def _flat(values: np.ndarray[Any, Any], K: int, n: int) -> np.ndarray[Any, Any]:

@@ -79,18 +79,57 @@ def collecting() -> tuple[Recorder, list[Any]]:
     return Recorder(send), frames
 
 
+class Unusual(gym.vector.VectorWrapper):
+    """A vector env's values in the other forms a loop may meet, call by call: observations
+    of float64 (the space's are float32) or not in C order, float32 rewards, flags as lists."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        self.calls = 0
+
+    def step(self, actions: Any) -> Any:
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)
+        self.calls += 1
+        kind = self.calls % 5
+        if kind == 1:
+            obs = obs.astype(np.float64)
+        elif kind == 2:
+            obs = np.asfortranarray(obs)
+        elif kind == 3:
+            rewards = rewards.astype(np.float32)
+        elif kind == 4:
+            terminated, truncated = terminated.tolist(), truncated.tolist()
+        return obs, rewards, terminated, truncated, infos
+
+
+def unusual_actions(actions: Any, call: int) -> Any:
+    """The loop's actions as a list, of int32, or a view not in C order, call by call."""
+    kind = call % 4
+    if kind == 1:
+        return actions.tolist()
+    if kind == 2:
+        return actions.astype(np.int32)
+    if kind == 3:
+        return np.stack([actions, actions], axis=1)[:, 0]
+    return actions
+
+
 def record(make: Any, mode: AutoresetMode, blocks: bool, every: int, calls: int = 700,
-           vector: Any = SyncVectorEnv) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+           vector: Any = SyncVectorEnv, unusual: bool = False
+           ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Step rows and episode rows of a seeded random loop, as decoded frames hold them."""
     recorder, frames = collecting()
     envs = vector([make] * 3, autoreset_mode=mode)
+    if unusual:
+        envs = Unusual(envs)
     wrapped = RecordedVectorEnv(envs, recorder, StepPolicy(every),  # the run's policy
                                 layout(envs.single_observation_space),
                                 layout(envs.single_action_space, "action"), blocks=blocks)
     wrapped.reset(seed=5)
     envs.action_space.seed(5)
     for call in range(calls):
-        wrapped.step(envs.action_space.sample())
+        actions = envs.action_space.sample()
+        wrapped.step(unusual_actions(actions, call) if unusual else actions)
         if call == 400:  # an explicit reset mid-run cuts every episode under way
             wrapped.reset(seed=9)
     wrapped.finish()
@@ -143,6 +182,40 @@ def test_blocks_record_what_call_by_call_recording_does(env: str, mode: Autorese
     for episode, _, length, *_ in episodes:
         mine = [s[1] for s in steps if s[0] == episode]
         assert mine in ([], list(range(length)))
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_values_of_other_dtypes_layouts_and_types_record_the_same_rows(
+        mode: AutoresetMode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block's common call appends an array's bytes as they are; every other form (float64
+    observations for a float32 space, arrays not in C order, float32 rewards, flags and actions
+    as lists, int32 actions) is converted, in the same block: the same rows as plain arrays."""
+    monkeypatch.setattr(vector_block, "BLOCK_VALUES", 96)
+    steps, episodes = record(ENVS["cartpole"], mode, True, 1, unusual=True)
+    assert len(steps) > 1500 and len(episodes) > 20
+    assert (steps, episodes) == record(ENVS["cartpole"], mode, True, 1)
+    assert (steps, episodes) == record(ENVS["cartpole"], mode, False, 1, unusual=True)
+
+
+def test_a_vector_env_whose_rewards_change_count_gets_a_clear_error() -> None:
+    """A block appends the rewards' bytes unchecked per call; their count is checked for the
+    block as it is taken, and a wrong one is named."""
+    recorder, _ = collecting()
+    envs = SyncVectorEnv([ENVS["cartpole"]] * 2)
+    real_step = envs.step
+
+    def one_reward_too_many(actions: Any) -> Any:
+        obs, rewards, terminated, truncated, infos = real_step(actions)
+        return obs, np.append(rewards, 0.0), terminated, truncated, infos
+
+    envs.step = one_reward_too_many  # type: ignore[method-assign]
+    wrapped = RecordedVectorEnv(envs, recorder, StepPolicy(1),
+                                layout(envs.single_observation_space),
+                                layout(envs.single_action_space, "action"))
+    wrapped.reset(seed=0)
+    wrapped.step(np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="3 rewards a call for 2 sub-environments"):
+        wrapped.finish()
 
 
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
