@@ -449,21 +449,25 @@ class Recorder:
                        else [v for p in parts for v in p[name]]) for name in parts[0]})
 
     def _send_episodes(self, columns: dict[str, Any]) -> None:
-        """One episode frame of `columns` (numpy arrays, "reset_info" a list of JSON text)."""
+        """One episode frame of `columns` (numpy arrays, "reset_info" a list of JSON text).
+        An episode whose return is NaN or infinite is refused, as a step row with one is (the
+        protocol stores no such number), and counted in `refused`; its steps are kept."""
         n = len(columns["episode"])
-        returns = columns["return"]
+        finite = np.isfinite(columns["return"])
+        if not finite.all():
+            self.refused += int(n - finite.sum())
+            columns = {name: _take(value, finite) for name, value in columns.items()}
+            n = int(finite.sum())
+            if not n:
+                return
         if self._on_episodes is not None:
             self._on_episodes({name: columns[name] for name in
                                ("episode", "return", "length", "ts_ns", "global_step")})
-        if not np.isfinite(returns).all():
-            self.refused += int((~np.isfinite(returns)).sum())
-            returns = np.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0)
         body: dict[str, Any] = {}
         for name in ("episode", "return", "length", "terminated", "truncated", "ts_ns",
                      "env_index", "seed", "reset_obs"):
             if name in columns:
-                body[name] = typed_array(returns if name == "return" else
-                                         np.ascontiguousarray(columns[name]))
+                body[name] = typed_array(np.ascontiguousarray(columns[name]))
         if "reset_info" in columns:
             body["reset_info"] = list(columns["reset_info"])
         self._send(FrameKind.EPISODE, body, n)

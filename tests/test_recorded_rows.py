@@ -205,7 +205,7 @@ def test_a_frame_is_sent_when_its_first_row_has_waited() -> None:
 
 
 class NonFinite(gym.Env[Any, Any]):
-    """CartPole-shaped steps where every 7th observation holds a NaN or an inf and every 11th
+    """CartPole-shaped steps where every 7th observation holds a NaN or an inf and every 43rd
     reward is NaN; 20-step episodes."""
 
     observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
@@ -225,16 +225,19 @@ class NonFinite(gym.Env[Any, Any]):
         obs = np.full(4, self.n, np.float32)
         if self.n % 7 == 0:
             obs[self.n % 4] = np.nan if self.n % 2 else np.inf
-        reward = float("nan") if self.n % 11 == 0 else 1.0
+        reward = float("nan") if self.n % 43 == 0 else 1.0
         return obs, reward, False, self.t == 20, {}
 
 
 @pytest.mark.parametrize("vector", [False, True])
 def test_rows_with_nan_or_inf_are_refused_and_counted_and_the_rest_stored(vector: bool) -> None:
     steps: list[int] = []
+    returns: list[float] = []
 
     def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
         frame = decode_frame(list(encode_frame(kind, "r", 0, body)))
+        if frame.kind is FrameKind.EPISODE:
+            returns.extend(np.asarray(frame.body["return"], np.float64).tolist())
         if frame.kind is FrameKind.STEP:
             assert np.isfinite(np.asarray(frame.body["obs"], np.float64)).all()
             assert np.isfinite(np.asarray(frame.body["reward"], np.float64)).all()
@@ -266,10 +269,12 @@ def test_rows_with_nan_or_inf_are_refused_and_counted_and_the_rest_stored(vector
     recorder.flush()
     # the env's own counter numbers its steps (NonFinite.n); a reset row took no step
     numbered = list(range(1, stepped + 1))
-    bad = [n for n in numbered if n % 7 == 0 or n % 11 == 0]
-    # an episode with a NaN reward has a NaN return: counted too (stored as 0.0)
-    nan_returns = sum(any(n % 11 == 0 for n in numbered[i:i + 20])
+    bad = [n for n in numbered if n % 7 == 0 or n % 43 == 0]
+    # an episode with a NaN reward has a NaN return: its row is refused and counted too
+    nan_returns = sum(any(n % 43 == 0 for n in numbered[i:i + 20])
                       for i in range(0, len(numbered), 20))
     assert recorder.refused == len(bad) + nan_returns and len(bad) > 100
+    assert 0 < len(returns) == recorder.episode_count - nan_returns
+    assert all(np.isfinite(returns))
     assert steps == sorted(set(numbered) - set(bad))  # each kept step once, in order
     assert recorder.steps == len(numbered) - len(bad)
