@@ -243,9 +243,11 @@ def test_with_no_services_the_window_opens_at_once_and_lists_the_stored_runs(
     assert {listed(window)[r] for r in runs.values()} == {"completed"}
     assert sum(busy for _, busy in ticks) >= 10, "no refresh was in flight while the timer ran"
     # while a refresh is in flight (both ticks saw it), the event loop goes on ticking: a
-    # refresh on the GUI thread would leave one gap as long as itself and no busy tick
+    # refresh on the GUI thread would leave one gap as long as itself and no busy tick. With
+    # the services down its status takes ~2 s (its read ~0.2 s); a second is the bound, since
+    # a full suite on a shared 2-core machine has seen single gaps of 0.51 and 0.58 s here
     gaps = [b - a for (a, busy_a), (b, busy_b) in pairwise(ticks) if busy_a and busy_b]
-    assert gaps and max(gaps) < 0.5, f"the event loop stalled for {max(gaps, default=0):.2f} s"
+    assert gaps and max(gaps) < 1.0, f"the event loop stalled for {max(gaps, default=0):.2f} s"
     qtbot.waitUntil(lambda: "controller down" in window.accounting.text(), timeout=TIMEOUT_MS)
     view = window.live.runs[runs["cartpole"]]
     qtbot.waitUntil(lambda: view.episodes == 200, timeout=TIMEOUT_MS)  # read from the file
