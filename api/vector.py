@@ -179,10 +179,11 @@ class RecordedVectorEnv(VectorWrapper):
         obs_dtype, obs_count = block.obs_dtype, block.obs_count
         act_dtype, act_count = block.action_dtype, block.action_count
         f64, b1 = np.dtype(np.float64), np.dtype(np.bool_)
-        # the final observations come from `infos` (SAME_STEP); values not stored or
-        # flattened from leaves (Dict, Tuple) are put, not appended as they are
-        direct = block.direct() and not self._same_step and obs_dtype is not None \
-            and act_dtype is not None
+        # the final observations come from `infos` (SAME_STEP), and values flattened from
+        # leaves (Dict, Tuple): put, not appended as they are; observations not stored (pixels,
+        # by default) are left out
+        direct = block.direct() and not self._same_step and act_dtype is not None
+        keep_obs = obs_dtype is not None
         size, clock, finals = block.size, time.monotonic, self._same_step
         k, check_at, due = 0, 1, 0.0
         add_reward = add_term = add_trunc = add_action = add_obs = bytearray().extend
@@ -193,6 +194,7 @@ class RecordedVectorEnv(VectorWrapper):
             add_trunc = block.truncated.extend
             if direct:
                 add_action = block.action.extend  # type: ignore[union-attr]
+            if direct and keep_obs:
                 add_obs = block.obs.extend  # type: ignore[union-attr]
 
         def take() -> None:
@@ -209,12 +211,14 @@ class RecordedVectorEnv(VectorWrapper):
             obs, rewards, terminated, truncated = result[0], result[1], result[2], result[3]
             try:  # a list, a tensor, another dtype or size: not appended as it is
                 # (the rewards' and flags' count is checked for the block, at `take`)
-                if not (direct and obs.dtype is obs_dtype and obs.size == obs_count
-                        and actions.dtype is act_dtype and actions.size == act_count
+                if not (direct and actions.dtype is act_dtype and actions.size == act_count
                         and rewards.dtype is f64 and terminated.dtype is b1
                         and truncated.dtype is b1):
                     raise TypeError
-                add_obs(obs)  # (an array not in C order raises BufferError)
+                if keep_obs:
+                    if not (obs.dtype is obs_dtype and obs.size == obs_count):
+                        raise TypeError
+                    add_obs(obs)  # (an array not in C order raises TypeError)
                 add_action(actions)
                 add_reward(rewards)
                 add_term(terminated)

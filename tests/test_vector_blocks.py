@@ -2,8 +2,9 @@
 
 Both record the same seeded loop into a Recorder whose frames are encoded and decoded as the
 ingest would see them; every step row and every episode row must be the same, for both
-autoreset modes, for Discrete, Box and Dict observations, with every episode recorded and with
-only some (a sampled run), across block boundaries and explicit resets.
+autoreset modes, for Discrete, Box and Dict observations and pixels not stored, with every
+episode recorded and with only some (a sampled run), across block boundaries and explicit
+resets.
 """
 
 from __future__ import annotations
@@ -60,8 +61,22 @@ class Multi(gym.Env[Any, Any]):
         return obs, float(action[1]) - 1.5, terminated, self.t >= 15, {}
 
 
+class Pixels(gym.ObservationWrapper[Any, Any, Any]):
+    """CartPole seen as a 33x33 grey image: more values than a step stores by default."""
+
+    def __init__(self, env: gym.Env[Any, Any]) -> None:
+        super().__init__(env)
+        self.observation_space = gym.spaces.Box(0, 255, (33, 33, 1), np.uint8)
+
+    def observation(self, obs: Any) -> Any:
+        image = np.zeros((33, 33, 1), np.uint8)
+        image[16 + int(np.clip(obs[0] * 3, -16, 16)), :, 0] = 255
+        return image
+
+
 ENVS = {
     "multi": Multi,
+    "pixels": lambda: Pixels(gym.make("CartPole-v1")),
     "cartpole": lambda: gym.make("CartPole-v1"),
     "frozenlake": lambda: gym.make("FrozenLake-v1", max_episode_steps=12),
     "dict": lambda: DictObs(gym.make("CartPole-v1")),
@@ -149,7 +164,8 @@ def rows_of(frames: list[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, .
             for r in range(frame.rows):
                 steps.append((int(body["episode"][r]), int(body["step"][r]),
                               int(body["env_index"][r]), np.asarray(body["action"][r]).tolist(),
-                              np.asarray(obs[r]).tolist(), float(body["reward"][r]),
+                              None if obs is None else np.asarray(obs[r]).tolist(),
+                              float(body["reward"][r]),
                               bool(body["terminated"][r]), bool(body["truncated"][r])))
         elif frame.kind is FrameKind.EPISODE:
             reset_obs, seed = body.get("reset_obs"), body.get("seed")
