@@ -226,8 +226,12 @@ class RecordedVectorEnv(VectorWrapper):
             except (AttributeError, TypeError, BufferError, ValueError):
                 block.k = k
                 block.rollback()
-                block.put(actions, obs, rewards, terminated, truncated,
-                          result[4] if finals else None)
+                try:
+                    block.put(actions, obs, rewards, terminated, truncated,
+                              result[4] if finals else None)
+                except BaseException:  # values no space takes: nothing of the call is kept
+                    block.rollback()
+                    raise
             k += 1
             if k >= check_at:
                 if k >= size:

@@ -234,6 +234,33 @@ def test_a_vector_env_whose_rewards_change_count_gets_a_clear_error() -> None:
         wrapped.finish()
 
 
+def test_a_call_whose_values_are_refused_leaves_the_block_as_it_was() -> None:
+    """A call whose actions no space takes raises in the loop, and the block keeps none of it
+    (its rewards and flags were appended before the actions failed): the calls around it are
+    recorded whole, each episode's steps numbered without a hole."""
+    recorder, frames = collecting()
+    envs = SyncVectorEnv([ENVS["multi"]] * 2)
+    wrapped = RecordedVectorEnv(envs, recorder, StepPolicy(1),
+                                layout(envs.single_observation_space),
+                                layout(envs.single_action_space, "action"))
+    wrapped.reset(seed=0)
+    envs.action_space.seed(0)
+    real_step = envs.step
+    # the env steps with actions of its own: only the block sees the loop's
+    envs.step = lambda actions: real_step(envs.action_space.sample())  # type: ignore[method-assign]
+    for call in range(40):
+        if call == 20:
+            with pytest.raises(ValueError):
+                wrapped.step(np.zeros((2, 5), np.int64))  # five parts an action, not two
+        wrapped.step(envs.action_space.sample())
+    wrapped.finish()
+    recorder.flush()
+    steps, episodes = rows_of(frames)
+    assert len(steps) == recorder.steps > 40 and all(len(s[3]) == 2 for s in steps)
+    for episode, _, length, *_ in episodes:
+        assert sorted(s[1] for s in steps if s[0] == episode) == list(range(length))
+
+
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
 def test_an_async_vector_env_records_what_a_sync_one_does(mode: AutoresetMode) -> None:
     """AsyncVectorEnv (sub-environments in processes of their own, observations through shared
