@@ -6,7 +6,8 @@ action, observation and reward to the buffer's columns (an array's own bytes ont
 no tuple, no dict, no clock, no encoding per step (`gymbus.recorder` makes the frames). An
 episode is recorded from its `reset`: the reset observation and (the named keys of) the reset
 info go into its episode row, so that a stored episode has its N+1 observations, and so does
-the seed it was reset with, if any.
+the seed it was reset with, if any. In fast mode the closure stores no step: it adds to the
+episode's length and return, and an episode's end appends its row.
 """
 
 from __future__ import annotations
