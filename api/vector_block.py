@@ -116,29 +116,23 @@ class Block:
         self.k += 1
         return self.k == self.size
 
-    def _arrays(self, K: int) -> tuple[np.ndarray[Any, Any], ...]:
+    def _arrays(self, K: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
+                                       np.ndarray[Any, Any], np.ndarray[Any, Any] | None,
+                                       np.ndarray[Any, Any] | None]:
         """The block's K calls as (K, n[, values]) arrays over its bytes: reward, terminated,
         truncated, action and obs (None when not stored); new buffers for the next block."""
         n = self.n
-        reward, terminated, truncated = (np.frombuffer(b, t) for b, t in (
-            (self.reward, np.float64), (self.terminated, np.bool_), (self.truncated, np.bool_)))
-        if reward.size != K * n or terminated.size != K * n or truncated.size != K * n:
-            raise ValueError(f"the vector env returned {reward.size / K:g} rewards a call for "
-                             f"{n} sub-environments")
-        views: list[Any] = [reward.reshape(K, n), terminated.reshape(K, n),
-                            truncated.reshape(K, n)]
-        for buffer, dtype, shape in ((self.action, self.action_dtype, self.action_shape),
-                                     (self.obs, self.obs_dtype, self.obs_shape)):
-            if buffer is None or dtype is None:
-                views.append(None)
-                continue
-            values = np.frombuffer(buffer, dtype)
-            if values.size != K * int(np.prod(shape)):
-                raise ValueError(f"the vector env's values changed size within a run: "
-                                 f"expected {shape[1:] or 1} values of {dtype} per sub-env")
-            views.append(values.reshape((K, *shape)))
+        if len(self.reward) != 8 * K * n or len(self.terminated) != K * n \
+                or len(self.truncated) != K * n:
+            raise ValueError(f"the vector env returned {len(self.reward) / 8 / K:g} rewards a "
+                             f"call for {n} sub-environments")
+        arrays = (np.frombuffer(self.reward, np.float64).reshape(K, n),
+                  np.frombuffer(self.terminated, np.bool_).reshape(K, n),
+                  np.frombuffer(self.truncated, np.bool_).reshape(K, n),
+                  _view(self.action, self.action_dtype, self.action_shape, self.action_count, K),
+                  _view(self.obs, self.obs_dtype, self.obs_shape, self.obs_count, K))
         self._renew()
-        return tuple(views)
+        return arrays
 
     def take(self, state: EnvState, new_episodes: Callable[[int], int],
              recorded: Callable[[int], bool]) -> Taken:
@@ -282,6 +276,18 @@ def _kept(layout: Layout, n: int) -> tuple[np.dtype[Any] | None, tuple[int, ...]
     if not layout.stored:
         return None, (n, 0)
     return layout.dtype, (n, layout.size)
+
+
+def _view(buffer: bytearray | None, dtype: np.dtype[Any] | None, shape: tuple[int, ...],
+          count: int, K: int) -> np.ndarray[Any, Any] | None:
+    """K calls' values of one space (`count` a call) as a (K, *shape) array over the block's
+    bytes (None: not kept); values that do not fill K calls are named."""
+    if buffer is None or dtype is None:
+        return None
+    if len(buffer) != K * count * dtype.itemsize:
+        raise ValueError(f"the vector env's values changed size within a run: expected "
+                         f"{shape[1:] or 1} values of {dtype} per sub-env")
+    return np.frombuffer(buffer, dtype).reshape((K, *shape))
 
 
 def _width(dtype: np.dtype[Any] | None, count: int) -> int:
