@@ -440,6 +440,32 @@ def test_non_finite_metrics_are_dropped_not_the_frame(ctx: zmq.Context[Any],
     emitter.close(0)
 
 
+def test_step_and_episode_rows_with_nan_or_inf_are_refused_not_their_frame(
+        ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    """A built-in run's frame holding one NaN would be refused whole by the ingest (a dead
+    letter): the rows holding one are left out and counted, the rest of the frame is sent, and
+    run_completed says how many."""
+    emitter = connect(ctx, sink, clock=FakeClock())
+    emitter.configure_steps(vector_obs=True, labels=False, obs_dtype=np.float32)
+    for t in range(10):
+        obs = np.full(4, t, np.float32)
+        if t == 3:
+            obs[2] = np.inf
+        emitter.step(0, t, 1, obs, float("nan") if t == 6 else 1.0, False, t == 9)
+    emitter.episode(0, float("nan"), 10, False, True)
+    emitter.episode(1, 2.0, 2, True, False)
+    emitter.finish("completed", None, 2, 10)  # (its last flush refuses them)
+    done = sink.wait_completed()
+    (steps,) = sink.of(FrameKind.STEP)
+    assert steps.body["step"].tolist() == [0, 1, 2, 4, 5, 7, 8, 9]
+    assert steps.body["obs"][:, 0].tolist() == [0, 1, 2, 4, 5, 7, 8, 9]
+    (episodes,) = sink.of(FrameKind.EPISODE)
+    assert episodes.body["episode"].tolist() == [1]
+    assert emitter.rows_refused == 3 == done.body["rows_refused"]
+    assert emitter.stats()["rows_refused"] == 3
+    emitter.close(0)
+
+
 def test_episodes_go_to_an_episodes_observer_as_columns(ctx: zmq.Context[Any],
                                                         sink: FrameSink) -> None:
     emitter = connect(ctx, sink, clock=FakeClock())

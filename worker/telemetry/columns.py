@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gymbus.shared import schema
-from gymbus.shared.codec import TYPED_ARRAY_DTYPES, typed_array_of
+from gymbus.shared.codec import TYPED_ARRAY_DTYPES, TYPED_ARRAY_KEYS, typed_array, typed_array_of
 from gymbus.shared.protocol import FrameKind
 
 #: the order of a buffered row's values, per columnar frame kind
@@ -109,6 +109,59 @@ def normalized(body: dict[str, Any], kinds: dict[str, type]) -> dict[str, Any]:
         if dtype is not None and name in body and not isinstance(body[name], dict):
             out[name] = np.asarray(body[name], dtype=dtype).tolist()
     return out
+
+
+def finite_rows(body: dict[str, Any], rows: int) -> tuple[dict[str, Any], int]:
+    """`body` without its rows that hold a NaN or an infinite number, and how many those were.
+
+    The protocol stores no such number, and the ingest refuses a frame that holds one whole (a
+    dead letter): one NaN reward would take 4,095 good rows with it. The columns looked at are
+    the float typed arrays and the lists of numbers with a value per row; every column with a
+    value per row is cut alike. A frame of finite numbers costs a `np.isfinite` per float
+    column (~5 us for 4,096 rows) and is returned as it is."""
+    keep: np.ndarray[Any, Any] | None = None
+    for value in body.values():
+        values = _floats(value, rows)
+        if values is None:
+            continue
+        ok = np.isfinite(values)
+        if ok.all():
+            continue
+        ok = ok if ok.ndim == 1 else ok.reshape(rows, -1).all(axis=1)
+        keep = ok if keep is None else keep & ok
+    if keep is None:
+        return body, 0
+    return ({name: _rows_of(value, keep, rows) for name, value in body.items()},
+            rows - int(keep.sum()))
+
+
+def _floats(value: Any, rows: int) -> np.ndarray[Any, Any] | None:
+    """A column's values as a float array (None: not a column of floats with a row each)."""
+    if isinstance(value, dict):
+        if set(value) != TYPED_ARRAY_KEYS or not value["shape"] or value["shape"][0] != rows:
+            return None
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind != "f":
+            return None
+        return np.frombuffer(value["data"], dtype).reshape(value["shape"])
+    if isinstance(value, list) and len(value) == rows and rows and \
+            not isinstance(value[0], str | bytes | bool | None):
+        try:
+            return np.asarray(value, np.float64)
+        except (TypeError, ValueError):  # lists of unequal length, or not numbers
+            return None
+    return None
+
+
+def _rows_of(value: Any, keep: np.ndarray[Any, Any], rows: int) -> Any:
+    """The kept rows of a column with a value per row; any other value as it is."""
+    if isinstance(value, dict) and set(value) == TYPED_ARRAY_KEYS and value["shape"] \
+            and value["shape"][0] == rows:
+        array = np.frombuffer(value["data"], np.dtype(value["dtype"])).reshape(value["shape"])
+        return typed_array(array[keep])
+    if isinstance(value, list) and len(value) == rows:
+        return [v for v, k in zip(value, keep.tolist(), strict=True) if k]
+    return value
 
 
 def rows_body(kind: FrameKind, rows: list[tuple[Any, ...]]) -> dict[str, Any]:

@@ -106,6 +106,9 @@ class Emitter:
         self.seq = 0
         #: metric values dropped because they were NaN or infinite
         self.metrics_dropped = 0
+        #: step and episode rows not sent because they held a NaN or an infinite number (the
+        #: protocol stores none: the ingest would refuse their whole frame)
+        self.rows_refused = 0
         now = clock()
         self._episodes = _Batch(now)
         self._metrics = _Batch(now)
@@ -292,14 +295,21 @@ class Emitter:
         steps, rows = self._steps, self._rows
         try:
             body = steps.body(rows, self._t0_ns)
-            try:
-                parts = self._encode(FrameKind.STEP, body)
-            except DecodeError:  # numpy scalars somewhere: convert by column type, once
-                parts = self._encode(FrameKind.STEP, steps.normalized(body, rows))
+            kept, refused = columns.finite_rows(body, n)
+            if refused == n:
+                parts = None
+            else:
+                try:
+                    parts = self._encode(FrameKind.STEP, kept)
+                except DecodeError:  # numpy scalars somewhere: convert by column type, once
+                    kept, refused = columns.finite_rows(steps.normalized(body, rows), n)
+                    parts = self._encode(FrameKind.STEP, kept)
         finally:
             rows.clear()
             self._restart_steps()
-        self._publish(FrameKind.STEP, parts, n)
+        self.rows_refused += refused
+        if parts is not None:
+            self._publish(FrameKind.STEP, parts, n - refused)
 
     # --- per episode and per metric -----------------------------------------------------------
 
@@ -333,7 +343,10 @@ class Emitter:
         if episodes.rows:
             self._observers.taking_episodes()
             for body, n in columns.episode_bodies(episodes.take(now)):
-                self._send_body(FrameKind.EPISODE, body, n)
+                kept, refused = columns.finite_rows(body, n)
+                self.rows_refused += refused
+                if refused < n:
+                    self._send_body(FrameKind.EPISODE, kept, n - refused)
         self._send_metrics(metrics)
 
     def _flush_metrics(self) -> None:
@@ -387,8 +400,11 @@ class Emitter:
     def finish(self, status: str, reason: str | None, episodes: int, steps: int,
                **counts: int) -> int:
         """Flush and send `run_completed` (the run's last frame, with `counts` of what was not
-        stored, if any); returns frames_emitted."""
+        stored, if any, the rows this emitter refused added to `rows_refused`); returns
+        frames_emitted."""
         self.flush()
+        if self.rows_refused:
+            counts["rows_refused"] = counts.get("rows_refused", 0) + self.rows_refused
         frames_emitted = self.seq + 1
         self._send(FrameKind.LIFECYCLE, {
             "event": LifecycleEvent.RUN_COMPLETED.value, "status": status,
@@ -402,7 +418,8 @@ class Emitter:
         return {"frames_emitted": self.seq, "frames": delivery["frames"],
                 "rows": delivery["rows"], "blocked_sends": delivery["blocked_sends"],
                 "frames_dropped": delivery["frames_dropped"],
-                "metrics_dropped": self.metrics_dropped, "subscribed": delivery["subscribed"]}
+                "metrics_dropped": self.metrics_dropped, "rows_refused": self.rows_refused,
+                "subscribed": delivery["subscribed"]}
 
     def close(self, linger_ms: int = CLOSE_LINGER_MS) -> None:
         """Close the socket; up to `linger_ms` is spent delivering queued frames. Idempotent."""
