@@ -3,7 +3,8 @@ module that registers ids (`--env-module`), through a real stack whose processes
 on PYTHONPATH, as a user's would.
 
 A bad module, attribute or id is refused at submit (exit code 2, the field named, nothing
-stored); a good one trains, and every step is stored.
+stored); a good one trains, and every step is stored, but for those holding a NaN (refused,
+counted).
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ ENVS = '''
             self.pos = min(max(self.pos + (1 if action == 1 else -1), 0), self.length - 1)
             done = self.pos == self.length - 1
             return self.pos, float(done), done, False, {}
+
+
+    class NanRewards(GridEnv):
+        """GridEnv whose reward is NaN every `every`th step (counted over episodes)."""
+
+        def __init__(self, length=5, every=23):
+            super().__init__(length)
+            self.every, self.n = every, 0
+
+        def step(self, action):
+            obs, reward, terminated, truncated, info = super().step(action)
+            self.n += 1
+            return obs, float("nan") if self.n % self.every == 0 else reward, terminated, \
+                truncated, info
 '''
 REGISTER = f'''
     import gymnasium as gym
@@ -94,6 +109,30 @@ def test_an_entry_point_env_trains_with_its_kwargs_and_time_limit(stack: Stack) 
     episodes = episodes_of(stack, run_id)
     assert [(e["length"], e["truncated"], e["terminated"]) for e in episodes] == \
         [(10, True, False)] * 20
+
+
+def test_a_nan_reward_refuses_its_rows_and_keeps_the_rest_of_the_run(stack: Stack) -> None:
+    """A built-in run on an env whose reward is now and then NaN: the step rows holding one,
+    and the episodes whose return it makes NaN, are refused and counted (the protocol stores no
+    NaN); every other row of their frames is stored, and nothing goes to the dead letters."""
+    code, printed, stderr = submit(
+        stack, "--env", f"{PACKAGE}.envs:NanRewards", "--env-arg", "length=30", "--algo",
+        "random", "--episodes", "20", "--max-episode-steps", "10")
+    assert code == 0, stderr
+    run_id = printed["run_id"]
+    row = stored_run(stack, run_id)
+    # 20 episodes of 10 steps (30 cells cannot be crossed in 10); steps 23, 46, ... are NaN
+    nan_steps = [n for n in range(1, 201) if n % 23 == 0]
+    nan_episodes = {(n - 1) // 10 for n in nan_steps}
+    # the run's row counts the rows stored; rows_refused the others
+    assert (row["status"], row["steps"], row["episodes"]) == ("completed", 192, 12)
+    assert row["rows_refused"] == len(nan_steps) + len(nan_episodes) == 16
+    stored_steps = store_query(stack, "SELECT episode * 10 + step + 1 AS n FROM steps "
+                                      f"WHERE run_id = '{run_id}' ORDER BY n")
+    assert [r["n"] for r in stored_steps] == [n for n in range(1, 201) if n % 23]
+    assert [e["episode"] for e in episodes_of(stack, run_id)] == [
+        e for e in range(20) if e not in nan_episodes]
+    assert store_query(stack, "SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0
 
 
 @pytest.mark.parametrize("env_args", [
