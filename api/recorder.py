@@ -240,11 +240,10 @@ class Recorder:
         self._steps: list[Steps] = []
         #: when the oldest buffered step is due (FLUSH_INTERVAL after it), for every env
         self.deadline = math.inf
-        #: ended episodes, one row each, in the order they ended; never replaced (a single env's
-        #: closure holds its `append`), emptied when taken. A closure that appends a row calls
-        #: `check_episodes` once the list holds `episode_check_at` rows.
+        #: ended episodes, one row each, in the order they ended (`episode`); the clock is
+        #: looked at when they reach `_episode_check_at` rows
         self.episodes: list[EpisodeRow] = []
-        self.episode_check_at = 1
+        self._episode_check_at = 1
         #: a vector env's ended episodes, a block's at a time, as numpy columns (`add_episodes`),
         #: and the rows before them, as columns too (`_settle`)
         self._episode_blocks: list[dict[str, Any]] = []
@@ -372,26 +371,22 @@ class Recorder:
                 env_index: int | None = None, seed: int | None = None, reset_obs: Any = None,
                 reset_info: str | None = None, obs_layout: Layout | None = None) -> None:
         """Buffer one ended episode; `reset_obs` is an int or the bytes of a row of
-        `obs_layout`, and None (like seed and reset_info) leaves its column out. (A single
-        env's closure appends its rows to `episodes` itself, as this does.)"""
+        `obs_layout`, and None (like seed and reset_info) leaves its column out. The batch is
+        sent when full or when its first row has waited FLUSH_INTERVAL: the clock is looked at
+        when the batch doubles (1, 2, 4, ... rows), not per episode."""
         episodes = self.episodes
         episodes.append((episode, ret, length, terminated, truncated, env_index, seed, reset_obs,
                          reset_info, obs_layout, time.time_ns()))
-        if len(episodes) >= self.episode_check_at:
-            self.check_episodes()
-
-    def check_episodes(self) -> None:
-        """`episodes` has reached `episode_check_at` rows: send the batch if it is full or its
-        first row has waited FLUSH_INTERVAL, else check again at twice as many rows (the clock
-        is looked at when the batch doubles, not per episode)."""
-        n = len(self.episodes)
+        n = len(episodes)
+        if n < self._episode_check_at:
+            return
         now = self._clock()
         if self._episode_deadline == math.inf:
             self._episode_deadline = now + FLUSH_INTERVAL
         if n >= EPISODE_BATCH_ROWS or now >= self._episode_deadline:
             self.flush()
         else:
-            self.episode_check_at = 2 * n
+            self._episode_check_at = 2 * n
 
     def add_episodes(self, columns: dict[str, Any], n: int) -> None:
         """Buffer `n` ended episodes of a vector env's block, in call order, as columns: numpy
@@ -418,13 +413,11 @@ class Recorder:
     def _settle(self) -> None:
         """The buffered episode rows as column groups in `_episode_blocks`, each row's global
         step the run's steps taken when it ended."""
-        rows = self.episodes[:]
+        rows, self.episodes = self.episodes, []
         if not rows:
             return
-        self.episodes.clear()
-        self.episode_check_at = 1
-        groups = _row_groups(rows, self.steps_taken)
-        self.steps_taken += sum(row[2] for row in rows)
+        self._episode_check_at = 1
+        groups, self.steps_taken = _row_groups(rows, self.steps_taken)
         self._episodes_settled += len(rows)
         self._episode_blocks.extend(groups)
 
@@ -493,20 +486,22 @@ def _by_masks(columns: dict[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
-def _row_groups(rows: list[EpisodeRow], steps_taken: int) -> list[dict[str, Any]]:
-    """Buffered episode rows as columns, one dict per set of optional fields present; their
-    global steps follow on from `steps_taken`, in the rows' order."""
+def _row_groups(rows: list[EpisodeRow], steps_taken: int) -> tuple[list[dict[str, Any]], int]:
+    """Buffered episode rows as columns, one dict per set of optional fields present, and the
+    steps taken after the last of them: their global steps follow on from `steps_taken`, in
+    the rows' order."""
     n = len(rows)
     fields = list(zip(*rows))
     global_step = np.cumsum(np.fromiter(fields[2], np.int64, n)) + steps_taken
+    taken = int(global_step[-1])
     if all(fields[i].count(None) in (0, n) for i in _OPTIONAL):
-        return [_row_columns(fields, global_step, n)]
+        return [_row_columns(fields, global_step, n)], taken
     groups: dict[tuple[bool, ...], list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(tuple(row[i] is not None for i in _OPTIONAL), []).append(index)
     return [_row_columns(list(zip(*[rows[i] for i in group])),
                          global_step[np.asarray(group, np.intp)], len(group))
-            for group in groups.values()]
+            for group in groups.values()], taken
 
 
 def _row_columns(fields: list[tuple[Any, ...]], global_step: np.ndarray[Any, Any],

@@ -12,7 +12,6 @@ episode's length and return, and an episode's end appends its row.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,18 +71,14 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         obs0: Any = None
         info0: str | None = None
 
-        rows, time_ns = rec.episodes, time.time_ns
-        add_row, check_episodes = rows.append, rec.check_episodes
-        reset_row = _reset_row(obs_layout, obs_raw)
+        add_episode, reset_row = rec.episode, obs_layout.row
 
         def end_episode(terminated: bool, truncated: bool) -> None:
             nonlocal started
             if recording:
                 buffer.end(terminated, truncated)
-            add_row((episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
-                     obs_layout, time_ns()))
-            if len(rows) >= rec.episode_check_at:
-                check_episodes()
+            add_episode(episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
+                        obs_layout)
             started = False
 
         def begin(obs: Any, info: Any, seed: int | None) -> None:
@@ -167,9 +162,7 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
         rec, env_index, stop = self._recorder, self.env_index, self._stop
         env_step, env_reset = self.env.step, self.env.reset
         info_keys, obs_layout = self._info_keys, self._obs
-        rows, time_ns, new_episode = rec.episodes, time.time_ns, rec.new_episode
-        add_row, check_episodes = rows.append, rec.check_episodes
-        reset_row = _reset_row(obs_layout, obs_layout.stored and not obs_layout.leaves)
+        add_episode, new_episode, reset_row = rec.episode, rec.new_episode, obs_layout.row
         episode, t, ret = new_episode(), 0, 0.0
         seed0: int | None = None
         obs0: Any = None
@@ -177,10 +170,8 @@ class RecordedEnv(gym.Wrapper[Any, Any, Any, Any]):
 
         def end_episode(terminated: bool, truncated: bool) -> None:
             nonlocal episode, t, ret, seed0, obs0, info0
-            add_row((episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
-                     obs_layout, time_ns()))
-            if len(rows) >= rec.episode_check_at:
-                check_episodes()
+            add_episode(episode, ret, t, terminated, truncated, env_index, seed0, obs0, info0,
+                        obs_layout)
             episode, t, ret, seed0, obs0, info0 = new_episode(), 0, 0.0, None, None, None
 
         def reset(*, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
@@ -226,30 +217,3 @@ def _adder(layout: Layout, values: list[Any] | bytearray | None) -> tuple[
         return values.append, None, layout.dtype, False
     return values.extend, layout.row, layout.dtype, not layout.leaves
 
-
-def _reset_row(layout: Layout, raw: bool) -> Callable[[Any], Any]:
-    """How an episode row holds its reset observation: an int as it is, a row of numbers as
-    its bytes in the layout's dtype (an array of that dtype's own bytes when `raw`), None when
-    the layout is not stored."""
-    if layout.kind == "int":
-        return _same
-    if not layout.stored:
-        return _none
-    row = layout.row
-    if not raw:
-        return row
-    dtype, ndarray = layout.dtype, np.ndarray
-
-    def reset_row(obs: Any) -> Any:
-        if obs.__class__ is ndarray and obs.dtype is dtype:
-            return obs.tobytes()
-        return row(obs)
-    return reset_row
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _none(value: Any) -> None:
-    return None
