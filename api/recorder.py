@@ -23,7 +23,7 @@ import numpy as np
 from gymbus.shared.codec import typed_array
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import Layout
-from gymbus.worker.telemetry.columns import narrowest
+from gymbus.worker.telemetry.columns import finite_rows, narrowest
 
 #: rows of a step frame: 4,096 (as a vector env's block holds values) costs ~0.06 us a
 #: CartPole step less than 1,024 (its Python per frame, ~0.1 ms, spread over more rows), and
@@ -105,17 +105,6 @@ def _column(values: Any, layout: Layout, n: int) -> np.ndarray[Any, Any]:
         raise ValueError(f"the environment's values changed size within a run: expected "
                          f"{layout.size} values of {layout.dtype} per step")
     return np.frombuffer(data, layout.dtype).reshape(n, layout.size).copy()
-
-
-def _finite_rows(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
-    """Which rows of a float column are finite (None: all, or not a float column)."""
-    if arr.dtype.kind != "f":
-        return None
-    ok = np.isfinite(arr)
-    if ok.all():  # the common frame: no row test (`all(axis=1)` over short rows is ~10x slower)
-        return None
-    rows: np.ndarray[Any, Any] = ok if arr.ndim == 1 else ok.all(axis=1)
-    return rows
 
 
 def info_json(info: dict[str, Any], keys: Sequence[str]) -> str:
@@ -345,18 +334,11 @@ class Recorder:
         """Send a step body of numpy columns; rows with a NaN or infinite number are refused
         (the protocol refuses them: one would turn the whole frame into a dead letter) and
         counted in `refused`."""
-        keep: np.ndarray[Any, Any] | None = None
-        for value in body.values():
-            if isinstance(value, np.ndarray):
-                ok = _finite_rows(value)
-                if ok is not None:
-                    keep = ok if keep is None else keep & ok
-        if keep is not None:
-            self.refused += int(n - keep.sum())
-            body = {k: _take(v, keep) for k, v in body.items()}
-            n = int(keep.sum())
-            if not n:
-                return
+        body, refused = finite_rows(body, n)
+        self.refused += refused
+        n -= refused
+        if not n:
+            return
         for name, value in list(body.items()):
             if isinstance(value, np.ndarray):
                 if value.dtype.kind == "i" and value.ndim == 1 and n:
@@ -443,16 +425,14 @@ class Recorder:
 
     def _send_episodes(self, columns: dict[str, Any]) -> None:
         """One episode frame of `columns` (numpy arrays, "reset_info" a list of JSON text).
-        An episode whose return is NaN or infinite is refused, as a step row with one is (the
-        protocol stores no such number), and counted in `refused`; its steps are kept."""
+        An episode whose return or reset observation holds a NaN or an infinity is refused, as
+        a step row with one is (the protocol stores no such number), and counted in
+        `refused`; its steps are kept."""
+        columns, refused = finite_rows(columns, len(columns["episode"]))
+        self.refused += refused
         n = len(columns["episode"])
-        finite = np.isfinite(columns["return"])
-        if not finite.all():
-            self.refused += int(n - finite.sum())
-            columns = {name: _take(value, finite) for name, value in columns.items()}
-            n = int(finite.sum())
-            if not n:
-                return
+        if not n:
+            return
         if self._on_episodes is not None:
             self._on_episodes({name: columns[name] for name in
                                ("episode", "return", "length", "ts_ns", "global_step")})
@@ -528,8 +508,3 @@ def _row_columns(fields: list[tuple[Any, ...]], global_step: np.ndarray[Any, Any
         columns["reset_info"] = list(reset_info)
     return columns
 
-
-def _take(value: Any, keep: np.ndarray[Any, Any]) -> Any:
-    if isinstance(value, np.ndarray):
-        return value[keep]
-    return [v for v, k in zip(value, keep, strict=True) if k]

@@ -278,3 +278,47 @@ def test_rows_with_nan_or_inf_are_refused_and_counted_and_the_rest_stored(vector
     assert all(np.isfinite(returns))
     assert steps == sorted(set(numbered) - set(bad))  # each kept step once, in order
     assert recorder.steps == len(numbered) - len(bad)
+
+
+class NanResets(gym.Env[Any, Any]):
+    """5-step episodes whose every third reset observation holds a NaN; the steps are finite."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self) -> None:
+        self.t = self.resets = 0
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        self.t, self.resets = 0, self.resets + 1
+        return np.array([np.nan if self.resets % 3 == 0 else 0.0, 1.0], np.float32), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        return np.ones(2, np.float32), 1.0, self.t == 5, False, {}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_episode_whose_reset_observation_holds_a_nan_is_refused_not_its_frame(
+        fast: bool) -> None:
+    """The reset observation travels in the episode row: one NaN there would make the ingest
+    refuse the whole episode frame. The row is refused and counted; the others are stored."""
+    episodes: list[int] = []
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        frame = decode_frame(list(encode_frame(kind, "r", 0, body)))  # as the ingest decodes
+        if frame.kind is FrameKind.EPISODE:
+            episodes.extend(np.asarray(frame.body["episode"]).tolist())
+
+    recorder = Recorder(send)
+    raw = NanResets()
+    env = RecordedEnv(raw, recorder, StepPolicy(0 if fast else 1),
+                      layout(raw.observation_space), layout(raw.action_space, "action"))
+    for _ in range(30):  # episodes 0..29, reset 1..30: every third one's observation is NaN
+        env.reset()
+        for _ in range(5):
+            env.step(0)
+    recorder.flush()
+    assert sorted(episodes) == [e for e in range(30) if (e + 1) % 3]
+    assert recorder.refused == 10 and recorder.steps == (0 if fast else 150)
