@@ -199,7 +199,7 @@ class RecordedVectorEnv(VectorWrapper):
 
         def take() -> None:
             nonlocal k, check_at
-            block.k, k, check_at = k, 0, 1
+            k, check_at = 0, 1
             take_rows()
             bind()
 
@@ -222,9 +222,8 @@ class RecordedVectorEnv(VectorWrapper):
                 add_action(actions)
                 add_reward(rewards)
                 add_term(terminated)
-                add_trunc(truncated)
+                add_trunc(truncated)  # last: the call counts in `block.k` once whole
             except (AttributeError, TypeError, BufferError, ValueError):
-                block.k = k
                 block.rollback()
                 try:
                     block.put(actions, obs, rewards, terminated, truncated,

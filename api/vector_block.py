@@ -58,7 +58,6 @@ class Block:
         # a block is one step frame: its values stay within FRAME_VALUE_BYTES (stored pixels)
         self.size = size or max(1, min(max(16, BLOCK_VALUES // n), FRAME_VALUE_BYTES // max(
             1, n * (obs.row_bytes + action.row_bytes))))
-        self.k = 0
         self.obs_layout, self.action_layout = obs, action
         #: the dtype of a call's values as the block keeps them (None: not stored), their
         #: shape (n,) or (n, values) and how many a call has
@@ -74,6 +73,12 @@ class Block:
         self.obs: bytearray | None = None
         self._renew()
 
+    @property
+    def k(self) -> int:
+        """The calls the block holds: each call appends its truncated flags last, so that a
+        call cut short (`rollback`) is not counted."""
+        return len(self.truncated) // self.n
+
     def _renew(self) -> None:
         """New buffers (the last block's may still be viewed by its arrays)."""
         self.reward, self.terminated, self.truncated = bytearray(), bytearray(), bytearray()
@@ -86,7 +91,7 @@ class Block:
         return not (self.obs_layout.leaves or self.action_layout.leaves)
 
     def rollback(self) -> None:
-        """Drop what a call appended to some buffers only (its `k` is not counted yet)."""
+        """Drop what a call appended to some buffers only (before its truncated flags)."""
         n, k = self.n, self.k
         for buffer, width in ((self.reward, 8 * n), (self.terminated, n), (self.truncated, n),
                               (self.action, _width(self.action_dtype, self.action_count)),
@@ -100,9 +105,6 @@ class Block:
         full. `infos` is given under SAME_STEP, where an episode's final observation comes
         from it."""
         n = self.n
-        self.reward.extend(np.ascontiguousarray(rewards, np.float64).reshape(n))
-        self.terminated.extend(np.ascontiguousarray(terminated, np.bool_).reshape(n))
-        self.truncated.extend(np.ascontiguousarray(truncated, np.bool_).reshape(n))
         if self.action is not None:
             self.action.extend(np.ascontiguousarray(self.action_layout.rows(actions, n)))
         if self.obs is not None:
@@ -113,7 +115,9 @@ class Block:
                                         np.asarray(terminated) | np.asarray(truncated)):
                     one = stack_one(final[i])
                     self.finals.append((self.k, int(i), self.obs_layout.rows(one, 1)[0]))
-        self.k += 1
+        self.reward.extend(np.ascontiguousarray(rewards, np.float64).reshape(n))
+        self.terminated.extend(np.ascontiguousarray(terminated, np.bool_).reshape(n))
+        self.truncated.extend(np.ascontiguousarray(truncated, np.bool_).reshape(n))
         return self.k == self.size
 
     def _arrays(self, K: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
@@ -141,7 +145,6 @@ class Block:
         in call order (row, then sub-env), from the id it returns; `recorded(episode)` says
         whether an episode's steps are kept."""
         K, n = self.k, self.n
-        self.k = 0
         reward, term, trunc, action, obs = self._arrays(K)
         ended = term | trunc
         valid = np.ones((K, n), np.bool_)

@@ -235,23 +235,34 @@ def test_a_vector_env_whose_rewards_change_count_gets_a_clear_error() -> None:
 
 
 def test_a_call_whose_values_are_refused_leaves_the_block_as_it_was() -> None:
-    """A call whose actions no space takes raises in the loop, and the block keeps none of it
-    (its rewards and flags were appended before the actions failed): the calls around it are
-    recorded whole, each episode's steps numbered without a hole."""
+    """A call whose values no space takes raises in the loop, and the block keeps none of it:
+    once its actions no space takes, once its observations of the wrong size (its actions
+    were appended before they failed). The calls around them are recorded whole, each
+    episode's steps numbered without a hole."""
     recorder, frames = collecting()
     envs = SyncVectorEnv([ENVS["multi"]] * 2)
+    real_step = envs.step
+    short_obs = [False]
+
+    def step(actions: Any) -> Any:  # with actions of its own: only the block sees the loop's
+        obs, *rest = real_step(envs.action_space.sample())
+        return (obs[:, :3] if short_obs[0] else obs, *rest)
+
+    envs.step = step  # type: ignore[method-assign]
     wrapped = RecordedVectorEnv(envs, recorder, StepPolicy(1),
                                 layout(envs.single_observation_space),
                                 layout(envs.single_action_space, "action"))
     wrapped.reset(seed=0)
     envs.action_space.seed(0)
-    real_step = envs.step
-    # the env steps with actions of its own: only the block sees the loop's
-    envs.step = lambda actions: real_step(envs.action_space.sample())  # type: ignore[method-assign]
     for call in range(40):
         if call == 20:
             with pytest.raises(ValueError):
                 wrapped.step(np.zeros((2, 5), np.int64))  # five parts an action, not two
+        if call == 30:
+            short_obs[0] = True
+            with pytest.raises(ValueError):  # three values an observation, not five
+                wrapped.step(envs.action_space.sample())
+            short_obs[0] = False
         wrapped.step(envs.action_space.sample())
     wrapped.finish()
     recorder.flush()
