@@ -164,10 +164,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
              "steps": rs[0]["steps"], "runs": rs}
         if "stored_bytes" in rs[0]:
             s["bytes_per_step"] = statistics.median(r["stored_bytes"] / r["steps"] for r in rs)
-        if s["steps"] < projected_steps:  # its start and end, then projected_steps at its rate
-            s["projected_steps_per_s"] = statistics.median(
-                projected_steps / (r["seconds"] - r["loop_seconds"] +
-                                   projected_steps * r["loop_seconds"] / r["steps"]) for r in rs)
+        if s["steps"] < projected_steps:
+            s["projected_steps_per_s"] = statistics.median(run_rate(r, projected_steps)
+                                                           for r in rs)
         out[variant] = s
     return out
 
@@ -177,7 +176,8 @@ def whole_rate(s: dict[str, Any]) -> float:
 
 
 def run_rate(r: dict[str, Any], steps: int) -> float:
-    """One run's whole rate, projected to `steps` at its loop's rate if it ran fewer."""
+    """One run's whole rate, projected to `steps` if it ran fewer: its start and end, then
+    `steps` at its loop's rate."""
     if r["steps"] >= steps:
         return float(r["steps"] / r["seconds"])
     return steps / (r["seconds"] - r["loop_seconds"] + steps * r["loop_seconds"] / r["steps"])
