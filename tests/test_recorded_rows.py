@@ -280,23 +280,19 @@ def test_rows_with_nan_or_inf_are_refused_and_counted_and_the_rest_stored(vector
     assert recorder.steps == len(numbered) - len(bad)
 
 
-class NanResets(gym.Env[Any, Any]):
-    """5-step episodes whose every third reset observation holds a NaN; the steps are finite."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-    action_space = gym.spaces.Discrete(2)
+class NanResets(NonFinite):
+    """NonFinite's steps, and a NaN in every third reset observation."""
 
     def __init__(self) -> None:
-        self.t = self.resets = 0
+        super().__init__()
+        self.resets = 0
 
-    def reset(self, *, seed: int | None = None,
-              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        self.t, self.resets = 0, self.resets + 1
-        return np.array([np.nan if self.resets % 3 == 0 else 0.0, 1.0], np.float32), {}
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        self.t += 1
-        return np.ones(2, np.float32), 1.0, self.t == 5, False, {}
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = super().reset(**kwargs)
+        self.resets += 1
+        if self.resets % 3 == 0:
+            obs[0] = np.nan
+        return obs, info
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -319,6 +315,12 @@ def test_an_episode_whose_reset_observation_holds_a_nan_is_refused_not_its_frame
         env.reset()
         for _ in range(5):
             env.step(0)
+    env.finish()  # type: ignore[attr-defined]  # (each episode is cut short by the next reset)
     recorder.flush()
-    assert sorted(episodes) == [e for e in range(30) if (e + 1) % 3]
-    assert recorder.refused == 10 and recorder.steps == (0 if fast else 150)
+    # steps 1..150 (NonFinite.n): every 7th observation and 43rd reward are NaN or inf
+    bad_steps = [n for n in range(1, 151) if n % 7 == 0 or n % 43 == 0]
+    nan_returns = {(n - 1) // 5 for n in range(1, 151) if n % 43 == 0}  # episodes 8, 17, 25
+    nan_resets = {e for e in range(30) if (e + 1) % 3 == 0}
+    assert sorted(episodes) == [e for e in range(30) if e not in nan_resets | nan_returns]
+    assert recorder.steps == (0 if fast else 150 - len(bad_steps))
+    assert recorder.refused == (0 if fast else len(bad_steps)) + len(nan_resets | nan_returns)
