@@ -14,24 +14,45 @@ from gymbus.worker import training
 from gymbus.worker.agents.base import Budget, NullSink
 from gymbus.worker.agents.qlearning import EXPLOIT, EXPLORE, QLearningAgent
 from gymbus.worker.agents.random_agent import RandomAgent
+from gymbus.worker.telemetry.emitter import StepAppenders
 
 
 class Recorder:
-    """Telemetry that keeps what the loop reports, in memory."""
+    """Telemetry that keeps what the loop reports, in memory: each recorded step as a row
+    (episode, step, action, obs, reward, terminated, truncated, label), given to `step`."""
 
     def __init__(self) -> None:
         self.returns: list[float] = []
         self.lengths: list[int] = []
         self.steps: list[tuple[Any, ...]] = []
         self.metrics: list[tuple[str, int, float]] = []
+        self._values: tuple[list[Any], ...] = ([], [], [], [])  # obs, action, label, reward
+
+    def step_appenders(self) -> StepAppenders:
+        obs, actions, labels, rewards = self._values
+        return obs.append, actions.append, labels.append, rewards.append
+
+    def record_steps(self, episode: int, t: int, terminated: bool = False,
+                     truncated: bool = False) -> int:
+        obs, actions, labels, rewards = self._values
+        n = len(rewards)
+        assert len(obs) == len(actions) == n and len(labels) in (0, n)
+        for i in range(n):
+            last = i == n - 1
+            self.step(episode, t - n + i, actions[i], obs[i], rewards[i], last and terminated,
+                      last and truncated, labels[i] if labels else None)
+        for values in self._values:
+            values.clear()
+        return 7  # a small room, so that the loop's cuts are exercised
 
     def step(self, *row: Any) -> None:
         self.steps.append(row)
 
     def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool,
-                seed: int | None = None, reset_obs: Any = None) -> None:
+                seed: int | None = None, reset_obs: Any = None) -> int:
         self.returns.append(float(ret))
         self.lengths.append(length)
+        return self.record_steps(episode, length, terminated, truncated)
 
     def metric(self, name: str, step: int, value: float) -> None:
         self.metrics.append((name, step, value))

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import gymnasium as gym
 import msgpack
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ from conftest import free_endpoint, wait_until
 
 from gymbus.shared.codec import Frame, decode_frame
 from gymbus.shared.protocol import FrameKind, LifecycleEvent, TelemetryMode
-from gymbus.shared.runconfig import parse_config
+from gymbus.shared.runconfig import RandomParams, parse_config
 from gymbus.worker import training
+from gymbus.worker.agents.base import Budget
+from gymbus.worker.agents.random_agent import RandomAgent
 from gymbus.worker.telemetry.emitter import (
     EPISODE_BATCH_ROWS,
     FLUSH_INTERVAL,
@@ -264,8 +267,8 @@ def run_loop(emitter: Emitter, config: dict[str, Any], spy: Any = None) -> train
     env = training.make_env(cfg)
     agent = training.make_agent(cfg, env, rng, emitter)
     training.configure_steps(emitter, env, agent)
-    if spy is not None:
-        emitter.step = spy  # type: ignore[method-assign]
+    if spy is not None:  # every value the loop would append goes to `spy`
+        emitter.step_appenders = lambda: (spy, spy, spy, spy)  # type: ignore[method-assign]
     return training.run_training(env, agent, emitter, training.budget_of(cfg), seed=cfg.seed,
                                  mode=cfg.telemetry, every=cfg.every)
 
@@ -277,7 +280,7 @@ def test_fast_mode_builds_no_step_frames(ctx: zmq.Context[Any], sink: FrameSink)
                                 "telemetry": "fast"}, spy=lambda *a: calls.append(a))
     emitter.finish("completed", None, result.episodes, result.steps)
     sink.wait_completed()
-    assert calls == []  # not one per-step call in fast mode
+    assert calls == []  # not one value appended in fast mode
     assert sink.of(FrameKind.STEP) == [] and emitter.stats()["rows"]["step"] == 0
     assert sum(f.rows for f in sink.of(FrameKind.EPISODE)) == result.episodes == 200
     names = {n for f in sink.of(FrameKind.METRIC) for n in f.body["name"]}
@@ -298,6 +301,115 @@ def test_sampled_mode_records_every_nth_episode(ctx: zmq.Context[Any], sink: Fra
     assert sum(f.rows for f in sink.of(FrameKind.STEP)) == sum(lengths[e] for e in recorded)
     labels = {x for f in sink.of(FrameKind.STEP) for x in f.body["label"]}
     assert labels <= {"explore", "exploit"} and labels
+    emitter.close(0)
+
+
+def plain_steps(config: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The steps of the config's random run as a plain loop takes them, without gymbus: the
+    same seeded environment and action draws, one row (episode, step, action, obs, reward,
+    terminated, truncated) per step."""
+    cfg = parse_config(config)
+    env = training.make_env(cfg)
+    rows: list[tuple[Any, ...]] = []
+    episode = 0
+    while len(rows) < cfg.total_steps:
+        env.reset(seed=cfg.seed if episode == 0 else None)
+        for t in range(cfg.total_steps - len(rows)):
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rows.append((episode, t, int(action), np.asarray(obs).tolist(), float(reward),
+                         terminated, truncated))
+            if terminated or truncated:
+                break
+        episode += 1
+    return rows
+
+
+@pytest.mark.parametrize("env_id", ["FrozenLake-v1", "CartPole-v1"])
+def test_recorded_steps_are_the_plain_loops_steps(ctx: zmq.Context[Any], sink: FrameSink,
+                                                  env_id: str) -> None:
+    """Every step of a full-mode run, through the loop's appends and runs of steps, lands in
+    its row: the same values as a plain loop's, batches cut amid episodes included."""
+    config = {"env": env_id, "algo": "random", "total_steps": 3000, "seed": 5}
+    emitter = connect(ctx, sink)
+    result = run_loop(emitter, config)
+    emitter.finish("completed", None, result.episodes, result.steps)
+    sink.wait_completed()
+    frames = sink.of(FrameKind.STEP)
+    columns = ("episode", "step", "action", "obs", "reward", "terminated", "truncated")
+    stored = [row for f in frames
+              for row in zip(*(f.body[c].tolist() for c in columns), strict=True)]
+    assert stored == plain_steps(config)
+    assert all(f.rows <= STEP_BATCH_ROWS for f in frames)
+    ends = [bool(f.body["terminated"][-1] or f.body["truncated"][-1]) for f in frames[:-1]]
+    assert not all(ends)  # some batches were cut amid an episode
+    lengths = [n for f in sink.of(FrameKind.EPISODE) for n in f.body["length"].tolist()]
+    assert sum(lengths) == len(stored) == result.steps == 3000
+    emitter.close(0)
+
+
+def test_a_step_cut_short_between_its_appends_is_not_a_step(ctx: zmq.Context[Any],
+                                                            sink: FrameSink) -> None:
+    """An exception between a step's appends (the reward is appended last) leaves values that
+    belong to no step: they are dropped, not sent with the next batch's steps."""
+    emitter = connect(ctx, sink)
+    add_obs, add_action, _, add_reward = emitter.step_appenders()
+    for t in range(3):
+        add_obs(t)
+        add_action(1)
+        add_reward(0.5)
+    add_obs(9)  # a step cut short: no reward
+    add_action(1)
+    emitter.episode(0, 1.5, 3, False, False)
+    emitter.flush()
+    for t in range(2):
+        add_obs(20 + t)
+        add_action(0)
+        add_reward(1.0)
+    emitter.episode(1, 2.0, 2, True, False)
+    emitter.finish("completed", None, 2, 5)
+    sink.wait_completed()
+    assert [f.body["obs"].tolist() for f in sink.of(FrameKind.STEP)] == [[0, 1, 2], [20, 21]]
+    assert [f.body["action"].tolist() for f in sink.of(FrameKind.STEP)] == [[1, 1, 1], [0, 0]]
+    emitter.close(0)
+
+
+class BreaksAtStep5(gym.Env[np.ndarray[Any, Any], int]):
+    """Box observations; the fifth is a string array that no float type holds."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action: int) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        obs = np.array(["x", "y"]) if self.t == 5 else np.full(2, self.t / 10, np.float32)
+        return obs, 1.0, False, False, {}
+
+
+def test_a_step_that_fails_midway_leaves_its_episode_whole(ctx: zmq.Context[Any],
+                                                           sink: FrameSink) -> None:
+    """A step whose observation cannot be kept fails the run; the four steps before it are
+    sent, with their episode's row, and nothing of the fifth."""
+    emitter = connect(ctx, sink)
+    env = BreaksAtStep5()
+    env.action_space.seed(0)
+    agent = RandomAgent(RandomParams(), env.action_space, emitter)
+    training.configure_steps(emitter, env, agent)
+    with pytest.raises(ValueError, match="could not convert"):
+        training.run_training(env, agent, emitter, Budget(total_steps=100), seed=0)
+    emitter.finish("failed", "ValueError", 1, 4)
+    sink.wait_completed()
+    (steps,) = sink.of(FrameKind.STEP)
+    assert steps.body["step"].tolist() == [0, 1, 2, 3]
+    assert np.allclose(steps.body["obs"], [[0.1, 0.1], [0.2, 0.2], [0.3, 0.3], [0.4, 0.4]])
+    (episode,) = sink.of(FrameKind.EPISODE)
+    assert episode.body["length"].tolist() == [4] and episode.body["return"].tolist() == [4.0]
     emitter.close(0)
 
 

@@ -1,8 +1,8 @@
 """The episode loop of a run, apart from process plumbing: seeding, env and agent, training.
 
 Everything here runs on the run process's main thread. Telemetry goes through an object with
-the Emitter's `step` / `episode` / `metric` methods, so the loop runs the same against a real
-emitter, a recorder in tests, or `NullTelemetry` in benchmarks.
+the Emitter's `step_appenders` / `record_steps` / `episode` / `metric` methods, so the loop
+runs the same against a real emitter, a recorder in tests, or `NullTelemetry` in benchmarks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -22,6 +22,9 @@ from gymbus.shared.protocol import TelemetryMode
 from gymbus.shared.runconfig import RunConfig
 from gymbus.worker import envs
 from gymbus.worker.agents.base import Agent, Budget, MetricSink
+
+if TYPE_CHECKING:
+    from gymbus.worker.telemetry.emitter import StepAppenders
 
 #: seconds between two `charts/SPS` metrics (checked at episode ends)
 SPS_INTERVAL = 1.0
@@ -33,22 +36,19 @@ EVAL_SEED_OFFSET = 1_000_003
 
 
 class Telemetry(MetricSink, Protocol):
-    """What the loop publishes through: the Emitter's per-step and per-episode methods."""
+    """What the loop publishes through: the Emitter's per-step and per-episode methods.
 
-    def step(
-        self,
-        episode: int,
-        step: int,
-        action: int,
-        obs: Any,
-        reward: float,
-        terminated: bool,
-        truncated: bool,
-        label: str | None = None,
-    ) -> None: ...
+    A recorded step is four appends (`step_appenders`: observation, action, label, reward);
+    the steps appended since the last `record_steps` or `episode` call are that call's steps.
+    Both return how many more steps the loop may append before it calls one of them again.
+    """
+
+    def step_appenders(self) -> StepAppenders: ...
+
+    def record_steps(self, episode: int, t: int) -> int: ...
 
     def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool,
-                seed: int | None = None, reset_obs: Any = None) -> None: ...
+                seed: int | None = None, reset_obs: Any = None) -> int: ...
 
 
 class StopSignal(Protocol):
@@ -57,15 +57,22 @@ class StopSignal(Protocol):
     def __bool__(self) -> bool: ...
 
 
+def _ignore(value: Any) -> None:
+    return None
+
+
 class NullTelemetry:
     """Telemetry that goes nowhere: the bare loop, for benchmarks and evaluation."""
 
-    def step(self, *args: Any) -> None:
-        return None
+    def step_appenders(self) -> StepAppenders:
+        return _ignore, _ignore, _ignore, _ignore
+
+    def record_steps(self, episode: int, t: int) -> int:
+        return sys.maxsize
 
     def episode(self, episode: int, ret: float, length: int, terminated: bool, truncated: bool,
-                seed: int | None = None, reset_obs: Any = None) -> None:
-        return None
+                seed: int | None = None, reset_obs: Any = None) -> int:
+        return sys.maxsize
 
     def metric(self, name: str, step: int, value: float) -> None:
         return None
@@ -161,6 +168,10 @@ def run_training(
 ) -> LoopResult:
     """Train until the budget is spent or `stop` turns true (checked before every step).
 
+    A recorded step is four appends (observation, action, label if the agent labels its steps,
+    reward: `Telemetry.step_appenders`); the loop hands the steps to the telemetry at the
+    episode's end, with its row, or when the telemetry wants to look at its batch earlier
+    (`record_steps`: about eleven times a batch, and at least every STEP_BATCH_ROWS steps).
     In an episode whose steps are not recorded the inner loop makes no telemetry call at all;
     for an agent that neither learns nor looks at the observation (`draw`: the random agent)
     it is a user's random loop, plus the return, the step count and the stop test. An episode
@@ -175,7 +186,9 @@ def run_training(
     act, learn, draw, env_step, env_reset = agent.act, agent.learn, agent.draw, env.step, env.reset
     learns, labels = agent.learns, agent.has_labels
     begin_episode, end_episode = agent.begin_episode, agent.end_episode
-    record_step, episode_row = telemetry.step, telemetry.episode
+    add_obs, add_action, add_label, add_reward = telemetry.step_appenders()
+    record_steps, episode_row = telemetry.record_steps, telemetry.episode
+    room = record_steps(0, 0)  # steps the telemetry takes before it wants to look again
     after_episode = evaluation.after_episode if evaluation is not None else None
     max_steps = budget.total_steps if budget.total_steps is not None else sys.maxsize
     max_episodes = budget.episodes if budget.episodes is not None else sys.maxsize
@@ -200,6 +213,7 @@ def run_training(
         t = 0
         terminated = truncated = False
         left = max_steps - steps
+        cut = min(left, room) if record else left
         try:
             if draw is not None and not record and not learns:
                 while True:  # a plain random loop
@@ -222,13 +236,18 @@ def run_training(
                     if learns:
                         learn(obs, action, reward, next_obs, terminated, truncated)
                     if record:
-                        record_step(episode, t, action, next_obs, reward, terminated, truncated,
-                                    agent.label if labels else None)
+                        add_obs(next_obs)
+                        add_action(action)
+                        if labels:
+                            add_label(agent.label)
+                        add_reward(reward)
                     ret += reward
                     t += 1
                     obs = next_obs
-                    if terminated or truncated or t >= left:
-                        break
+                    if terminated or truncated or t >= cut:
+                        if terminated or truncated or t >= left:
+                            break
+                        cut = min(left, t + record_steps(episode, t))  # a batch to look at
         except BaseException:
             if t:  # the steps recorded so far get their episode frame before the run fails
                 progress.episodes, progress.steps = episode + 1, steps + t
@@ -241,7 +260,7 @@ def run_training(
             # measured 4% of a fast-mode FrozenLake run
             steps += t
             progress.episodes, progress.steps = episode + 1, steps
-            episode_row(episode, ret, t, terminated, truncated, reset_seed, reset_obs)
+            room = episode_row(episode, ret, t, terminated, truncated, reset_seed, reset_obs)
             end_episode(episode, steps, ret, t)
             episode += 1
             if steps >= sps_at:

@@ -5,11 +5,15 @@ frame of the run, from 0. What is here is the batching and when a batch is flush
 rows become a frame's columns in `gymbus.worker.telemetry.columns`, and the frames are delivered
 (spool first, then the socket, with backpressure) by `gymbus.worker.telemetry.publisher`.
 
-The hot paths (`step` per step, `episode` and `metric` per episode) are closures that append
-one row tuple to a list created once and cleared after each flush: no dict, no encoding, no
-send per call. At flush the rows become columns (`zip`), and numpy scalars from an environment
-are converted only if msgpack refuses the frame as it is. In fast mode the training loop never
-calls `step`, so no step frame is built at all.
+A recorded step costs the training loop four appends to lists and arrays created once and
+emptied after each flush (`step_appenders`: observation, action, label, reward), and each run of
+consecutive steps of one episode one call (`record_steps`, or the episode's own `episode`
+call, which takes its last steps): no tuple, no dict, no encoding, no send per step. Episodes
+and metrics are closures that append one row tuple per call. At flush the values become typed
+columns, the episode, step and end-flag columns worked out from the runs in numpy
+(`gymbus.worker.telemetry.columns.StepColumns`), and numpy scalars from an environment are
+converted only if msgpack refuses the frame as it is. In fast mode the training loop appends
+nothing, so no step frame is built at all.
 
 Metric observers (the run's TensorBoard log) get each batch of metric rows as it is taken, so
 TensorBoard costs the training loop nothing per value (`gymbus.worker.telemetry.observers`).
@@ -20,7 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, MutableSequence
 from operator import itemgetter
 from typing import Any
 
@@ -57,6 +62,9 @@ METRIC_BATCH_ROWS = 1024
 FLUSH_INTERVAL = 0.1
 
 _VALUE: Callable[[MetricRow], float] = itemgetter(columns.COLUMNS[FrameKind.METRIC].index("value"))
+#: the training loop's appenders of a recorded step's values: observation, action, label, reward
+StepAppenders = tuple[Callable[[Any], None], Callable[[Any], None], Callable[[Any], None],
+                      Callable[[Any], None]]
 
 
 class _Batch:
@@ -113,10 +121,15 @@ class Emitter:
         self._episodes = _Batch(now)
         self._metrics = _Batch(now)
         self._observers = MetricObservers(self._metrics.rows, self._episodes.rows)
-        # steps are buffered as row tuples in one list (created once, cleared after each flush)
-        # and turned into columns at flush time by zip(): one append per step measures about
-        # half the cost of eight per-column appends
-        self._rows: list[tuple[Any, ...]] = []
+        # steps are buffered as columns: a list per value the training loop appends (created
+        # once, emptied after each flush), and the runs of consecutive steps of one episode
+        # that they make up (`record_steps`, `episode`), from which the episode, step and flag
+        # columns are worked out at flush
+        self._obs: list[Any] = []
+        self._actions = array("q")
+        self._labels: list[Any] = []
+        self._rewards = array("d")
+        self._runs: list[Any] = []  # columns.RUN_FIELDS of each run, one after another
         self._t0_ns = 0
         self._steps = StepColumns()
         self._bind_hot_paths()
@@ -188,67 +201,85 @@ class Emitter:
 
     # --- the hot paths ------------------------------------------------------------------------
 
-    def _bind_hot_paths(self) -> None:
-        """Build `step`, `episode` and `metric` as closures over the batches' lists.
+    def step_appenders(self) -> StepAppenders:
+        """What the training loop appends a recorded step's values with, in this order: its
+        observation, action, label (only for an agent that labels its steps) and reward. The
+        steps appended since the last `record_steps` or `episode` call are that call's steps.
 
-        They run per step and per episode on the training thread: a closure reaches its state
-        through cells and calls no bound method, ~200 ns less per call than a method (measured:
-        475 -> 274 ns for `metric`), which is a third of what fast mode costs on FrozenLake.
+        The `append` of a list (observations, labels) or of an array (actions, as integers:
+        the built-in agents' Discrete actions; rewards, as floats), but for vector observations:
+        kept as their bytes (or as lists of floats), since an environment may reuse its arrays.
+        An array holds its numbers, not one object each until the flush. Valid until
+        `configure_steps`.
+        """
+        return self._appenders
+
+    def _bind_hot_paths(self) -> None:
+        """Build `record_steps`, `episode`, `metric` and `step` as closures over the batches'
+        lists.
+
+        They run per episode (per step for `step`) on the training thread: a closure reaches its
+        state through cells and calls no bound method, ~200 ns less per call than a method
+        (measured: 475 -> 274 ns for `metric`), which is a third of what fast mode costs on
+        FrozenLake.
         """
         episodes, metrics = self._episodes, self._metrics
-        step_rows, episode_rows, metric_rows = self._rows, episodes.rows, metrics.rows
-        add_step, add_episode = step_rows.append, episode_rows.append
-        add_metric = metric_rows.append
+        episode_rows, metric_rows = episodes.rows, metrics.rows
+        add_episode, add_metric = episode_rows.append, metric_rows.append
+        obs_values, actions, labels, rewards = self._obs, self._actions, self._labels, self._rewards
+        add_run = self._runs.extend
         clock, time_ns = self._clock, time.time_ns
         flush_steps, flush, flush_metrics = self.flush_steps, self.flush, self._flush_metrics
         max_steps, max_episodes = STEP_BATCH_ROWS, EPISODE_BATCH_ROWS
         max_metrics, interval = METRIC_BATCH_ROWS, FLUSH_INTERVAL
         deadline = 0.0  # of the step batch: FLUSH_INTERVAL after its first row
-        # the batch is looked at when it reaches check_at rows: at its first row (its start
-        # time and deadline are taken), then at rows 2, 4, 8, ..., when the clock is looked
-        # at: eleven times for a full batch instead of once per step; a slow run's batch goes
-        # out at most about twice FLUSH_INTERVAL after its first row
+        # step rows taken into runs since the last flush; the batch is looked at when they reach
+        # check_at: at its first row (its start time and deadline are taken), then at rows
+        # 2, 4, 8, ..., when the clock is looked at: eleven times for a full batch instead of
+        # once per step; a slow run's batch goes out at most about twice FLUSH_INTERVAL after
+        # its first row. The loop is told how many more steps it may append before it calls
+        # again (`record_steps` returns it, and `episode`)
+        taken = 0
         check_at = 1
 
-        def due(rows: int) -> int:
-            """The next check_at of a batch of `rows` rows, flushed if full or due."""
-            nonlocal deadline
-            if rows == 1:
+        def take(episode: int, end: int, terminated: bool, truncated: bool) -> None:
+            """The steps appended since the last call are the last of the first `end` steps of
+            `episode` (the last one ended it if `terminated` or `truncated`)."""
+            nonlocal taken, check_at, deadline
+            count = len(rewards) - taken
+            if count <= 0:
+                return
+            add_run((episode, end - count, count, terminated, truncated))
+            if not taken:
                 self._t0_ns = time_ns()
                 deadline = clock() + interval
-                if max_steps > 1:
-                    return 2
-            if rows >= max_steps or clock() >= deadline:
-                flush_steps()  # check_at starts over at 1
-                return 1
-            return min(max_steps, 2 * rows)
+            taken += count
+            if taken >= check_at:
+                if taken >= max_steps or clock() >= deadline:
+                    flush_steps()  # taken and check_at start over
+                else:
+                    check_at = min(max_steps, 2 * taken)
 
         def restart_steps() -> None:
             """A flushed batch: the next row starts a new one."""
-            nonlocal check_at
-            check_at = 1
+            nonlocal taken, check_at
+            taken, check_at = 0, 1
 
-        def step(episode: int, step: int, action: int, obs: Any, reward: float,
-                 terminated: bool, truncated: bool, label: str | None = None) -> None:
-            """Buffer one step (Discrete observations); flushes at STEP_BATCH_ROWS rows, or once
-            the clock, looked at when the rows double, is FLUSH_INTERVAL past the first."""
-            nonlocal check_at
-            add_step((episode, step, action, obs, reward, terminated, truncated, label))
-            if len(step_rows) >= check_at:
-                check_at = due(len(step_rows))
-
-        def step_vector(episode: int, step: int, action: int, obs: Any, reward: float,
-                        terminated: bool, truncated: bool, label: str | None = None) -> None:
-            """`step` for Box observations, copied as lists (an environment may reuse arrays)."""
-            nonlocal check_at
-            add_step((episode, step, action, obs.tolist(), reward, terminated, truncated, label))
-            if len(step_rows) >= check_at:
-                check_at = due(len(step_rows))
+        def record_steps(episode: int, t: int) -> int:
+            """The steps appended since the last call are steps up to `t` (not included) of
+            `episode`, which goes on; returns how many more steps the loop may append before it
+            calls again (the batch is then due to be looked at)."""
+            take(episode, t, False, False)
+            return check_at - taken
 
         def episode(episode: int, ret: float, length: int, terminated: bool,
-                    truncated: bool, seed: int | None = None, reset_obs: Any = None) -> None:
+                    truncated: bool, seed: int | None = None, reset_obs: Any = None) -> int:
             """Buffer one finished episode (with the seed of its reset, if it was seeded, and
-            the observation it started from); a due batch flushes steps and metrics too."""
+            the observation it started from); the steps appended since the last call are its
+            last ones. A due batch flushes steps and metrics too. Returns what `record_steps`
+            returns."""
+            if len(rewards) > taken:
+                take(episode, length, terminated, truncated)
             if seed is None and reset_obs is None:
                 add_episode((episode, ret, length, terminated, truncated, time_ns()))
             else:
@@ -256,6 +287,7 @@ class Emitter:
                              seed, reset_obs))
             if len(episode_rows) >= max_episodes or clock() >= episodes.deadline:
                 flush()
+            return check_at - taken
 
         def metric(name: str, step: int, value: float) -> None:
             """Buffer one metric value (the agents' MetricSink)."""
@@ -263,38 +295,61 @@ class Emitter:
             if len(metric_rows) >= max_metrics or clock() >= metrics.deadline:
                 flush_metrics()
 
-        obs_dtype = self._steps.obs_dtype
+        steps = self._steps
+        obs_dtype, add_obs = steps.obs_dtype, obs_values.append
 
-        def step_bytes(episode: int, step: int, action: int, obs: Any, reward: float,
-                       terminated: bool, truncated: bool, label: str | None = None) -> None:
-            """`step` for Box observations of `obs_dtype`, kept as their bytes."""
-            nonlocal check_at
+        def add_obs_bytes(obs: Any) -> None:
+            """A Box observation of `obs_dtype`, kept as its bytes."""
             if obs.dtype is not obs_dtype:
                 obs = np.asarray(obs, dtype=obs_dtype)
-            add_step((episode, step, action, obs.tobytes(), reward, terminated, truncated, label))
-            if len(step_rows) >= check_at:
-                check_at = due(len(step_rows))
+            add_obs(obs.tobytes())
+
+        def add_obs_list(obs: Any) -> None:
+            """A Box observation of a dtype no typed array holds, kept as a list of floats."""
+            add_obs(obs.tolist())
+
+        appenders = (
+            add_obs if not steps.vector_obs else add_obs_list if obs_dtype is None
+            else add_obs_bytes, actions.append, labels.append, rewards.append)
+        add_value, add_action, add_label, add_reward = appenders
+        with_labels = steps.labels
+
+        def step(episode: int, step: int, action: int, obs: Any, reward: float,
+                 terminated: bool, truncated: bool, label: str | None = None) -> None:
+            """Buffer one step, row by row: the appenders and `take` for one step (a caller
+            that is not the training loop; `label` is kept if the run labels its steps)."""
+            add_value(obs)
+            add_action(action)
+            if with_labels:
+                add_label(label)
+            add_reward(reward)
+            take(episode, step + 1, terminated, truncated)
 
         self._restart_steps = restart_steps
-        self.step: Callable[..., None] = (
-            step if not self._steps.vector_obs else step_vector if obs_dtype is None
-            else step_bytes)
-        self.episode: Callable[..., None] = episode
+        self._appenders: StepAppenders = appenders
+        self.record_steps: Callable[[int, int], int] = record_steps
+        self.step: Callable[..., None] = step
+        self.episode: Callable[..., int] = episode
         self.metric: Callable[[str, int, float], None] = metric
 
     def flush_steps(self) -> None:
-        """Send the buffered steps as one step frame (nothing if none are buffered).
+        """Send the steps taken into runs as one step frame (nothing if there are none).
 
         Numeric columns become typed arrays; vector observations were kept as bytes and are
         joined into one (`StepColumns.body`). What stays a list goes to msgpack as it is, and is
-        converted only when msgpack refuses it (numpy scalars from an environment).
+        converted only when msgpack refuses it. Values appended after the last run (a step
+        under way) stay for the next batch.
         """
-        n = len(self._rows)
-        if not n:
+        runs = self._runs
+        if not runs:
             return
-        steps, rows = self._steps, self._rows
+        n = sum(runs[2::len(columns.RUN_FIELDS)])
+        columns_: tuple[MutableSequence[Any], ...] = (
+            self._obs, self._actions, self._labels, self._rewards)
+        steps = self._steps
         try:
-            body = steps.body(rows, self._t0_ns)
+            obs, actions, labels, rewards = (c if len(c) == n else c[:n] for c in columns_)
+            body = steps.body(runs, obs, actions, labels, rewards, self._t0_ns)
             kept, refused = columns.finite_rows(body, n)
             if refused == n:
                 parts = None
@@ -302,10 +357,16 @@ class Emitter:
                 try:
                     parts = self._encode(FrameKind.STEP, kept)
                 except DecodeError:  # numpy scalars somewhere: convert by column type, once
-                    kept, refused = columns.finite_rows(steps.normalized(body, rows), n)
+                    kept, refused = columns.finite_rows(steps.normalized(body, obs), n)
                     parts = self._encode(FrameKind.STEP, kept)
         finally:
-            rows.clear()
+            runs.clear()
+            for values in columns_:
+                del values[:n]
+            # what a step cut short left (an exception between two appends: the reward is
+            # appended last) is not a step
+            for values in columns_[:3]:
+                del values[len(self._rewards):]
             self._restart_steps()
         self.rows_refused += refused
         if parts is not None:
