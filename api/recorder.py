@@ -21,17 +21,14 @@ from typing import Any
 import numpy as np
 
 from gymbus.shared.codec import typed_array
-from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
+from gymbus.shared.protocol import FrameKind
 from gymbus.spaces import Layout
-from gymbus.worker.telemetry.columns import finite_rows, narrowest
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES, finite_rows, narrowest
 
 #: rows of a step frame: 4,096 (as a vector env's block holds values) costs ~0.06 us a
 #: CartPole step less than 1,024 (its Python per frame, ~0.1 ms, spread over more rows), and
 #: the ingest stores fewer, larger frames; at 160,000 steps a second that is a frame per 25 ms
 STEP_BATCH_ROWS = 4096
-#: a step frame holds at most this many bytes of observations and actions (half the protocol's
-#: frame limit: a frame of 4,096 large observations would be refused whole)
-FRAME_VALUE_BYTES = MAX_FRAME_BYTES // 2
 EPISODE_BATCH_ROWS = 256
 #: seconds the first buffered row waits at most
 FLUSH_INTERVAL = 0.1

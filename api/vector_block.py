@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from gymbus.recorder import FRAME_VALUE_BYTES, per_block
+from gymbus.recorder import per_block
 from gymbus.spaces import Layout
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 
 #: sub-environment steps a block holds, over all sub-environments (a block of 8 envs: 512
 #: calls): its array operations cost about the same for 1,024 values as for 4,096

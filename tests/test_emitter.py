@@ -15,11 +15,12 @@ import zmq
 from conftest import free_endpoint, wait_until
 
 from gymbus.shared.codec import Frame, decode_frame
-from gymbus.shared.protocol import FrameKind, LifecycleEvent, TelemetryMode
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind, LifecycleEvent, TelemetryMode
 from gymbus.shared.runconfig import RandomParams, parse_config
 from gymbus.worker import training
 from gymbus.worker.agents.base import Budget
 from gymbus.worker.agents.random_agent import RandomAgent
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 from gymbus.worker.telemetry.emitter import (
     EPISODE_BATCH_ROWS,
     FLUSH_INTERVAL,
@@ -173,6 +174,25 @@ def test_steps_batch_by_count(ctx: zmq.Context[Any], sink: FrameSink) -> None:
     assert body["reward"][0] == 0.5 and not body["terminated"].any()
     assert isinstance(body["t0_ns"], int) and body["t0_ns"] > 0
     assert "label" not in body
+    emitter.close(0)
+
+
+def test_large_observations_make_smaller_batches(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+    """64x64x3 float32 observations (48 KiB a step): a frame holds as many as fit half the
+    protocol's frame limit, steps and episodes (with their reset observations) alike."""
+    emitter = connect(ctx, sink, clock=FakeClock())  # frozen: only the row count can flush
+    emitter.configure_steps(vector_obs=True, labels=False, obs_dtype=np.float32,
+                            obs_shape=(64, 64, 3))
+    fit = FRAME_VALUE_BYTES // (64 * 64 * 3 * 4 + 8)
+    image = np.ones((64, 64, 3), np.float32)
+    for e in range(2 * fit + 5):
+        emitter.step(e, 0, 1, image, 1.0, True, False)
+        emitter.episode(e, 1.0, 1, True, False, None, image)
+    emitter.finish("completed", None, 2 * fit + 5, 2 * fit + 5)
+    sink.wait_completed()
+    for kind in (FrameKind.STEP, FrameKind.EPISODE):
+        assert [f.rows for f in sink.of(kind)] == [fit, fit, 5]
+    assert max(len(p) for t, p in sink.raw) < MAX_FRAME_BYTES
     emitter.close(0)
 
 
@@ -330,7 +350,7 @@ def test_recorded_steps_are_the_plain_loops_steps(ctx: zmq.Context[Any], sink: F
                                                   env_id: str) -> None:
     """Every step of a full-mode run, through the loop's appends and runs of steps, lands in
     its row: the same values as a plain loop's, batches cut amid episodes included."""
-    config = {"env": env_id, "algo": "random", "total_steps": 3000, "seed": 5}
+    config = {"env": env_id, "algo": "random", "total_steps": 10_000, "seed": 5}
     emitter = connect(ctx, sink)
     result = run_loop(emitter, config)
     emitter.finish("completed", None, result.episodes, result.steps)
@@ -342,9 +362,9 @@ def test_recorded_steps_are_the_plain_loops_steps(ctx: zmq.Context[Any], sink: F
     assert stored == plain_steps(config)
     assert all(f.rows <= STEP_BATCH_ROWS for f in frames)
     ends = [bool(f.body["terminated"][-1] or f.body["truncated"][-1]) for f in frames[:-1]]
-    assert not all(ends)  # some batches were cut amid an episode
+    assert ends and not all(ends)  # some batches were cut amid an episode
     lengths = [n for f in sink.of(FrameKind.EPISODE) for n in f.body["length"].tolist()]
-    assert sum(lengths) == len(stored) == result.steps == 3000
+    assert sum(lengths) == len(stored) == result.steps == 10_000
     emitter.close(0)
 
 

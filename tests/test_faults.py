@@ -317,7 +317,7 @@ def test_4_a_dropped_range_is_recorded_as_a_gap_then_repaired(stack: Stack, bus:
         stack.start(("ingest", "broker", "controller"))
         stack.start_one("worker", {"GYMBUS_TELEMETRY_IN": proxy.endpoint})
         stack.wait_ready(("controller", "worker"), 30)
-        run_id = bus.submit(env="FrozenLake-v1", algo="q-learning", episodes=1500, seed=5)
+        run_id = bus.submit(env="FrozenLake-v1", algo="q-learning", episodes=4000, seed=5)
         wait_until(lambda: bus.state(run_id) not in ACTIVE, 30, "the run to end")
         assert_stored_exactly_once(bus, run_id, result_steps(bus, run_id))
         assert proxy.dropped == {(run_id, seq) for seq in range(5, 15)}

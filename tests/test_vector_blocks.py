@@ -17,7 +17,8 @@ import pytest
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from gymbus import vector_block
-from gymbus.recorder import FRAME_VALUE_BYTES, Recorder, StepPolicy
+from gymbus.recorder import Recorder, StepPolicy
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import layout

@@ -150,7 +150,8 @@ def configure_steps(emitter: Any, env: gym.Env[Any, Any], agent: Agent) -> None:
     """Tell the emitter how this run's steps look: the observations (ints, or vectors of the
     observation space's dtype) and whether the agent labels its actions."""
     emitter.configure_steps(vector_obs=has_vector_obs(env), labels=agent.has_labels,
-                            obs_dtype=env.observation_space.dtype)
+                            obs_dtype=env.observation_space.dtype,
+                            obs_shape=env.observation_space.shape)
 
 
 def run_training(

@@ -22,7 +22,7 @@ import numpy as np
 
 from gymbus.shared import schema
 from gymbus.shared.codec import TYPED_ARRAY_DTYPES, TYPED_ARRAY_KEYS, typed_array, typed_array_of
-from gymbus.shared.protocol import FrameKind
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 
 #: the order of a buffered row's values, per columnar frame kind
 COLUMNS: dict[FrameKind, tuple[str, ...]] = {
@@ -48,6 +48,10 @@ _GET_OBS, _GET_LABEL = itemgetter(STEP_ROW.index(_OBS)), itemgetter(STEP_ROW.ind
 _STEP_KINDS_INT_OBS = {name: kind for name, kind in KINDS[FrameKind.STEP].items()
                        if name != _LABEL}
 _STEP_KINDS = {name: kind for name, kind in _STEP_KINDS_INT_OBS.items() if name != _OBS}
+
+#: a step or episode frame holds at most this many bytes of observations and actions (half the
+#: protocol's frame limit: a frame of 4,096 large observations would be refused whole)
+FRAME_VALUE_BYTES = MAX_FRAME_BYTES // 2
 
 _TYPED_DTYPES: dict[type, np.dtype[Any]] = {
     int: np.dtype(np.int64), float: np.dtype(np.float64), bool: np.dtype(np.bool_)}
@@ -266,12 +270,12 @@ class StepColumns:
     """
 
     def __init__(self, *, vector_obs: bool = False, labels: bool = False,
-                 obs_dtype: Any = None) -> None:
+                 obs_dtype: Any = None, obs_shape: Sequence[int] | None = None) -> None:
         """Observations as vectors (Box) or integers (Discrete); with or without labels.
 
         Vector observations of a `obs_dtype` that a typed array can hold are kept per step as
         their raw bytes and sent as one typed-array column (`obs_dtype` is then set); without
-        one they are kept as lists of floats.
+        one they are kept as lists of floats. `obs_shape` (the space's) sizes the batches.
         """
         self.vector_obs = vector_obs
         self.labels = labels
@@ -280,6 +284,13 @@ class StepColumns:
         self.obs_dtype: np.dtype[Any] | None = (
             dtype if vector_obs and dtype is not None and dtype.str in TYPED_ARRAY_DTYPES
             else None)
+        values = int(np.prod(obs_shape)) if vector_obs and obs_shape is not None else 1
+        #: bytes of a step's observation and action, as sent (an integer takes 8 at most)
+        self.value_bytes = values * (self.obs_dtype.itemsize if self.obs_dtype else 8) + 8
+
+    def max_rows(self, rows: int) -> int:
+        """`rows`, or fewer when that many observations would not fit FRAME_VALUE_BYTES."""
+        return max(1, min(rows, FRAME_VALUE_BYTES // self.value_bytes))
 
     def body(self, runs: list[Any], obs: Sequence[Any], actions: Sequence[Any],
              labels: Sequence[Any], rewards: Sequence[Any], t0_ns: int) -> dict[str, Any]:
