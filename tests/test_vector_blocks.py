@@ -18,12 +18,12 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from gymbus import vector_block
 from gymbus.recorder import Recorder, StepPolicy
-from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import layout
 from gymbus.vector import RecordedVectorEnv
 from gymbus.vector_block import Block
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 
 
 class DictObs(gym.ObservationWrapper[Any, Any, Any]):
