@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gymbus.shared.codec import typed_array
-from gymbus.shared.protocol import FrameKind
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import Layout
 from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES, finite_rows, narrowest
 
@@ -127,11 +127,12 @@ class Steps:
     only, `ended`). A vector env adds whole chunks of columns (`chunks`) instead.
     """
 
-    def __init__(self, obs: Layout, action: Layout, info: bool, env_index: int = 0) -> None:
+    def __init__(self, obs: Layout, action: Layout, info: bool, env_index: int = 0,
+                 value_bytes: int = FRAME_VALUE_BYTES) -> None:
         self.obs, self.action, self.info = obs, action, info
         self.env_index = env_index
-        #: rows per frame: STEP_BATCH_ROWS, fewer when the values are large
-        self.max_rows = max(1, min(STEP_BATCH_ROWS, FRAME_VALUE_BYTES // max(
+        #: rows per frame: STEP_BATCH_ROWS, fewer when the values would pass `value_bytes`
+        self.max_rows = max(1, min(STEP_BATCH_ROWS, value_bytes // max(
             1, obs.row_bytes + action.row_bytes)))
         self.rewards: list[Any] = []
         #: an int layout's values, a list; a stored row layout's, the bytes of its rows; else None
@@ -219,8 +220,15 @@ class Recorder:
     """The buffers of one run, for any number of recorded environments."""
 
     def __init__(self, send: Send, *, clock: Callable[[], float] = time.monotonic,
-                 on_episodes: Callable[[EpisodeColumns], None] | None = None) -> None:
+                 on_episodes: Callable[[EpisodeColumns], None] | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        """`max_frame_bytes`: the frame limit the services keep (`GYMBUS_MAX_FRAME_BYTES`); a
+        frame's observations and actions stay within half of it."""
         self._send = send
+        #: bytes of observations and actions a frame holds at most
+        self.value_bytes = max_frame_bytes // 2
+        #: episode rows a frame holds: EPISODE_BATCH_ROWS, fewer for large reset observations
+        self.max_episode_rows = EPISODE_BATCH_ROWS
         self._on_episodes = on_episodes
         self._clock = clock
         self._steps: list[Steps] = []
@@ -261,8 +269,10 @@ class Recorder:
 
     def buffer(self, obs: Layout, action: Layout, info: bool, env_index: int = 0) -> Steps:
         """A step buffer for one more recorded env."""
-        steps = Steps(obs, action, info, env_index)
+        steps = Steps(obs, action, info, env_index, self.value_bytes)
         self._steps.append(steps)
+        self.max_episode_rows = max(1, min(self.max_episode_rows,
+                                           self.value_bytes // max(1, obs.row_bytes)))
         return steps
 
     # --- steps ------------------------------------------------------------------------------
@@ -362,10 +372,10 @@ class Recorder:
         now = self._clock()
         if self._episode_deadline == math.inf:
             self._episode_deadline = now + FLUSH_INTERVAL
-        if n >= EPISODE_BATCH_ROWS or now >= self._episode_deadline:
+        if n >= self.max_episode_rows or now >= self._episode_deadline:
             self.flush()
         else:
-            self._episode_check_at = 2 * n
+            self._episode_check_at = min(self.max_episode_rows, 2 * n)
 
     def add_episodes(self, columns: dict[str, Any], n: int) -> None:
         """Buffer `n` ended episodes of a vector env's block, in call order, as columns: numpy
@@ -385,7 +395,7 @@ class Recorder:
             self._episode_deadline = self._clock() + FLUSH_INTERVAL
         self._episode_blocks.extend(_by_masks(columns))
         self._episodes_settled += n
-        if (sum(len(c["episode"]) for c in self._episode_blocks) >= EPISODE_BATCH_ROWS
+        if (sum(len(c["episode"]) for c in self._episode_blocks) >= self.max_episode_rows
                 or self._clock() >= self._episode_deadline):
             self.flush()
 

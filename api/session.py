@@ -115,7 +115,8 @@ class Run:
         self._tensorboard: Any = None
         self._ctx: zmq.Context[Any] | None = None
         self._alive: KeepAlive | None = None
-        self.recorder = Recorder(self._send, on_episodes=self._episodes_to_tensorboard)
+        self.recorder = Recorder(self._send, on_episodes=self._episodes_to_tensorboard,
+                                 max_frame_bytes=self.settings.max_frame_bytes)
         self._policy = _policy(mode, every)
         self._started = False
         self._announced = False

@@ -78,7 +78,8 @@ class RecordedVectorEnv(VectorWrapper):
         self._block: Block | None = None
         if blocks and not info_keys and self.autoreset_mode is not AutoresetMode.DISABLED:
             self._block = Block(n, obs, action,
-                                next_step=self.autoreset_mode is AutoresetMode.NEXT_STEP)
+                                next_step=self.autoreset_mode is AutoresetMode.NEXT_STEP,
+                                value_bytes=recorder.value_bytes)
         self._same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         if self._block is not None:
             self._bind_block(self._block)

@@ -54,10 +54,10 @@ class Block:
     """The calls of a vector env of `n` sub-environments, `size` at most, as bytes."""
 
     def __init__(self, n: int, obs: Layout, action: Layout, *, next_step: bool,
-                 size: int = 0) -> None:
+                 size: int = 0, value_bytes: int = FRAME_VALUE_BYTES) -> None:
         self.n, self.next_step = n, next_step
-        # a block is one step frame: its values stay within FRAME_VALUE_BYTES (stored pixels)
-        self.size = size or max(1, min(max(16, BLOCK_VALUES // n), FRAME_VALUE_BYTES // max(
+        # a block is one step frame: its values stay within `value_bytes` (stored pixels)
+        self.size = size or max(1, min(max(16, BLOCK_VALUES // n), value_bytes // max(
             1, n * (obs.row_bytes + action.row_bytes))))
         self.obs_layout, self.action_layout = obs, action
         #: the dtype of a call's values as the block keeps them (None: not stored), their

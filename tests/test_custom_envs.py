@@ -13,6 +13,7 @@ import json
 import os
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +59,22 @@ ENVS = '''
             self.n += 1
             return obs, float("nan") if self.n % self.every == 0 else reward, terminated, \
                 truncated, info
+
+
+    class Wide(gym.Env):
+        """Observations of 3,072 float32 values (12 KiB a step), each its step's number."""
+
+        observation_space = spaces.Box(0.0, 1e6, (3072,), "float32")
+        action_space = spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.observation_space.low.copy(), {}
+
+        def step(self, action):
+            self.t += 1
+            return self.observation_space.low + self.t, 1.0, False, False, {}
 '''
 REGISTER = f'''
     import gymnasium as gym
@@ -66,17 +83,21 @@ REGISTER = f'''
 '''
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A stack whose controller and worker find PACKAGE on PYTHONPATH."""
-    root = tmp_path_factory.mktemp("custom-envs")
+def with_package(root: Path) -> str:
+    """PACKAGE written under `root`; the PYTHONPATH that finds it."""
     package = root / "pkgs" / PACKAGE
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "envs.py").write_text(textwrap.dedent(ENVS))
     (package / "register.py").write_text(textwrap.dedent(REGISTER))
-    path = os.pathsep.join(p for p in (str(root / "pkgs"), os.environ.get("PYTHONPATH")) if p)
-    with make_stack(root / "home", **STACK_ENV, PYTHONPATH=path) as s:
+    return os.pathsep.join(p for p in (str(root / "pkgs"), os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack whose controller and worker find PACKAGE on PYTHONPATH."""
+    root = tmp_path_factory.mktemp("custom-envs")
+    with make_stack(root / "home", **STACK_ENV, PYTHONPATH=with_package(root)) as s:
         s.start()
         yield s
 
@@ -186,3 +207,29 @@ def test_an_id_a_module_registered_needs_that_module_named(stack: Stack) -> None
     assert result.returncode == ExitCode.BAD_INPUT, result.stderr
     assert ("env: 'MyCorridor-v0' is registered by a module this run does not import: name it "
             "with --env-module") in result.stderr
+
+
+def test_large_observations_travel_in_frames_under_a_lowered_frame_limit(
+        tmp_path: Path) -> None:
+    """With GYMBUS_MAX_FRAME_BYTES at 256 KiB for every process, a built-in run's frames of
+    12 KiB observations stay under it (10 steps a frame): every step is stored with its
+    values, nothing is refused or goes to the dead letters."""
+    limit = 256 * 1024
+    with make_stack(tmp_path / "home", **STACK_ENV, PYTHONPATH=with_package(tmp_path),
+                    GYMBUS_MAX_FRAME_BYTES=str(limit)) as small:
+        small.start()
+        code, printed, stderr = submit(
+            small, "--env", f"{PACKAGE}.envs:Wide", "--algo", "random", "--episodes", "30",
+            "--max-episode-steps", "7")
+        assert code == 0, (stderr, printed)
+        run_id = printed["run_id"]
+        row = stored_run(small, run_id)
+        assert (row["status"], row["steps"], row["episodes"]) == ("completed", 210, 30)
+        stored = store_query(small, "SELECT step, obs_vec[1] AS first, len(obs_vec) AS n "
+                                    f"FROM steps WHERE run_id = '{run_id}'")
+        assert sorted((r["step"], r["first"], r["n"]) for r in stored) == sorted(
+            (t, float(t + 1), 3072) for _ in range(30) for t in range(7))
+        frames = store_query(small, "SELECT max(rows) AS most, count(*) AS n FROM frames "
+                                    f"WHERE run_id = '{run_id}' AND kind = 'step'")[0]
+        assert (frames["most"], frames["n"]) == (10, 21)  # 128 KiB of observations a frame
+        assert store_query(small, "SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0

@@ -177,13 +177,18 @@ def test_steps_batch_by_count(ctx: zmq.Context[Any], sink: FrameSink) -> None:
     emitter.close(0)
 
 
-def test_large_observations_make_smaller_batches(ctx: zmq.Context[Any], sink: FrameSink) -> None:
+@pytest.mark.parametrize("limit", [MAX_FRAME_BYTES, 1024 * 1024])
+def test_large_observations_make_smaller_batches(ctx: zmq.Context[Any], sink: FrameSink,
+                                                 limit: int) -> None:
     """64x64x3 float32 observations (48 KiB a step): a frame holds as many as fit half the
-    protocol's frame limit, steps and episodes (with their reset observations) alike."""
-    emitter = connect(ctx, sink, clock=FakeClock())  # frozen: only the row count can flush
+    frame limit (the protocol's, or a lower GYMBUS_MAX_FRAME_BYTES), steps and episodes (with
+    their reset observations) alike."""
+    # a frozen clock: only the row count can flush
+    emitter = connect(ctx, sink, clock=FakeClock(), max_frame_bytes=limit)
     emitter.configure_steps(vector_obs=True, labels=False, obs_dtype=np.float32,
                             obs_shape=(64, 64, 3))
-    fit = FRAME_VALUE_BYTES // (64 * 64 * 3 * 4 + 8)
+    fit = limit // 2 // (64 * 64 * 3 * 4 + 8)
+    assert fit == (FRAME_VALUE_BYTES // (64 * 64 * 3 * 4 + 8) if limit == MAX_FRAME_BYTES else 10)
     image = np.ones((64, 64, 3), np.float32)
     for e in range(2 * fit + 5):
         emitter.step(e, 0, 1, image, 1.0, True, False)
@@ -192,7 +197,7 @@ def test_large_observations_make_smaller_batches(ctx: zmq.Context[Any], sink: Fr
     sink.wait_completed()
     for kind in (FrameKind.STEP, FrameKind.EPISODE):
         assert [f.rows for f in sink.of(kind)] == [fit, fit, 5]
-    assert max(len(p) for t, p in sink.raw) < MAX_FRAME_BYTES
+    assert max(len(p) for t, p in sink.raw) < limit
     emitter.close(0)
 
 

@@ -10,6 +10,7 @@ of another dtype, and named info keys. Frames are encoded and decoded as the ing
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -18,9 +19,12 @@ import pytest
 
 from gymbus.recorder import Recorder, StepPolicy
 from gymbus.recording import RecordedEnv
+from gymbus.session import Run
+from gymbus.shared import settings as settings_mod
 from gymbus.shared.codec import decode_frame, encode_frame
 from gymbus.shared.protocol import FrameKind
 from gymbus.spaces import layout
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 
 
 class Scripted(gym.Env[Any, Any]):
@@ -202,6 +206,50 @@ def test_a_frame_is_sent_when_its_first_row_has_waited() -> None:
         now[0] += 0.03
     assert sent and all(rows <= 8 for rows in sent)
     assert sum(sent) + len(env._steps) == 40
+
+
+def test_frames_of_large_observations_stay_under_a_lowered_limit() -> None:
+    """Stored 32x32x3 images (3 KiB a step) under a 256 KiB frame limit: step frames of 42
+    rows and episode frames of as many reset observations, every frame under the limit."""
+    limit = 256 * 1024
+    sizes: dict[FrameKind, list[tuple[int, int]]] = {FrameKind.STEP: [], FrameKind.EPISODE: []}
+
+    def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
+        if kind in sizes:
+            sizes[kind].append((rows, sum(map(len, encode_frame(kind, "r", 0, body)))))
+
+    class Images(gym.Env[Any, Any]):
+        observation_space = gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed: int | None = None,
+                  options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+            return self.observation_space.sample(), {}
+
+        def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+            return self.observation_space.sample(), 1.0, True, False, {}  # one-step episodes
+
+    recorder = Recorder(send, max_frame_bytes=limit, clock=lambda: 0.0)  # flushed by rows
+    raw = Images()
+    env = RecordedEnv(raw, recorder, lambda e: True, layout(raw.observation_space, store_large=True),
+                      layout(raw.action_space, "action"))
+    for _ in range(100):
+        env.reset()
+        env.step(0)
+    recorder.flush()
+    fit = limit // 2 // (32 * 32 * 3 + 8)
+    for kind, frames in sizes.items():
+        assert [rows for rows, _ in frames] == [fit, fit, 100 - 2 * fit], kind
+        assert max(size for _, size in frames) < limit
+
+
+def test_a_run_sizes_its_frames_by_the_frame_limit_setting(tmp_path: Path) -> None:
+    """`gymbus.run()` hands GYMBUS_MAX_FRAME_BYTES, which the services keep, to its buffers."""
+    settings = settings_mod.load({"GYMBUS_HOME": str(tmp_path),
+                                  "GYMBUS_MAX_FRAME_BYTES": str(256 * 1024)})
+    assert Run(settings=settings).recorder.value_bytes == 128 * 1024
+    assert Run(settings=settings_mod.load({"GYMBUS_HOME": str(tmp_path)})).recorder.value_bytes \
+        == FRAME_VALUE_BYTES
 
 
 class NonFinite(gym.Env[Any, Any]):

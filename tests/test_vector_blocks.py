@@ -23,7 +23,6 @@ from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import layout
 from gymbus.vector import RecordedVectorEnv
 from gymbus.vector_block import Block
-from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
 
 
 class DictObs(gym.ObservationWrapper[Any, Any, Any]):
@@ -325,9 +324,11 @@ def test_a_block_sends_when_full_and_keeps_rows_in_call_order() -> None:
     assert block.size == 16 and block.k == 16
 
 
-def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
-    """Stored pixels: a block holds as many calls as fit in one frame, not BLOCK_VALUES; a
-    block whose reset rows left it short of a frame is not merged with the next one."""
+@pytest.mark.parametrize("limit", [MAX_FRAME_BYTES, 1024 * 1024])
+def test_a_block_of_large_observations_is_a_frame_under_the_limit(limit: int) -> None:
+    """Stored pixels: a block holds as many calls as fit in one frame (of the protocol's
+    limit, or a lower GYMBUS_MAX_FRAME_BYTES), not BLOCK_VALUES; a block whose reset rows left
+    it short of a frame is not merged with the next one."""
     sizes: list[int] = []
 
     def send(kind: FrameKind, body: dict[str, Any], rows: int) -> None:
@@ -351,7 +352,7 @@ def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
             self.t += 1
             return frame, 0.0, False, self.t == 25, {}  # a reset row every 26 calls
 
-    recorder = Recorder(send)
+    recorder = Recorder(send, max_frame_bytes=limit)
     envs = SyncVectorEnv([Frames] * 4)
     wrapped = RecordedVectorEnv(envs, recorder, lambda e: True,
                                 layout(pixels, store_large=True),
@@ -361,8 +362,8 @@ def test_a_block_of_large_observations_is_a_frame_under_the_limit() -> None:
         wrapped.step(envs.action_space.sample())
     wrapped.finish()
     recorder.flush()
-    # at most FRAME_VALUE_BYTES of observations and actions a frame, beside a few columns
-    assert len(sizes) > 1 and max(sizes) <= FRAME_VALUE_BYTES + 64 * 1024 < MAX_FRAME_BYTES
+    # at most half the limit of observations and actions a frame, beside a few columns
+    assert len(sizes) > 1 and max(sizes) <= limit // 2 + 64 * 1024 < limit
     assert recorder.steps == 1200 - 4 * (300 // 26)  # every call's rows but the resets
 
 

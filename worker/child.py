@@ -195,6 +195,7 @@ class RunProcess:
         self.emitter = Emitter.connect(
             ctx, settings.telemetry_in, self.run_id, agent_id=str(agent_id),
             worker_id=self.worker_id, stop=lambda: bool(self.stop),
+            max_frame_bytes=settings.max_frame_bytes,
         )
         self.emitter.spool = SpoolWriter.create(self.run_dir)  # kept until the ingest has all
         started: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}

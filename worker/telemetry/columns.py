@@ -50,7 +50,8 @@ _STEP_KINDS_INT_OBS = {name: kind for name, kind in KINDS[FrameKind.STEP].items(
 _STEP_KINDS = {name: kind for name, kind in _STEP_KINDS_INT_OBS.items() if name != _OBS}
 
 #: a step or episode frame holds at most this many bytes of observations and actions (half the
-#: protocol's frame limit: a frame of 4,096 large observations would be refused whole)
+#: frame limit, `GYMBUS_MAX_FRAME_BYTES`, by default the protocol's: a frame of 4,096 large
+#: observations would be refused whole)
 FRAME_VALUE_BYTES = MAX_FRAME_BYTES // 2
 
 _TYPED_DTYPES: dict[type, np.dtype[Any]] = {
@@ -288,9 +289,9 @@ class StepColumns:
         #: bytes of a step's observation and action, as sent (an integer takes 8 at most)
         self.value_bytes = values * (self.obs_dtype.itemsize if self.obs_dtype else 8) + 8
 
-    def max_rows(self, rows: int) -> int:
-        """`rows`, or fewer when that many observations would not fit FRAME_VALUE_BYTES."""
-        return max(1, min(rows, FRAME_VALUE_BYTES // self.value_bytes))
+    def max_rows(self, rows: int, value_bytes: int = FRAME_VALUE_BYTES) -> int:
+        """`rows`, or fewer when that many observations would not fit `value_bytes`."""
+        return max(1, min(rows, value_bytes // self.value_bytes))
 
     def body(self, runs: list[Any], obs: Sequence[Any], actions: Sequence[Any],
              labels: Sequence[Any], rewards: Sequence[Any], t0_ns: int) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import zmq
 
 from gymbus.shared.codec import encode_frame
 from gymbus.shared.errors import DecodeError
-from gymbus.shared.protocol import FrameKind, LifecycleEvent
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind, LifecycleEvent
 from gymbus.worker.telemetry import columns
 from gymbus.worker.telemetry.columns import KINDS, StepColumns
 from gymbus.worker.telemetry.observers import (
@@ -101,9 +101,11 @@ class Emitter:
         worker_id: str = "",
         clock: Callable[[], float] = time.monotonic,
         stop: Callable[[], bool] | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
         """`stop` (true once the run is being stopped) is for a bare socket: a Publisher
-        brings its own."""
+        brings its own. `max_frame_bytes` is the frame limit the services keep
+        (`GYMBUS_MAX_FRAME_BYTES`): batches of large observations stay within half of it."""
         if isinstance(publisher, Publisher):
             if stop is not None:
                 raise TypeError("stop belongs to the Publisher: pass it to Publisher.connect")
@@ -114,6 +116,7 @@ class Emitter:
         self.agent_id = agent_id
         self.worker_id = worker_id
         self._clock = clock
+        self._value_bytes = max_frame_bytes // 2
         self.seq = 0
         #: metric values dropped because they were NaN or infinite
         self.metrics_dropped = 0
@@ -150,12 +153,14 @@ class Emitter:
         subscribe_wait: float | None = SUBSCRIBE_WAIT,
         stop: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> Emitter:
         """A publisher connected to `endpoint`, after waiting up to `subscribe_wait` s for a
         subscriber (None: no wait, for a run that knows it records offline, to its spool)."""
         publisher = Publisher.connect(ctx, endpoint, hwm=hwm, stop=stop,
                                       name=f"telemetry of run {run_id}")
-        emitter = cls(publisher, run_id, agent_id=agent_id, worker_id=worker_id, clock=clock)
+        emitter = cls(publisher, run_id, agent_id=agent_id, worker_id=worker_id, clock=clock,
+                      max_frame_bytes=max_frame_bytes)
         if subscribe_wait is not None:
             emitter.wait_for_subscriber(subscribe_wait)
         return emitter
@@ -236,8 +241,9 @@ class Emitter:
         clock, time_ns = self._clock, time.time_ns
         flush_steps, flush, flush_metrics = self.flush_steps, self.flush, self._flush_metrics
         steps = self._steps
-        max_steps = steps.max_rows(STEP_BATCH_ROWS)
-        max_episodes = steps.max_rows(EPISODE_BATCH_ROWS)  # each with its reset observation
+        max_steps = steps.max_rows(STEP_BATCH_ROWS, self._value_bytes)
+        # each with its reset observation
+        max_episodes = steps.max_rows(EPISODE_BATCH_ROWS, self._value_bytes)
         max_metrics, interval = METRIC_BATCH_ROWS, FLUSH_INTERVAL
         deadline = 0.0  # of the step batch: FLUSH_INTERVAL after its first row
         # step rows taken into runs since the last flush; the batch is looked at when they reach
