@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -28,6 +29,7 @@ from gymbus.worker.telemetry.emitter import (
     STEP_BATCH_ROWS,
     Emitter,
 )
+from gymbus.worker.telemetry.spool import SpoolError, SpoolWriter
 
 
 class FrameSink:
@@ -396,6 +398,35 @@ def test_a_step_cut_short_between_its_appends_is_not_a_step(ctx: zmq.Context[Any
     sink.wait_completed()
     assert [f.body["obs"].tolist() for f in sink.of(FrameKind.STEP)] == [[0, 1, 2], [20, 21]]
     assert [f.body["action"].tolist() for f in sink.of(FrameKind.STEP)] == [[1, 1, 1], [0, 0]]
+    emitter.close(0)
+
+
+def test_an_episode_whose_steps_fail_to_send_keeps_its_row(ctx: zmq.Context[Any],
+                                                            sink: FrameSink,
+                                                            tmp_path: Path) -> None:
+    """The episode call that takes a full batch of steps and sends it: when the spool refuses
+    that frame (a full disk), the error goes to the loop and the episode's row stays buffered,
+    sent by the run's last flush."""
+    emitter = connect(ctx, sink, clock=FakeClock())
+    emitter.spool = SpoolWriter.create(tmp_path)
+    add_obs, add_action, _, add_reward = emitter.step_appenders()
+    for t in range(STEP_BATCH_ROWS):
+        add_obs(t % 16)
+        add_action(1)
+        add_reward(0.0)
+    real_append = emitter.spool.append
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        raise SpoolError("no space left on device")
+
+    emitter.spool.append = full_disk  # type: ignore[method-assign]
+    with pytest.raises(SpoolError, match="no space left"):
+        emitter.episode(0, 0.0, STEP_BATCH_ROWS, False, True)
+    emitter.spool.append = real_append  # type: ignore[method-assign]
+    emitter.finish("failed", "SpoolError", 1, STEP_BATCH_ROWS)
+    sink.wait_completed()
+    (episodes,) = sink.of(FrameKind.EPISODE)
+    assert episodes.body["length"].tolist() == [STEP_BATCH_ROWS]
     emitter.close(0)
 
 

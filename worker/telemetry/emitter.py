@@ -291,13 +291,13 @@ class Emitter:
             the observation it started from); the steps appended since the last call are its
             last ones. A due batch flushes steps and metrics too. Returns what `record_steps`
             returns."""
-            if len(rewards) > taken:
-                take(episode, length, terminated, truncated)
             if seed is None and reset_obs is None:
                 add_episode((episode, ret, length, terminated, truncated, time_ns()))
             else:
                 add_episode((episode, ret, length, terminated, truncated, time_ns(), None,
                              seed, reset_obs))
+            if len(rewards) > taken:  # (after the row: a failed send of the steps keeps it)
+                take(episode, length, terminated, truncated)
             if len(episode_rows) >= max_episodes or clock() >= episodes.deadline:
                 flush()
             return check_at - taken
