@@ -14,7 +14,7 @@ from gymbus.worker import training
 from gymbus.worker.agents.base import Budget, NullSink
 from gymbus.worker.agents.qlearning import EXPLOIT, EXPLORE, QLearningAgent
 from gymbus.worker.agents.random_agent import RandomAgent
-from gymbus.worker.telemetry.emitter import StepAppenders
+from gymbus.worker.telemetry.step_buffer import StepAppenders
 
 
 class Recorder:

@@ -24,7 +24,7 @@ from gymbus.worker import envs
 from gymbus.worker.agents.base import Agent, Budget, MetricSink
 
 if TYPE_CHECKING:
-    from gymbus.worker.telemetry.emitter import StepAppenders
+    from gymbus.worker.telemetry.step_buffer import StepAppenders
 
 #: seconds between two `charts/SPS` metrics (checked at episode ends)
 SPS_INTERVAL = 1.0
@@ -189,7 +189,7 @@ def run_training(
     begin_episode, end_episode = agent.begin_episode, agent.end_episode
     add_obs, add_action, add_label, add_reward = telemetry.step_appenders()
     record_steps, episode_row = telemetry.record_steps, telemetry.episode
-    room = record_steps(0, 0)  # steps the telemetry takes before it wants to look again
+    room = 1  # steps the telemetry takes before it wants to look again: a batch's first
     after_episode = evaluation.after_episode if evaluation is not None else None
     max_steps = budget.total_steps if budget.total_steps is not None else sys.maxsize
     max_episodes = budget.episodes if budget.episodes is not None else sys.maxsize

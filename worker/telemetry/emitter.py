@@ -5,15 +5,12 @@ frame of the run, from 0. What is here is the batching and when a batch is flush
 rows become a frame's columns in `gymbus.worker.telemetry.columns`, and the frames are delivered
 (spool first, then the socket, with backpressure) by `gymbus.worker.telemetry.publisher`.
 
-A recorded step costs the training loop four appends to lists and arrays created once and
-emptied after each flush (`step_appenders`: observation, action, label, reward), and each run of
-consecutive steps of one episode one call (`record_steps`, or the episode's own `episode`
-call, which takes its last steps): no tuple, no dict, no encoding, no send per step. Episodes
-and metrics are closures that append one row tuple per call. At flush the values become typed
-columns, the episode, step and end-flag columns worked out from the runs in numpy
-(`gymbus.worker.telemetry.columns.StepColumns`), and numpy scalars from an environment are
-converted only if msgpack refuses the frame as it is. In fast mode the training loop appends
-nothing, so no step frame is built at all.
+Steps are batched as the training loop appends them (`gymbus.worker.telemetry.step_buffer`:
+four appends a step, one call per run of steps of an episode); episodes and metrics are
+closures that append one row tuple per call to a list created once and cleared after each
+flush: no dict, no encoding, no send per call. At flush the rows become typed columns, and
+numpy scalars from an environment are converted only if msgpack refuses the frame as it is.
+In fast mode the training loop appends no step, so no step frame is built at all.
 
 Metric observers (the run's TensorBoard log) get each batch of metric rows as it is taken, so
 TensorBoard costs the training loop nothing per value (`gymbus.worker.telemetry.observers`).
@@ -24,12 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from array import array
-from collections.abc import Callable, MutableSequence, Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
-import numpy as np
 import zmq
 
 from gymbus.shared.codec import encode_frame
@@ -50,14 +45,16 @@ from gymbus.worker.telemetry.publisher import (
     Publisher,
 )
 from gymbus.worker.telemetry.spool import SpoolError, SpoolWriter
+from gymbus.worker.telemetry.step_buffer import StepAppenders, StepBuffer
 
 log = logging.getLogger("gymbus.run.emitter")
 
 #: a step frame is flushed at this many rows (fewer for large observations:
 #: `StepColumns.max_rows`), or (at most about twice) FLUSH_INTERVAL after its first row. A
-#: flush's Python and numpy calls run with cold caches after the environment's steps (~0.4 ms
-#: for 1,024 FrozenLake rows, ~0.6 ms for 4,096, where a tight loop takes 0.1 and 0.4): 4,096
-#: rows a frame cost a FrozenLake step ~150 ns where 1,024 cost ~400
+#: flush's Python and numpy calls run with cold caches after the environment's steps (timed
+#: inside a FrozenLake run: 0.37-0.44 ms for 1,024 rows, 0.58-0.63 ms for 4,096, where a tight
+#: loop flushes 1,024 rows in ~0.11 ms): 4,096 rows a frame cost a FrozenLake step ~150 ns where
+#: 1,024 cost ~400
 STEP_BATCH_ROWS = 4096
 EPISODE_BATCH_ROWS = 4096
 METRIC_BATCH_ROWS = 1024
@@ -65,9 +62,6 @@ METRIC_BATCH_ROWS = 1024
 FLUSH_INTERVAL = 0.1
 
 _VALUE: Callable[[MetricRow], float] = itemgetter(columns.COLUMNS[FrameKind.METRIC].index("value"))
-#: the training loop's appenders of a recorded step's values: observation, action, label, reward
-StepAppenders = tuple[Callable[[Any], None], Callable[[Any], None], Callable[[Any], None],
-                      Callable[[Any], None]]
 
 
 class _Batch:
@@ -127,17 +121,7 @@ class Emitter:
         self._episodes = _Batch(now)
         self._metrics = _Batch(now)
         self._observers = MetricObservers(self._metrics.rows, self._episodes.rows)
-        # steps are buffered as columns: a list per value the training loop appends (created
-        # once, emptied after each flush), and the runs of consecutive steps of one episode
-        # that they make up (`record_steps`, `episode`), from which the episode, step and flag
-        # columns are worked out at flush
-        self._obs: list[Any] = []
-        self._actions = array("q")
-        self._labels: list[Any] = []
-        self._rewards = array("d")
-        self._runs: list[Any] = []  # columns.RUN_FIELDS of each run, one after another
-        self._t0_ns = 0
-        self._steps = StepColumns()
+        self._steps = self._step_buffer(StepColumns())
         self._bind_hot_paths()
 
     @classmethod
@@ -205,9 +189,15 @@ class Emitter:
         makes the batches of large observations smaller (`StepColumns.max_rows`).
         """
         self.flush_steps()
-        self._steps = StepColumns(vector_obs=vector_obs, labels=labels, obs_dtype=obs_dtype,
-                                  obs_shape=obs_shape)
+        self._steps = self._step_buffer(StepColumns(
+            vector_obs=vector_obs, labels=labels, obs_dtype=obs_dtype, obs_shape=obs_shape))
         self._bind_hot_paths()
+
+    def _step_buffer(self, steps: StepColumns) -> StepBuffer:
+        """A batch of steps of these columns: STEP_BATCH_ROWS, or as many large observations
+        as fit half the frame limit."""
+        return StepBuffer(steps, max_rows=steps.max_rows(STEP_BATCH_ROWS, self._value_bytes),
+                          interval=FLUSH_INTERVAL, clock=self._clock, due=self.flush_steps)
 
     # --- the hot paths ------------------------------------------------------------------------
 
@@ -215,92 +205,45 @@ class Emitter:
         """What the training loop appends a recorded step's values with, in this order: its
         observation, action, label (only for an agent that labels its steps) and reward. The
         steps appended since the last `record_steps` or `episode` call are that call's steps.
-
-        The `append` of a list (observations, labels) or of an array (actions, as integers:
-        the built-in agents' Discrete actions; rewards, as floats), but for vector observations:
-        kept as their bytes (or as lists of floats), since an environment may reuse its arrays.
-        An array holds its numbers, not one object each until the flush. Valid until
-        `configure_steps`.
-        """
-        return self._appenders
+        Valid until `configure_steps`."""
+        return self._steps.appenders
 
     def _bind_hot_paths(self) -> None:
-        """Build `record_steps`, `episode`, `metric` and `step` as closures over the batches'
-        lists.
+        """Build `episode` and `metric` as closures over the batches' lists, and take the step
+        buffer's `record_steps` and `step`.
 
-        They run per episode (per step for `step`) on the training thread: a closure reaches its
-        state through cells and calls no bound method, ~200 ns less per call than a method
-        (measured: 475 -> 274 ns for `metric`), which is a third of what fast mode costs on
-        FrozenLake.
+        They run per episode on the training thread: a closure reaches its state through cells
+        and calls no bound method, ~200 ns less per call than a method (measured: 475 -> 274 ns
+        for `metric`), which is a third of what fast mode costs on FrozenLake.
         """
         episodes, metrics = self._episodes, self._metrics
         episode_rows, metric_rows = episodes.rows, metrics.rows
         add_episode, add_metric = episode_rows.append, metric_rows.append
-        obs_values, actions, labels, rewards = self._obs, self._actions, self._labels, self._rewards
-        add_run = self._runs.extend
-        clock, time_ns = self._clock, time.time_ns
-        flush_steps, flush, flush_metrics = self.flush_steps, self.flush, self._flush_metrics
         steps = self._steps
-        max_steps = steps.max_rows(STEP_BATCH_ROWS, self._value_bytes)
-        # each with its reset observation
-        max_episodes = steps.max_rows(EPISODE_BATCH_ROWS, self._value_bytes)
-        max_metrics, interval = METRIC_BATCH_ROWS, FLUSH_INTERVAL
-        deadline = 0.0  # of the step batch: FLUSH_INTERVAL after its first row
-        # step rows taken into runs since the last flush; the batch is looked at when they reach
-        # check_at: at its first row (its start time and deadline are taken), then at rows
-        # 2, 4, 8, ..., when the clock is looked at: eleven times for a full batch instead of
-        # once per step; a slow run's batch goes out at most about twice FLUSH_INTERVAL after
-        # its first row. The loop is told how many more steps it may append before it calls
-        # again (`record_steps` returns it, and `episode`)
-        taken = 0
-        check_at = 1
-
-        def take(episode: int, end: int, terminated: bool, truncated: bool) -> None:
-            """The steps appended since the last call are the last of the first `end` steps of
-            `episode` (the last one ended it if `terminated` or `truncated`)."""
-            nonlocal taken, check_at, deadline
-            count = len(rewards) - taken
-            if count <= 0:
-                return
-            add_run((episode, end - count, count, terminated, truncated))
-            if not taken:
-                self._t0_ns = time_ns()
-                deadline = clock() + interval
-            taken += count
-            if taken >= check_at:
-                if taken >= max_steps or clock() >= deadline:
-                    flush_steps()  # taken and check_at start over
-                else:
-                    check_at = min(max_steps, 2 * taken)
-
-        def restart_steps() -> None:
-            """A flushed batch: the next row starts a new one."""
-            nonlocal taken, check_at
-            taken, check_at = 0, 1
-
-        def record_steps(episode: int, t: int) -> int:
-            """The steps appended since the last call are steps up to `t` (not included) of
-            `episode`, which goes on; returns how many more steps the loop may append before it
-            calls again (the batch is then due to be looked at)."""
-            take(episode, t, False, False)
-            return check_at - taken
+        end_steps, room = steps.end_steps, steps.room
+        clock, time_ns = self._clock, time.time_ns
+        flush, flush_metrics = self.flush, self._flush_metrics
+        # each episode row with its reset observation
+        max_episodes = steps.columns.max_rows(EPISODE_BATCH_ROWS, self._value_bytes)
+        max_metrics = METRIC_BATCH_ROWS
 
         def episode(episode: int, ret: float, length: int, terminated: bool,
                     truncated: bool, seed: int | None = None, reset_obs: Any = None) -> int:
             """Buffer one finished episode (with the seed of its reset, if it was seeded, and
             the observation it started from); the steps appended since the last call are its
-            last ones. A due batch flushes steps and metrics too. Returns what `record_steps`
-            returns."""
+            last ones. A due batch flushes steps and metrics too. Returns how many more steps
+            the loop may append before it calls again (as `record_steps` does)."""
             if seed is None and reset_obs is None:
                 add_episode((episode, ret, length, terminated, truncated, time_ns()))
             else:
                 add_episode((episode, ret, length, terminated, truncated, time_ns(), None,
                              seed, reset_obs))
-            if len(rewards) > taken:  # (after the row: a failed send of the steps keeps it)
-                take(episode, length, terminated, truncated)
+            # after the row: a failed send of the steps keeps it
+            left = end_steps(episode, length, terminated, truncated)
             if len(episode_rows) >= max_episodes or clock() >= episodes.deadline:
                 flush()
-            return check_at - taken
+                return room()
+            return left
 
         def metric(name: str, step: int, value: float) -> None:
             """Buffer one metric value (the agents' MetricSink)."""
@@ -308,39 +251,8 @@ class Emitter:
             if len(metric_rows) >= max_metrics or clock() >= metrics.deadline:
                 flush_metrics()
 
-        obs_dtype, add_obs = steps.obs_dtype, obs_values.append
-
-        def add_obs_bytes(obs: Any) -> None:
-            """A Box observation of `obs_dtype`, kept as its bytes."""
-            if obs.dtype is not obs_dtype:
-                obs = np.asarray(obs, dtype=obs_dtype)
-            add_obs(obs.tobytes())
-
-        def add_obs_list(obs: Any) -> None:
-            """A Box observation of a dtype no typed array holds, kept as a list of floats."""
-            add_obs(obs.tolist())
-
-        appenders = (
-            add_obs if not steps.vector_obs else add_obs_list if obs_dtype is None
-            else add_obs_bytes, actions.append, labels.append, rewards.append)
-        add_value, add_action, add_label, add_reward = appenders
-        with_labels = steps.labels
-
-        def step(episode: int, step: int, action: int, obs: Any, reward: float,
-                 terminated: bool, truncated: bool, label: str | None = None) -> None:
-            """Buffer one step, row by row: the appenders and `take` for one step (a caller
-            that is not the training loop; `label` is kept if the run labels its steps)."""
-            add_value(obs)
-            add_action(action)
-            if with_labels:
-                add_label(label)
-            add_reward(reward)
-            take(episode, step + 1, terminated, truncated)
-
-        self._restart_steps = restart_steps
-        self._appenders: StepAppenders = appenders
-        self.record_steps: Callable[[int, int], int] = record_steps
-        self.step: Callable[..., None] = step
+        self.record_steps: Callable[[int, int], int] = steps.record_steps
+        self.step: Callable[..., None] = steps.step
         self.episode: Callable[..., int] = episode
         self.metric: Callable[[str, int, float], None] = metric
 
@@ -349,37 +261,20 @@ class Emitter:
 
         Numeric columns become typed arrays; vector observations were kept as bytes and are
         joined into one (`StepColumns.body`). What stays a list goes to msgpack as it is, and is
-        converted only when msgpack refuses it. Values appended after the last run (a step
-        under way) stay for the next batch.
+        converted only when msgpack refuses it.
         """
-        runs = self._runs
-        if not runs:
+        batch = self._steps.take_batch()
+        if batch is None:
             return
-        n = sum(runs[2::len(columns.RUN_FIELDS)])
-        columns_: tuple[MutableSequence[Any], ...] = (
-            self._obs, self._actions, self._labels, self._rewards)
-        steps = self._steps
-        try:
-            obs, actions, labels, rewards = (c if len(c) == n else c[:n] for c in columns_)
-            body = steps.body(runs, obs, actions, labels, rewards, self._t0_ns)
-            kept, refused = columns.finite_rows(body, n)
-            if refused == n:
-                parts = None
-            else:
-                try:
-                    parts = self._encode(FrameKind.STEP, kept)
-                except DecodeError:  # numpy scalars somewhere: convert by column type, once
-                    kept, refused = columns.finite_rows(steps.normalized(body, obs), n)
-                    parts = self._encode(FrameKind.STEP, kept)
-        finally:
-            runs.clear()
-            for values in columns_:
-                del values[:n]
-            # what a step cut short left (an exception between two appends: the reward is
-            # appended last) is not a step
-            for values in columns_[:3]:
-                del values[len(self._rewards):]
-            self._restart_steps()
+        body, n, obs = batch
+        kept, refused = columns.finite_rows(body, n)
+        parts = None
+        if refused < n:
+            try:
+                parts = self._encode(FrameKind.STEP, kept)
+            except DecodeError:  # numpy scalars somewhere: convert by column type, once
+                kept, refused = columns.finite_rows(self._steps.columns.normalized(body, obs), n)
+                parts = self._encode(FrameKind.STEP, kept)
         self.rows_refused += refused
         if parts is not None:
             self._publish(FrameKind.STEP, parts, n - refused)
