@@ -23,7 +23,7 @@ import numpy as np
 from gymbus.shared.codec import typed_array
 from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
 from gymbus.spaces import Layout
-from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES, finite_rows, narrowest
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES, finite_rows, narrowest, rows_within
 
 #: rows of a step frame: 4,096 (as a vector env's block holds values) costs ~0.06 us a
 #: CartPole step less than 1,024 (its Python per frame, ~0.1 ms, spread over more rows), and
@@ -132,8 +132,8 @@ class Steps:
         self.obs, self.action, self.info = obs, action, info
         self.env_index = env_index
         #: rows per frame: STEP_BATCH_ROWS, fewer when the values would pass `value_bytes`
-        self.max_rows = max(1, min(STEP_BATCH_ROWS, value_bytes // max(
-            1, obs.row_bytes + action.row_bytes)))
+        self.max_rows = rows_within(STEP_BATCH_ROWS, obs.row_bytes + action.row_bytes,
+                                    value_bytes)
         self.rewards: list[Any] = []
         #: an int layout's values, a list; a stored row layout's, the bytes of its rows; else None
         self.actions = _values(action)
@@ -271,8 +271,8 @@ class Recorder:
         """A step buffer for one more recorded env."""
         steps = Steps(obs, action, info, env_index, self.value_bytes)
         self._steps.append(steps)
-        self.max_episode_rows = max(1, min(self.max_episode_rows,
-                                           self.value_bytes // max(1, obs.row_bytes)))
+        self.max_episode_rows = rows_within(self.max_episode_rows, obs.row_bytes,
+                                            self.value_bytes)
         return steps
 
     # --- steps ------------------------------------------------------------------------------

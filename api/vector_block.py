@@ -25,7 +25,7 @@ import numpy as np
 
 from gymbus.recorder import per_block
 from gymbus.spaces import Layout
-from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES
+from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES, rows_within
 
 #: sub-environment steps a block holds, over all sub-environments (a block of 8 envs: 512
 #: calls): its array operations cost about the same for 1,024 values as for 4,096
@@ -57,8 +57,8 @@ class Block:
                  size: int = 0, value_bytes: int = FRAME_VALUE_BYTES) -> None:
         self.n, self.next_step = n, next_step
         # a block is one step frame: its values stay within `value_bytes` (stored pixels)
-        self.size = size or max(1, min(max(16, BLOCK_VALUES // n), value_bytes // max(
-            1, n * (obs.row_bytes + action.row_bytes))))
+        self.size = size or rows_within(max(16, BLOCK_VALUES // n),
+                                        n * (obs.row_bytes + action.row_bytes), value_bytes)
         self.obs_layout, self.action_layout = obs, action
         #: the dtype of a call's values as the block keeps them (None: not stored), their
         #: shape (n,) or (n, values) and how many a call has
