@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gymbus.shared.codec import typed_array
-from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind
+from gymbus.shared.protocol import MAX_FRAME_BYTES, FrameKind, TelemetryMode
 from gymbus.spaces import Layout
 from gymbus.worker.telemetry.columns import FRAME_VALUE_BYTES, finite_rows, narrowest, rows_within
 
@@ -55,6 +55,14 @@ class StepPolicy:
 
     def __init__(self, every: int) -> None:
         self.every = every
+
+    @classmethod
+    def of_mode(cls, mode: TelemetryMode, every: int = 1) -> StepPolicy:
+        """The policy of a telemetry mode: fast records no step, sampled every `every`th
+        episode's, full every episode's."""
+        if mode is TelemetryMode.FAST:
+            return cls(0)
+        return cls(every if mode is TelemetryMode.SAMPLED else 1)
 
     def __call__(self, episode: int) -> bool:
         every = self.every

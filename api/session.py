@@ -64,14 +64,6 @@ class UsageError(GymbusError):
     """The Python API used in a way that cannot work; the message says what to do instead."""
 
 
-def _policy(mode: TelemetryMode, every: int) -> StepPolicy:
-    if mode is TelemetryMode.FAST:
-        return StepPolicy(0)
-    if mode is TelemetryMode.SAMPLED:
-        return StepPolicy(every)
-    return StepPolicy(1)
-
-
 def _true(word: str | None) -> bool:
     return (word or "").strip().lower() in {"1", "true", "yes"}
 
@@ -117,7 +109,7 @@ class Run:
         self._alive: KeepAlive | None = None
         self.recorder = Recorder(self._send, on_episodes=self._episodes_to_tensorboard,
                                  max_frame_bytes=self.settings.max_frame_bytes)
-        self._policy = _policy(mode, every)
+        self._policy = StepPolicy.of_mode(mode, every)
         self._started = False
         self._announced = False
         #: why the run is to stop (empty: go on): the recorded envs' `step` and `log` raise

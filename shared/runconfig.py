@@ -100,13 +100,15 @@ class RandomParams:
 ALGO_PARAMS: dict[str, type] = {
     "q-learning": QLearningParams, "bdi": BdiParams, "dqn": DqnParams, "random": RandomParams,
 }
-#: algo -> the observation-space kinds it accepts ("discrete" or "box")
+#: algo -> the observation-space kinds it accepts ("discrete", "box": a 1-D Box, "other")
 ALGO_OBSERVATIONS: dict[str, frozenset[str]] = {
     "q-learning": frozenset({"discrete"}),
     "bdi": frozenset({"discrete"}),
     "dqn": frozenset({"box"}),
-    "random": frozenset({"discrete", "box"}),
+    "random": frozenset({"discrete", "box", "other"}),
 }
+#: algos that act in any action space (the others need a Discrete one)
+ANY_SPACE_ALGOS = frozenset({"random"})
 #: algo -> the environment families (ids without their version) it is limited to
 ALGO_FAMILIES: dict[str, frozenset[str]] = {
     "bdi": frozenset({"FrozenLake", "FrozenLake8x8", "CliffWalking"}),

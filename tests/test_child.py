@@ -222,3 +222,111 @@ def test_fast_mode_sends_no_step_frames(start: Any, sink: FrameSink, how: str) -
     assert last.body["steps"] == episode_lengths(frames) > 0
     assert run.result()["telemetry"] == "fast"
     assert read_tensorboard(run.run_dir)["charts/episodic_return"]  # in every mode
+
+
+# --- the random agent on spaces the loop's own step columns do not hold ------------------------
+
+SPACES_ENV = '''
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+class Rover(gym.Env):
+    """Dict observations (an image and a position), MultiDiscrete actions; 5-step episodes."""
+    observation_space = spaces.Dict({
+        "camera": spaces.Box(0, 255, (32, 32, 3), np.uint8),
+        "pos": spaces.Box(-10.0, 10.0, (2,), np.float32)})
+    action_space = spaces.MultiDiscrete([3, 4])
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def _obs(self):
+        return {"camera": np.full((32, 32, 3), self.t, np.uint8),
+                "pos": np.array([self.t, -self.t], np.float32)}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(action[0] * 10 + action[1]), self.t == 5, False, {}
+'''
+
+
+def plain_random_returns(env: Any, steps: int, seed: int) -> list[float]:
+    """A user's random loop over `steps` steps: each episode's return, a last partial one too."""
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    returns, ret = [], 0.0
+    for t in range(steps):
+        _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        ret += float(reward)
+        if terminated or truncated or t == steps - 1:
+            returns.append(ret)
+            ret = 0.0
+            env.reset()
+    return returns
+
+
+def step_column(frames: list[Frame], name: str) -> np.ndarray:
+    return np.concatenate([f.body[name] for f in frames if f.kind is FrameKind.STEP])
+
+
+def episode_column(frames: list[Frame], name: str) -> np.ndarray:
+    return np.concatenate([f.body[name] for f in frames if f.kind is FrameKind.EPISODE])
+
+
+def test_random_on_continuous_actions_records_them_as_floats(start: Any, sink: FrameSink) -> None:
+    """Pendulum-v1: float32 actions stored as floats, every step, returns as a plain loop's."""
+    import gymnasium as gym
+
+    run = start({"env": "Pendulum-v1", "algo": "random", "total_steps": 450, "seed": 5})
+    code, out = run.wait()
+    assert code == RunExit.COMPLETED, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    assert (last.body["steps"], last.body["episodes"]) == (450, 3)
+    actions = step_column(frames, "action")
+    assert actions.dtype.kind == "f" and actions.shape == (450, 1)
+    assert np.all(np.abs(actions) <= 2.0) and len(np.unique(actions)) > 400
+    assert step_column(frames, "obs").shape == (450, 3)
+    assert sorted(episode_column(frames, "length").tolist()) == [50, 200, 200]
+    order = np.argsort(episode_column(frames, "episode"))
+    assert episode_column(frames, "return")[order].tolist() == pytest.approx(
+        plain_random_returns(gym.make("Pendulum-v1"), 450, 5))
+    spaces = frames[0].body["config"]["spaces"]["env"]
+    assert spaces["action"]["type"] == "Box" and spaces["action"]["dtype"] == "float32"
+    scalars = read_tensorboard(run.run_dir)
+    assert [s for s, _ in scalars["charts/episodic_length"]] == [200, 400, 450]
+
+
+@pytest.mark.parametrize("telemetry", ["full", "fast"])
+def test_random_on_dict_images_and_multidiscrete(start: Any, sink: FrameSink, tmp_path: Path,
+                                                 telemetry: str) -> None:
+    """A Dict observation holding an image (3,072 values: not stored per step by default, and
+    counted) and MultiDiscrete actions (stored as integers); fast mode stores no step."""
+    modules = tmp_path / "mods"
+    modules.mkdir()
+    (modules / "rover_env.py").write_text(SPACES_ENV)
+    path = os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")]))
+    run = start({"env": "rover_env:Rover", "algo": "random", "episodes": 8, "seed": 2,
+                 "telemetry": telemetry}, env={"PYTHONPATH": path})
+    code, out = run.wait()
+    assert code == RunExit.COMPLETED, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    assert (last.body["steps"], last.body["episodes"]) == (40, 8)
+    assert episode_column(frames, "length").tolist() == [5] * 8
+    if telemetry == "fast":
+        assert rows(frames, FrameKind.STEP) == 0 and last.body["obs_not_stored"] == 0
+        return
+    actions = step_column(frames, "action")
+    assert actions.shape == (40, 2) and np.array_equal(actions, np.round(actions))
+    assert frames[0].body["config"]["spaces"]["env"]["action"]["type"] == "MultiDiscrete"
+    assert actions[:, 0].max() <= 2 and actions[:, 1].max() <= 3
+    assert all("obs" not in f.body for f in frames if f.kind is FrameKind.STEP)
+    assert last.body["obs_not_stored"] == 40
+    rewards = step_column(frames, "reward")
+    assert rewards.tolist() == (actions[:, 0] * 10 + actions[:, 1]).astype(float).tolist()

@@ -26,6 +26,7 @@ PACKAGE = "my_grid_envs"
 ENVS = '''
     """A corridor: start in cell 0, move left (0) or right (1), reward 1 in the last cell."""
     import gymnasium as gym
+    import numpy as np
     from gymnasium import spaces
 
 
@@ -75,6 +76,29 @@ ENVS = '''
         def step(self, action):
             self.t += 1
             return self.observation_space.low + self.t, 1.0, False, False, {}
+
+
+    class Rover(gym.Env):
+        """Dict observations (a 32x32 camera, a position), two float controls; 5-step episodes.
+        The reward is minus the distance from the origin after the move."""
+
+        observation_space = spaces.Dict({
+            "camera": spaces.Box(0, 255, (32, 32, 3), np.uint8),
+            "pos": spaces.Box(-100.0, 100.0, (2,), np.float32)})
+        action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t, self.pos = 0, np.zeros(2, np.float32)
+            return self._obs(), {}
+
+        def _obs(self):
+            return {"camera": np.zeros((32, 32, 3), np.uint8), "pos": self.pos.copy()}
+
+        def step(self, action):
+            self.t += 1
+            self.pos += action
+            return self._obs(), -float(np.abs(self.pos).sum()), self.t == 5, False, {}
 '''
 REGISTER = f'''
     import gymnasium as gym
@@ -154,6 +178,42 @@ def test_a_nan_reward_refuses_its_rows_and_keeps_the_rest_of_the_run(stack: Stac
     assert [e["episode"] for e in episodes_of(stack, run_id)] == [
         e for e in range(20) if e not in nan_episodes]
     assert store_query(stack, "SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0
+
+
+def test_random_acts_in_any_space_and_its_steps_are_stored_typed(stack: Stack) -> None:
+    """The random agent on Dict observations holding an image and two float controls: the
+    actions stored as floats, the 3,074-value observations left out per step (the recording
+    API's default for large observations) and counted where `gymbus status` shows them, the
+    spaces described in the run's config; q-learning is still refused for such an env."""
+    code, printed, stderr = submit(stack, "--env", f"{PACKAGE}.envs:Rover", "--algo", "random",
+                                   "--episodes", "6", "--seed", "4")
+    assert code == 0, stderr
+    run_id = printed["run_id"]
+    row = stored_run(stack, run_id)
+    assert (row["status"], row["steps"], row["episodes"]) == ("completed", 30, 6)
+    steps = store_query(stack, "SELECT episode, step, action_vec, obs_vec, reward FROM steps "
+                               f"WHERE run_id = '{run_id}' ORDER BY episode, step")
+    assert [(r["episode"], r["step"]) for r in steps] == [(e, t) for e in range(6)
+                                                          for t in range(5)]
+    assert all(len(r["action_vec"]) == 2 and max(map(abs, r["action_vec"])) <= 1.0
+               and r["obs_vec"] is None for r in steps)
+    for e in range(6):  # each reward: minus the distance the episode's actions so far add up to
+        moves = [r for r in steps if r["episode"] == e]
+        pos = [0.0, 0.0]
+        for r in moves:
+            pos = [p + a for p, a in zip(pos, r["action_vec"], strict=True)]
+            assert r["reward"] == pytest.approx(-(abs(pos[0]) + abs(pos[1])), abs=1e-5)
+    status = gymbus_cli_json(stack.process_env(), "status", run_id)
+    assert (status["obs_not_stored"], status["rows_refused"]) == (30, 0)
+    config = json.loads(store_query(stack, f"SELECT config FROM runs WHERE run_id = "
+                                           f"'{run_id}'")[0]["config"])
+    spaces = config["spaces"]["env"]
+    assert (spaces["action"]["type"], spaces["action"]["dtype"]) == ("Box", "float32")
+    assert spaces["observation"]["stored"] is False
+    refused = gymbus_cli(stack.process_env(), "submit", "--env", f"{PACKAGE}.envs:Rover",
+                         "--algo", "dqn", "--total-steps", "100")
+    assert refused.returncode == ExitCode.BAD_INPUT
+    assert "dqn needs a discrete one (random acts in any)" in refused.stderr
 
 
 @pytest.mark.parametrize("env_args", [

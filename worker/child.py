@@ -59,6 +59,9 @@ CANCEL_LINGER_MS = 1000
 #: allocations between two young collections in a run process (CPython's default: 700)
 GC_THRESHOLD = 10_000
 
+if TYPE_CHECKING:
+    from gymbus.worker.recorded_spaces import RecordedSpaces
+
 log = logging.getLogger("gymbus.run")
 
 
@@ -165,6 +168,8 @@ class RunProcess:
         self.started = time.monotonic()
         #: (monotonic, process CPU) seconds when run_started was sent: the training's own time
         self.train_clock: tuple[float, float] | None = None
+        #: the API's recorder, for an env of spaces the loop's own step columns do not take
+        self.recorded: RecordedSpaces | None = None
 
     def run(self) -> int:
         """Train, report, clean up; returns the exit code."""
@@ -210,41 +215,66 @@ class RunProcess:
         self.mode = telemetry_mode(config.telemetry, self.no_telemetry, os.environ)
         self.tensorboard = ScalarLog(self.run_dir)
         self.emitter.observe_metrics(self.tensorboard.add_rows, self.tensorboard.add_episodes)
-        # imported before run_started, so that the run's timing (run_started to run_completed)
-        # holds the training and not gymnasium's import
-        from gymbus.worker import training  # noqa: F401
-        quiet_garbage_collector()
-        self.train_clock = (time.monotonic(), time.process_time())
-        self.emitter.lifecycle(
-            LifecycleEvent.RUN_STARTED, config=config.to_dict(), env=config.env, algo=config.algo,
-            telemetry=self.mode.value, seed=config.seed, **started,
-        )
-        self._train(config, self.mode, self.emitter)
-
-    def _train(self, config: RunConfig, mode: TelemetryMode, emitter: Emitter) -> None:
+        started.update(env=config.env, algo=config.algo, telemetry=self.mode.value,
+                       seed=config.seed)
         # gymnasium is imported here, not at the top, so that the daemon can import this
-        # module's constants without paying for it
+        # module's constants without paying for it; before run_started, so that the run's
+        # timing (run_started to run_completed) holds the training and not the import
         from gymbus.worker import training
 
         rng = training.seed_everything(config.seed)
-        env = training.make_env(config)
         try:
-            agent = training.make_agent(config, env, rng, emitter)
-            evaluation = training.make_evaluation(config, agent, emitter)
-            training.configure_steps(emitter, env, agent)
-            progress = training.LoopResult()
-            try:
-                training.run_training(
-                    env, agent, emitter, training.budget_of(config), seed=config.seed,
-                    mode=mode, every=config.every, stop=self.stop, progress=progress,
-                    evaluation=evaluation,
-                )
-            finally:  # how far it got, also when the loop raised
-                self.episodes, self.steps = progress.episodes, progress.steps
-            self._save_artifacts(agent.artifacts(), emitter)
-            self.status = RunState.CANCELLED if progress.stopped else RunState.COMPLETED
+            env = training.make_env(config)
+        except Exception:
+            self.emitter.lifecycle(LifecycleEvent.RUN_STARTED, config=config.to_dict(),
+                                   **started)
+            raise
+        try:
+            described = config.to_dict()
+            # the random agent acts in any space; the learning agents' spaces (checked at
+            # submit) are those the loop's own step columns hold
+            if not training.loop_columns_fit(env):
+                self.recorded = self._record_spaces(env, config, settings.max_frame_bytes)
+                described["spaces"] = self.recorded.spaces
+            quiet_garbage_collector()
+            self.train_clock = (time.monotonic(), time.process_time())
+            self.emitter.lifecycle(LifecycleEvent.RUN_STARTED, config=described, **started)
+            self._train(config, self.mode, self.emitter, rng, env)
         finally:
             env.close()
+
+    def _record_spaces(self, env: Any, config: RunConfig, max_frame_bytes: int
+                       ) -> RecordedSpaces:
+        from gymbus.worker.recorded_spaces import RecordedSpaces
+
+        assert self.emitter is not None and self.mode is not None
+        return RecordedSpaces(env, self.emitter, self.tensorboard, self.mode, config.every,
+                              max_frame_bytes)
+
+    def _train(self, config: RunConfig, mode: TelemetryMode, emitter: Emitter,
+               rng: Any, env: Any) -> None:
+        from gymbus.worker import training
+
+        agent = training.make_agent(config, env, rng, emitter)
+        evaluation = training.make_evaluation(config, agent, emitter)
+        recorded = self.recorded
+        if recorded is None:
+            training.configure_steps(emitter, env, agent)
+        progress = training.LoopResult()
+        try:
+            training.run_training(
+                env if recorded is None else recorded.env, agent,
+                emitter if recorded is None else recorded.telemetry,
+                training.budget_of(config), seed=config.seed,
+                mode=mode if recorded is None else TelemetryMode.FAST, every=config.every,
+                stop=self.stop, progress=progress, evaluation=evaluation,
+            )
+        finally:  # how far it got, also when the loop raised
+            self.episodes, self.steps = progress.episodes, progress.steps
+            if recorded is not None:  # the episode under way, and the buffered steps
+                recorded.finish()
+        self._save_artifacts(agent.artifacts(), emitter)
+        self.status = RunState.CANCELLED if progress.stopped else RunState.COMPLETED
 
     def _save_artifacts(self, artifacts: list[Artifact], emitter: Emitter) -> None:
         """Write each artifact under `artifacts/` and announce it with an artifact frame."""
@@ -266,7 +296,9 @@ class RunProcess:
             return 0
         self._close_tensorboard(self.emitter)
         try:
-            return self.emitter.finish(self.status.value, self.reason, self.episodes, self.steps)
+            counts = self.recorded.counts() if self.recorded is not None else {}
+            return self.emitter.finish(self.status.value, self.reason, self.episodes, self.steps,
+                                       **counts)
         except Exception as exc:  # noqa: BLE001 - result.json must still be written
             traceback.print_exc(file=sys.stderr)
             self.status = RunState.FAILED

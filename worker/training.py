@@ -146,6 +146,15 @@ def has_vector_obs(env: gym.Env[Any, Any]) -> bool:
     raise ValueError(f"telemetry supports Discrete or Box observations, not {space}")
 
 
+def loop_columns_fit(env: gym.Env[Any, Any]) -> bool:
+    """True when the loop's own step columns hold this env's steps: a Discrete action space,
+    and Discrete or one-dimensional Box observations (what the learning agents take; the
+    random agent's other runs are recorded by worker/recorded_spaces.py)."""
+    obs = env.observation_space
+    return isinstance(env.action_space, spaces.Discrete) and (
+        isinstance(obs, spaces.Discrete) or (isinstance(obs, spaces.Box) and len(obs.shape) == 1))
+
+
 def configure_steps(emitter: Any, env: gym.Env[Any, Any], agent: Agent) -> None:
     """Tell the emitter how this run's steps look: the observations (ints, or vectors of the
     observation space's dtype) and whether the agent labels its actions."""

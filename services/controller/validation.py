@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from gymbus.services.controller import env_args
 from gymbus.shared.errors import ConfigError
 from gymbus.shared.policy_files import policy_path, read_network_meta
-from gymbus.shared.runconfig import ALGO_FAMILIES, ALGO_OBSERVATIONS, RunConfig
+from gymbus.shared.runconfig import ALGO_FAMILIES, ALGO_OBSERVATIONS, ANY_SPACE_ALGOS, RunConfig
 from gymbus.shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -113,9 +113,10 @@ def _spaces(config: RunConfig, source: EnvSource) -> _Spaces:
         raise ConfigError("env", f"{env_id} could not be built: {type(exc).__name__}: "
                                  f"{exc}") from None
     try:
-        if not isinstance(env.action_space, spaces.Discrete):
-            raise ConfigError("env", f"{env_id} has a {env.action_space} action space; "
-                              f"{algo} needs a discrete one")
+        actions = env.action_space
+        if not isinstance(actions, spaces.Discrete) and algo not in ANY_SPACE_ALGOS:
+            raise ConfigError("env", f"{env_id} has a {actions} action space; "
+                              f"{algo} needs a discrete one (random acts in any)")
         obs_space = env.observation_space
         if isinstance(obs_space, spaces.Discrete):
             kind, n_obs = "discrete", int(obs_space.n)
@@ -126,7 +127,7 @@ def _spaces(config: RunConfig, source: EnvSource) -> _Spaces:
         if kind not in ALGO_OBSERVATIONS[algo]:
             raise ConfigError("algo", f"{algo} cannot learn {env_id}: its observations are "
                               f"{obs_space}, and {algo} needs {' or '.join(ALGO_OBSERVATIONS[algo])}")
-        return _Spaces(kind, n_obs, int(env.action_space.n))
+        return _Spaces(kind, n_obs, int(actions.n) if isinstance(actions, spaces.Discrete) else 0)
     finally:
         env.close()
 

@@ -12,13 +12,14 @@ from gymbus.worker.agents.base import Agent, Artifact, MetricSink
 
 
 class RandomAgent:
-    """Samples `action_space` uniformly; works with any observation space.
+    """Samples `action_space` uniformly; works with any action and observation space.
 
-    The action space must be Discrete (step frames carry actions as integers); the caller seeds
-    it (`action_space.seed(seed)`) so that runs are reproducible. The loop draws its actions
-    through `draw`, the space's own `sample`, as a user's random loop does: nothing of gymbus
-    runs between two steps. `charts/epsilon` is published once, at the first episode: every
-    action is exploration, from the first step to the last.
+    The caller seeds the space (`action_space.seed(seed)`) so that runs are reproducible. The
+    loop draws its actions through `draw`, the space's own `sample`, as a user's random loop
+    does: nothing of gymbus runs between two steps. (A run whose spaces the loop's step columns
+    do not hold, continuous actions say, is recorded by the recording API's wrapper:
+    worker/recorded_spaces.py.) `charts/epsilon` is published once, at the first episode:
+    every action is exploration, from the first step to the last.
     """
 
     label: str | None = None
@@ -26,11 +27,10 @@ class RandomAgent:
     learns = False
 
     def __init__(self, params: RandomParams, action_space: spaces.Space[Any], sink: MetricSink) -> None:
-        if not isinstance(action_space, spaces.Discrete):
-            raise TypeError(f"random agent needs a Discrete action space, got {action_space}")
         self.params = params
         self.draw: Callable[[], Any] | None = action_space.sample
         self._sample = action_space.sample
+        self._discrete = isinstance(action_space, spaces.Discrete)
         self._sink = sink
         self._epsilon_sent = False
 
@@ -39,8 +39,9 @@ class RandomAgent:
             self._epsilon_sent = True
             self._sink.metric("charts/epsilon", global_step, 1.0)
 
-    def act(self, obs: Any) -> int:
-        return int(self._sample())
+    def act(self, obs: Any) -> Any:
+        action = self._sample()
+        return int(action) if self._discrete else action
 
     def learn(
         self, obs: Any, action: int, reward: float, next_obs: Any, terminated: bool, truncated: bool
