@@ -26,14 +26,15 @@ TIMEOUT = 2.0
 CANCELLED = "cancelled (gymbus cancel)"
 
 
-def open_run(settings: Settings, ctx: zmq.Context[Any], body: dict[str, Any]) -> bool:
-    """Register a run with the controller; False when no controller answers (offline)."""
+def open_run(settings: Settings, ctx: zmq.Context[Any], body: dict[str, Any]
+             ) -> dict[str, Any] | None:
+    """Register a run with the controller: its answer (the services' `max_frame_bytes`
+    among it), or None when no controller answers (offline)."""
     client = Client(settings.controller, "controller", TIMEOUT, ctx=ctx)
     try:
-        client.request(Command.OPEN_RUN, body)
-        return True
+        return client.request(Command.OPEN_RUN, body)
     except ServiceUnavailable:
-        return False
+        return None
     finally:
         client.close()
 

@@ -107,8 +107,10 @@ class Run:
         self._tensorboard: Any = None
         self._ctx: zmq.Context[Any] | None = None
         self._alive: KeepAlive | None = None
+        #: the frame limit this run keeps to: its setting, or the services' if lower
+        self.max_frame_bytes = self.settings.max_frame_bytes
         self.recorder = Recorder(self._send, on_episodes=self._episodes_to_tensorboard,
-                                 max_frame_bytes=self.settings.max_frame_bytes)
+                                 max_frame_bytes=self.max_frame_bytes)
         self._policy = StepPolicy.of_mode(mode, every)
         self._started = False
         self._announced = False
@@ -160,7 +162,8 @@ class Run:
             self.settings.telemetry_in
         self._emitter = Emitter.connect(
             self._ctx, endpoint, self.run_id, agent_id=self.agent_id,
-            worker_id=self.worker_id, subscribe_wait=None if self.offline else SUBSCRIBE_WAIT)
+            worker_id=self.worker_id, subscribe_wait=None if self.offline else SUBSCRIBE_WAIT,
+            max_frame_bytes=self.max_frame_bytes)
         self._emitter.spool = SpoolWriter.create(self.run_dir)
         self._tensorboard = ScalarLog(self.run_dir)
         self._emitter.observe_metrics(self._tensorboard.add_rows)
@@ -209,11 +212,21 @@ class Run:
             "run_id": self.run_id, "name": self.name, "env": self._env_id(),
             "telemetry": self.mode.value, "config": self._config(),
             "host": socket.gethostname(), "pid": os.getpid()})
-        if not opened:
+        if opened is None:
             log.warning("no controller at %s: recording run %s offline, to %s (store it "
                         "later with `gymbus sync %s`)", self.settings.controller, self.run_id,
                         self.run_dir, self.run_id)
-        return opened
+            return False
+        services = opened.get("max_frame_bytes")
+        if type(services) is int and 0 < services < self.max_frame_bytes:
+            # this shell's GYMBUS_MAX_FRAME_BYTES is not the services': frames over theirs
+            # would be refused whole
+            log.info("the services take frames of at most %d bytes (GYMBUS_MAX_FRAME_BYTES; "
+                     "%d here): run %s keeps to theirs", services, self.max_frame_bytes,
+                     self.run_id)
+            self.max_frame_bytes = services
+            self.recorder.value_bytes = services // 2  # before any env is recorded
+        return True
 
     def finish(self, status: RunState = RunState.COMPLETED, reason: str | None = None) -> None:
         """End the run (the context manager does it): flush, run_completed, tell the controller."""

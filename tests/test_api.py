@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STACK_ENV, gymbus_cli_json, stack_fixture, store_query, stored_run, wait_until
+from conftest import (
+    STACK_ENV,
+    gymbus_cli_json,
+    make_stack,
+    stack_fixture,
+    store_query,
+    stored_run,
+    wait_until,
+)
 
 from gymbus.services.stack.launcher import Stack, free_endpoints
 from gymbus.worker.telemetry import spool
@@ -425,6 +433,51 @@ def test_large_observations_asked_for_are_stored_in_frames_under_the_limit(stack
     assert (row["steps"], stored["n"], stored["w"]) == (1100, 1100, 64 * 64 * 3)
     dead = store_query(stack, "SELECT count(*) AS n FROM dead_letters")[0]["n"]
     assert dead == 0
+
+
+def test_a_script_keeps_to_the_services_frame_limit_when_its_own_is_higher(
+        tmp_path: Path) -> None:
+    """Services started with GYMBUS_MAX_FRAME_BYTES at 256 KiB, a script from a shell without
+    it (the 8 MiB default): the controller tells the script the services' limit when the run
+    opens, so that its frames of 12 KiB observations (10 a frame, not 341) are all stored, none
+    refused whole into the dead letters."""
+    code = """
+        import json, gymnasium as gym, numpy as np, gymbus
+        from gymnasium import spaces
+
+        class Frames(gym.Env):
+            observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+            action_space = spaces.Discrete(2)
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                self.t = 0
+                return np.zeros((64, 64, 3), np.uint8), {}
+            def step(self, action):
+                self.t += 1
+                return np.full((64, 64, 3), self.t % 256, np.uint8), 0.0, False, False, {}
+
+        with gymbus.run(name="frames") as run:
+            env = run.record(Frames(), store_large_obs=True)
+            env.reset(seed=0)
+            for _ in range(400):
+                env.step(0)
+        print(json.dumps({"run_id": run.run_id, "limit": run.max_frame_bytes}))
+    """
+    limit = 256 * 1024
+    with make_stack(tmp_path / "home", **STACK_ENV, GYMBUS_MAX_FRAME_BYTES=str(limit)) as small:
+        small.start()
+        seen = last_json(script(small, code, env={"GYMBUS_MAX_FRAME_BYTES": str(8 << 20)}))
+        assert seen["limit"] == limit
+        run_id = seen["run_id"]
+        row = stored_run(small, run_id)
+        stored = store_query(small, "SELECT count(*) AS n, min(obs_vec[1]) AS lo, "
+                                    f"max(obs_vec[1]) AS hi FROM steps WHERE run_id = '{run_id}'")
+        assert (row["steps"], stored[0]["n"]) == (400, 400)
+        assert (stored[0]["lo"], stored[0]["hi"]) == (0.0, 255.0)
+        frames = store_query(small, "SELECT max(rows) AS most FROM frames WHERE run_id = "
+                                    f"'{run_id}' AND kind = 'step'")[0]
+        assert frames["most"] == 10  # 128 KiB of observations a frame
+        assert store_query(small, "SELECT count(*) AS n FROM dead_letters")[0]["n"] == 0
 
 
 def test_a_script_killed_inside_its_run_is_marked_lost(stack: Stack) -> None:

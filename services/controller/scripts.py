@@ -15,7 +15,13 @@ from typing import Any
 
 from gymbus.services.controller.registry import Registry
 from gymbus.shared.errors import RequestError
-from gymbus.shared.protocol import TERMINAL_STATES, ErrorCode, RunState, TelemetryMode
+from gymbus.shared.protocol import (
+    MAX_FRAME_BYTES,
+    TERMINAL_STATES,
+    ErrorCode,
+    RunState,
+    TelemetryMode,
+)
 
 log = logging.getLogger("gymbus.controller")
 
@@ -35,8 +41,12 @@ def _text(body: dict[str, Any], name: str, limit: int = MAX_TEXT) -> str:
 class ScriptRuns:
     """The controller's handlers of open_run, run_alive and close_run, and their liveness."""
 
-    def __init__(self, registry: Registry, liveness: float, clock: Callable[[], float]) -> None:
+    def __init__(self, registry: Registry, liveness: float, clock: Callable[[], float], *,
+                 max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        """`max_frame_bytes`: the services' frame limit, told to each script that opens a
+        run (its own setting may differ: it was started from another shell)."""
         self.registry = registry
+        self.max_frame_bytes = max_frame_bytes
         self.liveness = liveness
         self.clock = clock
         now = clock()
@@ -66,7 +76,7 @@ class ScriptRuns:
         elif not (run.worker_id or "").startswith(OWNER_PREFIX):
             raise RequestError(ErrorCode.BAD_REQUEST,
                                f"run {run_id} is a submitted run, not a script's")
-        return {"run": run.to_wire(), "created": created}
+        return {"run": run.to_wire(), "created": created, "max_frame_bytes": self.max_frame_bytes}
 
     def run_alive(self, body: dict[str, Any]) -> dict[str, Any]:
         run_id = _text(body, "run_id", 64)

@@ -115,7 +115,8 @@ class Controller:
         for run in self.registry.active():
             if run.state is RunState.DISPATCHED and run.worker_id is not None:
                 self.scheduler.sent(run.run_id, run.worker_id, now)
-        self.scripts = ScriptRuns(self.registry, self.window, clock)
+        self.scripts = ScriptRuns(self.registry, self.window, clock,
+                                  max_frame_bytes=settings.max_frame_bytes)
         self._api: dict[Command, ApiHandler] = {
             Command.OPEN_RUN: self.scripts.open_run,
             Command.RUN_ALIVE: self.scripts.run_alive,
