@@ -17,7 +17,7 @@ import zmq
 from conftest import wait_until
 
 from gymbus.shared.codec import Message, decode_message, encode_frame, encode_message
-from gymbus.shared.protocol import Command, FrameKind, LifecycleEvent, RunState
+from gymbus.shared.protocol import MAX_FRAME_BYTES, Command, FrameKind, LifecycleEvent, RunState
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +157,8 @@ def test_dispatch_reaches_the_worker(controller: Peer, worker: Worker) -> None:
 
     msg = worker.expect(Command.RUN, tick=worker.heartbeat)
 
-    assert msg.body == {"run_id": "r1", "config": {"env": "X"}}
+    assert msg.body == {"run_id": "r1", "config": {"env": "X"},
+                        "max_frame_bytes": MAX_FRAME_BYTES}  # the broker's (a default here)
 
 
 def test_dispatch_to_an_unknown_worker_fails_back(controller: Peer, worker: Worker) -> None:

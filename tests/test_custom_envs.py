@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import STACK_ENV, gymbus_cli, gymbus_cli_json, make_stack, store_query, stored_run
 
-from gymbus.services.stack.launcher import Stack
+from gymbus.services.stack.launcher import SERVICES, Stack
 from gymbus.shared.errors import ExitCode
 
 PACKAGE = "my_grid_envs"
@@ -269,15 +269,24 @@ def test_an_id_a_module_registered_needs_that_module_named(stack: Stack) -> None
             "with --env-module") in result.stderr
 
 
+@pytest.mark.parametrize("worker_limit", [None, 8 << 20], ids=["same", "worker-higher"])
 def test_large_observations_travel_in_frames_under_a_lowered_frame_limit(
-        tmp_path: Path) -> None:
-    """With GYMBUS_MAX_FRAME_BYTES at 256 KiB for every process, a built-in run's frames of
-    12 KiB observations stay under it (10 steps a frame): every step is stored with its
+        tmp_path: Path, worker_limit: int | None) -> None:
+    """With GYMBUS_MAX_FRAME_BYTES at 256 KiB for the services, a built-in run's frames of
+    12 KiB observations stay under it (10 steps a frame), also when its worker was started
+    with a higher limit (the broker's comes with the dispatch): every step is stored with its
     values, nothing is refused or goes to the dead letters."""
     limit = 256 * 1024
     with make_stack(tmp_path / "home", **STACK_ENV, PYTHONPATH=with_package(tmp_path),
                     GYMBUS_MAX_FRAME_BYTES=str(limit)) as small:
-        small.start()
+        if worker_limit is None:
+            small.start()
+        else:
+            roles = tuple(r for r in SERVICES if r != "worker")
+            for role in roles:
+                small.start_one(role)
+            small.start_one("worker", {"GYMBUS_MAX_FRAME_BYTES": str(worker_limit)})
+            small.wait_ready((*roles, "worker"), 30.0)
         code, printed, stderr = submit(
             small, "--env", f"{PACKAGE}.envs:Wide", "--algo", "random", "--episodes", "30",
             "--max-episode-steps", "7")

@@ -183,8 +183,10 @@ class Worker:
         if refusal is not None:
             self.dispatch_failed(run_id, refusal)
             return
+        services = body.get("max_frame_bytes")
         try:
-            self.children[run_id] = self.spawn(run_id, config)
+            self.children[run_id] = self.spawn(
+                run_id, config, services if type(services) is int and services > 0 else None)
         except command.LaunchError as exc:  # the same on any worker: the run fails
             self.send_run_update(run_id, RunState.FAILED, reason=str(exc))
             return
@@ -210,9 +212,10 @@ class Worker:
 
     # --- children -----------------------------------------------------------------------------
 
-    def spawn(self, run_id: str, config: RunConfig) -> Child:
+    def spawn(self, run_id: str, config: RunConfig, max_frame_bytes: int | None = None) -> Child:
         """Create the run folder, write config.json, start the child (or the command run's
-        script) with output to run.log."""
+        script) with output to run.log. `max_frame_bytes`: the services' frame limit (the
+        broker's, with the dispatch); the run keeps to it when it is lower than this worker's."""
         run_dir = self.settings.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESULT_FILE).unlink(missing_ok=True)
@@ -224,6 +227,8 @@ class Worker:
                "--parent-pid", str(os.getpid())]
         allocation = self.limits.allocate(run_id, config, run_dir)
         env = {**os.environ, **settings_mod.env_for(self.settings), **allocation.env()}
+        if max_frame_bytes is not None and max_frame_bytes < self.settings.max_frame_bytes:
+            env[settings_mod.PREFIX + "MAX_FRAME_BYTES"] = str(max_frame_bytes)
         # in a session of its own: a Ctrl-C in the terminal reaches the daemon, which stops runs
         try:
             if config.launches:

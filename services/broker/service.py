@@ -209,7 +209,10 @@ class Broker:
         config = require(body, "config", dict)
         if worker_id not in self.workers:
             reason = f"worker {worker_id} is not connected to the broker"
-        elif not self.send_worker(worker_id, Command.RUN, {"run_id": run_id, "config": config}):
+        # the frame limit of the services, which the run keeps to if its worker's is higher
+        elif not self.send_worker(worker_id, Command.RUN, {
+                "run_id": run_id, "config": config,
+                "max_frame_bytes": self.settings.max_frame_bytes}):
             reason = f"worker {worker_id} cannot be reached (connection gone or queue full)"
         else:
             self.grants.grant(self.worker_keys.get(worker_id, ""), run_id)
