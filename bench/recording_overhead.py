@@ -199,7 +199,8 @@ def print_case(case: str, s: dict[str, Any], skipped: list[str]) -> list[str]:
     print(f"  {'variant':11} {'steps/s':>9} {'x':>6} {'loop/s':>9} {'x':>6} {'cpu/s':>9} "
           f"{'x':>6} {'+s':>5} {'B/step':>7}")
     for variant, v in s.items():
-        bps = f"{v['bytes_per_step']:7.0f}" if "bytes_per_step" in v else f"{'':7}"
+        bps = (f"{'':7}" if "bytes_per_step" not in v else f"{'n/a':>7}"
+               if v["bytes_per_step"] < 0 else f"{v['bytes_per_step']:7.0f}")
         print(f"  {variant:11} {whole_rate(v):9.0f} {whole_rate(v) / whole_rate(bare):6.3f} "
               f"{v['loop_steps_per_s']:9.0f} "
               f"{v['loop_steps_per_s'] / bare['loop_steps_per_s']:6.3f} "
@@ -207,6 +208,9 @@ def print_case(case: str, s: dict[str, Any], skipped: list[str]) -> list[str]:
               f"{v['end_s']:5.2f} {bps}")
     for variant in skipped:
         print(f"  {variant:11} {SKIPPED}")
+    if any(v.get("bytes_per_step", 0) < 0 for v in s.values()):
+        print("  n/a: the store's blocks in use shrank over the run (DuckDB compacts and "
+              "reuses\n  blocks at its checkpoints): the run's rows took too little room to show")
     for variant, v in s.items():
         if "projected_steps_per_s" in v:
             print(f"  {variant}: ran {v['steps']} steps; its steps/s projected to {bare['steps']}")
