@@ -81,10 +81,11 @@ def latest_metric(run_id: str, lo: int, hi: int, name: str) -> str:
 
 
 def latest_step(run_id: str, lo: int, hi: int) -> str:
-    """The last step of the last step frame in lo..hi of the run: seq, episode, step, action, obs,
-    obs_vec, reward, terminated, truncated, label (no row or one)."""
+    """The last step of the last step frame in lo..hi of the run: seq, episode, step, action,
+    action_vec, obs, obs_vec, reward, terminated, truncated, label (no row or one)."""
     where = _seqs(run_id, lo, hi)
-    return ("SELECT seq, episode, step, action, obs, obs_vec, reward, terminated, truncated, "
+    return ("SELECT seq, episode, step, action, action_vec, obs, obs_vec, reward, terminated, "
+            "truncated, "
             f"label FROM steps WHERE {where} AND seq = (SELECT max(seq) FROM frames "
             f"WHERE {where} AND kind = {sql_str(FrameKind.STEP.value)}) "
             "ORDER BY episode DESC, step DESC LIMIT 1")
@@ -106,9 +107,10 @@ def episode_span(run_id: str) -> str:
 
 
 def episode_steps(run_id: str, episode: int) -> str:
-    """The stored steps of one episode, in order: step, action, obs, obs_vec, reward,
-    terminated, truncated, label (none when its steps were not stored)."""
-    return ("SELECT step, action, obs, obs_vec, reward, terminated, truncated, label FROM steps "
+    """The stored steps of one episode, in order: step, action, action_vec, obs, obs_vec,
+    reward, terminated, truncated, label (none when its steps were not stored)."""
+    return ("SELECT step, action, action_vec, obs, obs_vec, reward, terminated, truncated, "
+            "label FROM steps "
             f"WHERE run_id = {sql_str(run_id)} AND episode = {int(episode)} ORDER BY step")
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 from conftest import stack_fixture, wait_until
 
+from gymbus.services.ingest.client import StoreClient
 from gymbus.services.stack.launcher import Stack
+from gymbus.services.viewers.grid import action_name, obs_text
 from gymbus.services.viewers.live import Live, LiveFeed
-from gymbus.services.viewers.live_runs import SeqTracker
-from gymbus.shared.codec import encode_frame
+from gymbus.services.viewers.live_runs import RunView, SeqTracker
+from gymbus.services.viewers.replay import load_episode, step_line
+from gymbus.shared.codec import Frame, decode_frame, encode_frame, typed_array
 from gymbus.shared.errors import RemoteError
 from gymbus.shared.protocol import TERMINAL_STATES, Command, FrameKind, topic_prefix
 from gymbus.shared.transport import Client
@@ -44,6 +48,32 @@ def test_the_tracker_calls_missed_only_what_the_stream_skipped() -> None:
     assert (t.missed, t.highest) == (4, 19)
     assert t.held == 20 - 1 - 1 - 2  # 11, 16 and 18-19 are still missing
     assert (t.live, t.from_store) == (4, 12)
+
+
+def step_frame(seq: int, **columns: Any) -> Frame:
+    """A step frame of three rows with `columns` (numpy arrays), through the real codec."""
+    n = 3
+    body = {"episode": np.zeros(n, np.int64), "step": np.arange(n, dtype=np.int64),
+            "reward": np.array([0.0, -1.5, -2.25]), "terminated": np.zeros(n, np.bool_),
+            "truncated": np.zeros(n, np.bool_), "t0_ns": 1, **columns}
+    typed = {k: typed_array(v) if isinstance(v, np.ndarray) else v for k, v in body.items()}
+    return decode_frame(list(encode_frame(FrameKind.STEP, "R", seq, typed)))
+
+
+def test_a_view_keeps_the_last_step_of_any_space() -> None:
+    """Float actions (Pendulum's), vector observations, and a frame without observations (pixels
+    not stored): the view's last step holds them as the boards print them."""
+    view = RunView("R")
+    view.apply(step_frame(0, action=np.array([[0.5], [1.5], [-1.25]], np.float32),
+                          obs=np.array([[1, 0, 0.5], [0, 1, 0.25], [1, 1, 0.125]], np.float32)))
+    step = view.last_step
+    assert step is not None and (step.step, step.action, step.obs) == (2, [-1.25], [1, 1, 0.125])
+    assert action_name("Pendulum-v1", step.action) == "[-1.25]"
+    view.apply(step_frame(1, action=np.array([2, 0, 3], np.int64)))  # no obs column
+    step = view.last_step
+    assert step is not None and (step.action, step.obs, step.reward) == (3, None, -2.25)
+    assert action_name("FrozenLake-v1", step.action) == "UP" and obs_text(step.obs) == "not stored"
+    assert view.scene() is None
 
 
 def test_the_feed_drops_the_oldest_when_the_viewer_falls_behind() -> None:
@@ -185,3 +215,23 @@ def test_a_viewer_of_named_runs_subscribes_to_those_only(stack: Stack) -> None:
     finally:
         live.close()
     wait_until(lambda: run_state(stack, other) in TERMINAL_STATES, 60, "the other run to end")
+
+
+def test_a_random_pendulum_run_is_shown_and_replayed_with_its_float_actions(stack: Stack) -> None:
+    """A built-in random run on continuous actions, taken from the store by a late viewer and
+    replayed: its last step and an episode's steps hold the actions as numbers."""
+    run_id = submit(stack, env="Pendulum-v1", algo="random", total_steps=1000)
+    wait_until(lambda: stored(stack, run_id).get("complete"), 60, "the run to be stored")
+    live = Live(stack.settings)
+    try:
+        live.start()
+        step = live.runs[run_id].last_step
+        assert step is not None and (step.episode, step.step) == (4, 199)
+        assert len(step.action) == 1 and abs(step.action[0]) <= 2.0 and len(step.obs) == 3
+    finally:
+        live.close()
+    with StoreClient(stack.settings) as store:
+        replay = load_episode(store, run_id, 2)
+    assert len(replay.steps) == 200
+    assert all(len(s["action"]) == 1 and abs(s["action"][0]) <= 2.0 for s in replay.steps)
+    assert "action [" in step_line(replay, 0).plain

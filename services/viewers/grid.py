@@ -103,15 +103,21 @@ def family_of(env_id: str) -> str | None:
     return None
 
 
-def action_name(env_id: str, action: int) -> str:
-    """The action's name in a grid world ("RIGHT"), else the number."""
+def action_name(env_id: str, action: Any) -> str:
+    """The action's name in a grid world ("RIGHT"), else the number, or a vector's numbers
+    (`obs_text`)."""
+    if not isinstance(action, int):
+        return obs_text(action)
     names = ACTIONS.get(family_of(env_id) or "", ())
     return names[action] if 0 <= action < len(names) else str(action)
 
 
 def obs_text(obs: Any) -> str:
     """An observation as the viewers print it: an integer as it is, a vector's numbers to four
-    significant digits ("[0.0246, 0.173, -0.000519, -0.245]")."""
+    significant digits ("[0.0246, 0.173, -0.000519, -0.245]"), "not stored" for None (pixels
+    left out, by default)."""
+    if obs is None:
+        return "not stored"
     if isinstance(obs, list | tuple):
         return "[" + ", ".join(obs_text(x) for x in obs) + "]"
     return f"{obs:.4g}" if isinstance(obs, float) else str(obs)

@@ -100,12 +100,25 @@ class StepRow:
 
     episode: int
     step: int
-    action: int
+    #: an int (Discrete), a list of numbers (every other space), None when not stored
+    action: Any
+    #: the same, for the step's observation
     obs: Any
     reward: float
     terminated: bool
     truncated: bool
     label: str | None
+
+
+def _last(column: Any) -> Any:
+    """A step column's last value as the viewers keep it: an int, a list of numbers (a vector
+    column's row), or None for a column the frame does not hold (values not stored)."""
+    if column is None or not len(column):
+        return None
+    value = column[-1]
+    if getattr(value, "ndim", 0):
+        return value.tolist()
+    return value.item() if hasattr(value, "item") else value
 
 
 class RunView:
@@ -197,7 +210,8 @@ class RunView:
         for r in rows:
             if r["seq"] >= self._step_seq:
                 obs = r["obs"] if r["obs"] is not None else r["obs_vec"]
-                self.last_step = StepRow(r["episode"], r["step"], r["action"], obs, r["reward"],
+                action = r["action"] if r["action"] is not None else r["action_vec"]
+                self.last_step = StepRow(r["episode"], r["step"], action, obs, r["reward"],
                                          r["terminated"], r["truncated"], r["label"])
                 self._step_seq = r["seq"]
 
@@ -216,10 +230,9 @@ class RunView:
                 self.sps, self._sps_seq = float(body["value"][idx[-1]]), frame.seq
         elif frame.kind is FrameKind.STEP and frame.seq >= self._step_seq:
             labels = body.get("label")
-            obs = body["obs"][-1]
             self.last_step = StepRow(
-                int(body["episode"][-1]), int(body["step"][-1]), int(body["action"][-1]),
-                obs.tolist() if obs.ndim else int(obs), float(body["reward"][-1]),
+                int(body["episode"][-1]), int(body["step"][-1]), _last(body.get("action")),
+                _last(body.get("obs")), float(body["reward"][-1]),
                 bool(body["terminated"][-1]), bool(body["truncated"][-1]),
                 labels[-1] if labels else None)
             self._step_seq = frame.seq

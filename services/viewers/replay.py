@@ -98,11 +98,11 @@ def load_episode(store: StoreClient, run_id: str, episode: int) -> Replay:
     except ValueError:
         config = {}
     steps = store.rows(queries.episode_steps(run_id, episode))
-    for step in steps:
-        if step["obs"] is None:
-            step["obs"] = step.pop("obs_vec")
-        else:
-            step.pop("obs_vec")
+    for step in steps:  # one value each: the int column's, else the vector column's
+        for name in ("obs", "action"):
+            vector = step.pop(f"{name}_vec")
+            if step[name] is None:
+                step[name] = vector
     return Replay(run_id, r["env"] or "", r["algo"] or "", r["agent_id"] or "",
                   r["telemetry"] or "", config if isinstance(config, dict) else {},
                   int(e["episode"]), float(e["return"]), int(e["length"]),
