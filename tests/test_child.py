@@ -301,17 +301,23 @@ def test_random_on_continuous_actions_records_them_as_floats(start: Any, sink: F
     assert [s for s, _ in scalars["charts/episodic_length"]] == [200, 400, 450]
 
 
-@pytest.mark.parametrize("telemetry", ["full", "fast"])
+def rover_path(tmp_path: Path) -> str:
+    """A PYTHONPATH that finds SPACES_ENV as `rover_env`."""
+    modules = tmp_path / "mods"
+    modules.mkdir(exist_ok=True)
+    (modules / "rover_env.py").write_text(SPACES_ENV)
+    return os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.mark.parametrize("telemetry", ["full", "fast", "sampled"])
 def test_random_on_dict_images_and_multidiscrete(start: Any, sink: FrameSink, tmp_path: Path,
                                                  telemetry: str) -> None:
     """A Dict observation holding an image (3,072 values: not stored per step by default, and
-    counted) and MultiDiscrete actions (stored as integers); fast mode stores no step."""
-    modules = tmp_path / "mods"
-    modules.mkdir()
-    (modules / "rover_env.py").write_text(SPACES_ENV)
-    path = os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")]))
-    run = start({"env": "rover_env:Rover", "algo": "random", "episodes": 8, "seed": 2,
-                 "telemetry": telemetry}, env={"PYTHONPATH": path})
+    counted) and MultiDiscrete actions (stored as integers); fast mode stores no step, sampled
+    mode (every 3rd episode) the steps of episodes 0, 3 and 6."""
+    config = {"env": "rover_env:Rover", "algo": "random", "episodes": 8, "seed": 2,
+              "telemetry": telemetry, **({"every": 3} if telemetry == "sampled" else {})}
+    run = start(config, env={"PYTHONPATH": rover_path(tmp_path)})
     code, out = run.wait()
     assert code == RunExit.COMPLETED, out
     last = sink.wait_completed()
@@ -322,6 +328,10 @@ def test_random_on_dict_images_and_multidiscrete(start: Any, sink: FrameSink, tm
     if telemetry == "fast":
         assert rows(frames, FrameKind.STEP) == 0 and last.body["obs_not_stored"] == 0
         return
+    if telemetry == "sampled":
+        assert sorted(set(step_column(frames, "episode").tolist())) == [0, 3, 6]
+        assert rows(frames, FrameKind.STEP) == last.body["obs_not_stored"] == 15
+        return
     actions = step_column(frames, "action")
     assert actions.shape == (40, 2) and np.array_equal(actions, np.round(actions))
     assert frames[0].body["config"]["spaces"]["env"]["action"]["type"] == "MultiDiscrete"
@@ -330,3 +340,47 @@ def test_random_on_dict_images_and_multidiscrete(start: Any, sink: FrameSink, tm
     assert last.body["obs_not_stored"] == 40
     rewards = step_column(frames, "reward")
     assert rewards.tolist() == (actions[:, 0] * 10 + actions[:, 1]).astype(float).tolist()
+
+
+def test_a_cancelled_or_failing_random_run_on_float_actions_keeps_its_steps_whole(
+        start: Any, sink: FrameSink, tmp_path: Path) -> None:
+    """SIGTERM amid a random Pendulum-v1 run: cancelled, and its step rows (the last episode's
+    cut short) add up to the episode rows' lengths and the run's step count. An env that raises
+    at its 13th step on the same path: failed, its 12 steps and their episode stored."""
+    run = start({"env": "Pendulum-v1", "algo": "random", "total_steps": 10_000_000})
+    wait_until(lambda: any(f.kind is FrameKind.STEP for f in sink.drain()), 15, "step frames")
+    run.process.send_signal(signal.SIGTERM)
+    code, out = run.wait(timeout=5)
+    assert code == RunExit.CANCELLED, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    assert last.body["status"] == "cancelled"
+    assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"] > 0
+    assert episode_column(frames, "length")[-1] < 200 or last.body["steps"] % 200 == 0
+
+    failing = SPACES_ENV + '''
+
+class Breaks(Rover):
+    n = 0
+
+    def step(self, action):
+        self.n += 1
+        if self.n == 13:
+            raise RuntimeError("the rover fell over")
+        return super().step(action)
+'''
+    (tmp_path / "mods").mkdir(exist_ok=True)
+    (tmp_path / "mods" / "rover_env.py").write_text(failing)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "mods"), os.environ.get("PYTHONPATH")]))
+    broken = start({"env": "rover_env:Breaks", "algo": "random", "episodes": 5},
+                   env={"PYTHONPATH": path}, run_id="01RUNCHILD2")
+    code, out = broken.wait()
+    assert code == RunExit.FAILED and "the rover fell over" in out
+    last = sink.wait_completed("01RUNCHILD2")
+    mine = [f for f in sink.drain() if f.run_id == "01RUNCHILD2"]
+    check_complete(mine)
+    assert last.body["reason"] == "RuntimeError: the rover fell over"
+    # two episodes of 5 steps, then the third's 2 steps until the 13th step raised
+    assert rows(mine, FrameKind.STEP) == episode_lengths(mine) == last.body["steps"] == 12
+    assert episode_column(mine, "length").tolist() == [5, 5, 2]
