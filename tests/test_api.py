@@ -405,26 +405,32 @@ def test_every_space_is_stored_or_counted_as_not_stored(stack: Stack) -> None:
     assert spaces["env1"]["observation"]["offsets"] == {"pos": [0, 2], "room": [2, 3]}
 
 
+#: an env of 64x64x3 uint8 observations (12 KiB), each step's filled with its number (mod 256)
+FRAMES_ENV = """
+    import json, gymnasium as gym, numpy as np, gymbus
+    from gymnasium import spaces
+
+    class Frames(gym.Env):
+        observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        action_space = spaces.Discrete(2)
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return np.zeros((64, 64, 3), np.uint8), {}
+        def step(self, action):
+            self.t += 1
+            return np.full((64, 64, 3), self.t % 256, np.uint8), 0.0, False, False, {}
+"""
+
+
 def test_large_observations_asked_for_are_stored_in_frames_under_the_limit(stack: Stack) -> None:
-    code = """
-        import json, gymnasium as gym, numpy as np, gymbus
-        from gymnasium import spaces
-
-        class Frames(gym.Env):
-            observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
-            action_space = spaces.Discrete(2)
-            def reset(self, *, seed=None, options=None):
-                super().reset(seed=seed)
-                return self.observation_space.sample(), {}
-            def step(self, action):
-                return self.observation_space.sample(), 0.0, False, False, {}
-
-        with gymbus.run(name="frames") as run:
-            env = run.record(Frames(), store_large_obs=True)
-            env.reset(seed=0)
-            for _ in range(1100):  # 1,024 rows of 12 KiB (of 4,096 a frame) would be over 8 MiB
-                env.step(0)
-        print(json.dumps({"run_id": run.run_id}))
+    code = FRAMES_ENV + """
+    with gymbus.run(name="frames") as run:
+        env = run.record(Frames(), store_large_obs=True)
+        env.reset(seed=0)
+        for _ in range(1100):  # 1,024 rows of 12 KiB (of 4,096 a frame) would be over 8 MiB
+            env.step(0)
+    print(json.dumps({"run_id": run.run_id}))
     """
     run_id = last_json(script(stack, code))["run_id"]
     row = stored_run(stack, run_id)
@@ -441,27 +447,13 @@ def test_a_script_keeps_to_the_services_frame_limit_when_its_own_is_higher(
     it (the 8 MiB default): the controller tells the script the services' limit when the run
     opens, so that its frames of 12 KiB observations (10 a frame, not 341) are all stored, none
     refused whole into the dead letters."""
-    code = """
-        import json, gymnasium as gym, numpy as np, gymbus
-        from gymnasium import spaces
-
-        class Frames(gym.Env):
-            observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
-            action_space = spaces.Discrete(2)
-            def reset(self, *, seed=None, options=None):
-                super().reset(seed=seed)
-                self.t = 0
-                return np.zeros((64, 64, 3), np.uint8), {}
-            def step(self, action):
-                self.t += 1
-                return np.full((64, 64, 3), self.t % 256, np.uint8), 0.0, False, False, {}
-
-        with gymbus.run(name="frames") as run:
-            env = run.record(Frames(), store_large_obs=True)
-            env.reset(seed=0)
-            for _ in range(400):
-                env.step(0)
-        print(json.dumps({"run_id": run.run_id, "limit": run.max_frame_bytes}))
+    code = FRAMES_ENV + """
+    with gymbus.run(name="frames") as run:
+        env = run.record(Frames(), store_large_obs=True)
+        env.reset(seed=0)
+        for _ in range(400):
+            env.step(0)
+    print(json.dumps({"run_id": run.run_id, "limit": run.max_frame_bytes}))
     """
     limit = 256 * 1024
     with make_stack(tmp_path / "home", **STACK_ENV, GYMBUS_MAX_FRAME_BYTES=str(limit)) as small:

@@ -65,6 +65,7 @@ class ChildRun:
         self.run_dir.mkdir()
         (self.run_dir / CONFIG_FILE).write_text(json.dumps(config))
         self.run_id = run_id
+        self.exited_at = 0.0  # monotonic seconds, once `wait` saw the process exit
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gymbus.worker.child", "--run-dir", str(self.run_dir),
              "--run-id", run_id, "--worker-id", "w-test", *extra],
@@ -73,6 +74,7 @@ class ChildRun:
 
     def wait(self, timeout: float = 20.0) -> tuple[int, str]:
         out, _ = self.process.communicate(timeout=timeout)
+        self.exited_at = time.monotonic()
         return self.process.returncode, out.decode(errors="replace")
 
     def result(self) -> dict[str, Any]:
@@ -159,12 +161,8 @@ def test_sigterm_cancels_within_two_seconds(start: Any, sink: FrameSink) -> None
     wait_until(lambda: any(f.kind is FrameKind.STEP for f in sink.drain()), 15, "step frames")
     sent = time.monotonic()
     run.process.send_signal(signal.SIGTERM)
-    code, out = run.wait(timeout=5)
-    assert time.monotonic() - sent < 2.0
-    assert code == RunExit.CANCELLED, out
-    last = sink.wait_completed()
-    frames = sink.drain()
-    check_complete(frames)
+    last, frames = ended(run, sink, RunExit.CANCELLED, timeout=5)
+    assert run.exited_at - sent < 2.0
     assert last.body["status"] == "cancelled"
     assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"] > 0
     assert run.result()["status"] == "cancelled"
@@ -253,6 +251,18 @@ class Rover(gym.Env):
 '''
 
 
+def ended(run: ChildRun, sink: FrameSink, code: RunExit = RunExit.COMPLETED,
+          timeout: float = 20.0) -> tuple[Frame, list[Frame]]:
+    """A run that exits with `code` within `timeout` s: its run_completed frame and every
+    frame, checked whole."""
+    exit_code, out = run.wait(timeout)
+    assert exit_code == code, out
+    last = sink.wait_completed()
+    frames = sink.drain()
+    check_complete(frames)
+    return last, frames
+
+
 def plain_random_returns(env: Any, steps: int, seed: int) -> list[float]:
     """A user's random loop over `steps` steps: each episode's return, a last partial one too."""
     env.action_space.seed(seed)
@@ -281,11 +291,7 @@ def test_random_on_continuous_actions_records_them_as_floats(start: Any, sink: F
     import gymnasium as gym
 
     run = start({"env": "Pendulum-v1", "algo": "random", "total_steps": 450, "seed": 5})
-    code, out = run.wait()
-    assert code == RunExit.COMPLETED, out
-    last = sink.wait_completed()
-    frames = sink.drain()
-    check_complete(frames)
+    last, frames = ended(run, sink)
     assert (last.body["steps"], last.body["episodes"]) == (450, 3)
     actions = step_column(frames, "action")
     assert actions.dtype.kind == "f" and actions.shape == (450, 1)
@@ -317,12 +323,7 @@ def test_random_on_dict_images_and_multidiscrete(start: Any, sink: FrameSink, tm
     mode (every 3rd episode) the steps of episodes 0, 3 and 6."""
     config = {"env": "rover_env:Rover", "algo": "random", "episodes": 8, "seed": 2,
               "telemetry": telemetry, **({"every": 3} if telemetry == "sampled" else {})}
-    run = start(config, env={"PYTHONPATH": rover_path(tmp_path)})
-    code, out = run.wait()
-    assert code == RunExit.COMPLETED, out
-    last = sink.wait_completed()
-    frames = sink.drain()
-    check_complete(frames)
+    last, frames = ended(start(config, env={"PYTHONPATH": rover_path(tmp_path)}), sink)
     assert (last.body["steps"], last.body["episodes"]) == (40, 8)
     assert episode_column(frames, "length").tolist() == [5] * 8
     if telemetry == "fast":
@@ -350,11 +351,7 @@ def test_a_cancelled_or_failing_random_run_on_float_actions_keeps_its_steps_whol
     run = start({"env": "Pendulum-v1", "algo": "random", "total_steps": 10_000_000})
     wait_until(lambda: any(f.kind is FrameKind.STEP for f in sink.drain()), 15, "step frames")
     run.process.send_signal(signal.SIGTERM)
-    code, out = run.wait(timeout=5)
-    assert code == RunExit.CANCELLED, out
-    last = sink.wait_completed()
-    frames = sink.drain()
-    check_complete(frames)
+    last, frames = ended(run, sink, RunExit.CANCELLED, timeout=5)
     assert last.body["status"] == "cancelled"
     assert rows(frames, FrameKind.STEP) == episode_lengths(frames) == last.body["steps"] > 0
     assert episode_column(frames, "length")[-1] < 200 or last.body["steps"] % 200 == 0
