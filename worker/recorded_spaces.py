@@ -13,6 +13,7 @@ steps and episodes as the run's telemetry mode asks; its metrics still go throug
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import gymnasium as gym
@@ -20,10 +21,12 @@ import gymnasium as gym
 from gymbus.recorder import EpisodeColumns, Recorder, StepPolicy
 from gymbus.recording import RecordedEnv
 from gymbus.shared.protocol import TelemetryMode
-from gymbus.spaces import layout
+from gymbus.spaces import layout, unsupported
 from gymbus.worker.telemetry.emitter import Emitter
 from gymbus.worker.telemetry.tensorboard import ScalarLog
 from gymbus.worker.training import NullTelemetry
+
+log = logging.getLogger("gymbus.run")
 
 
 class _Metrics(NullTelemetry):
@@ -43,6 +46,10 @@ class RecordedSpaces:
                  mode: TelemetryMode, every: int | None, max_frame_bytes: int) -> None:
         obs = layout(env.observation_space, "observation")
         action = layout(env.action_space, "action", store_large=True)
+        for kind, space, what in ((obs, env.observation_space, "observation"),
+                                  (action, env.action_space, "action")):
+            if kind.kind == "none":  # its steps are stored without those values
+                log.warning("%s", kind.description.get("reason") or unsupported(space, what))
         self._tensorboard = tensorboard
         self.recorder = Recorder(emitter.send_columns, on_episodes=self._episode_curves,
                                  max_frame_bytes=max_frame_bytes)
