@@ -260,6 +260,10 @@ class Recorder:
         self.obs_not_stored = 0
         self.refused = 0
 
+    def not_stored(self) -> dict[str, int]:
+        """What run_completed counts as not stored: observations left out, rows refused."""
+        return {"obs_not_stored": self.obs_not_stored, "rows_refused": self.refused}
+
     @property
     def episode_count(self) -> int:
         """Episodes ended so far, by every recorded env."""

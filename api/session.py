@@ -249,8 +249,7 @@ class Run:
         finally:
             self._tensorboard.close()
         rec = self.recorder
-        emitter.finish(status.value, reason, rec.episode_count, rec.steps,
-                       obs_not_stored=rec.obs_not_stored, rows_refused=rec.refused)
+        emitter.finish(status.value, reason, rec.episode_count, rec.steps, **rec.not_stored())
         if self.attached:  # for the worker, which reads it when the script exits
             launched.write_end(self.run_dir, status, reason, emitter.seq, rec.episode_count,
                                rec.steps, self.mode)
@@ -295,10 +294,8 @@ class Run:
 
     def _episodes_to_tensorboard(self, episodes: EpisodeColumns) -> None:
         """CleanRL's episode curves in the run's TensorBoard files, from a batch of episodes."""
-        if self._tensorboard is None:
-            return
-        self._tensorboard.add_episodes(episodes["global_step"], episodes["return"],
-                                       episodes["length"], episodes["ts_ns"])
+        if self._tensorboard is not None:
+            self._tensorboard.add_episode_columns(episodes)
 
     def _require_open(self, what: str) -> None:
         if not self._started:
@@ -320,15 +317,10 @@ class Run:
         vector = isinstance(env, VectorEnv)
         obs_space = env.single_observation_space if vector else env.observation_space
         act_space = env.single_action_space if vector else env.action_space
-        obs = spaces.layout(obs_space, "observation", store_large=store_large_obs)
-        action = spaces.layout(act_space, "action", store_large=True)
-        for layout, space, what in ((obs, obs_space, "observation"), (action, act_space, "action")):
-            if layout.kind == "none":
-                log.warning("%s", layout.description.get("reason") or spaces.unsupported(space, what))
-        key = f"env{len(self._envs)}" if self._envs else "env"
-        self._spaces[key] = {"observation": obs.description, "action": action.description,
-                             "num_envs": env.num_envs if vector else 1,
-                             "info_keys": list(info_keys)}
+        obs, action, described = spaces.env_layouts(
+            obs_space, act_space, store_large_obs=store_large_obs,
+            num_envs=env.num_envs if vector else 1, info_keys=info_keys)
+        self._spaces[f"env{len(self._envs)}" if self._envs else "env"] = described
         wrapped: RecordedEnv | RecordedVectorEnv
         if vector:
             wrapped = RecordedVectorEnv(env, self.recorder, self._policy, obs, action, info_keys,

@@ -15,6 +15,8 @@ observations left out is counted and reported with the run's end.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,8 @@ from gymnasium import spaces
 
 from gymbus.shared.codec import TYPED_ARRAY_DTYPES
 from gymbus.shared.errors import GymbusError
+
+log = logging.getLogger("gymbus.api")
 
 #: observations with more values than this (a 32x32 RGB image has 3,072) are not stored per step
 #: by default: at 100k steps/s they would write hundreds of MB a second
@@ -173,3 +177,19 @@ def unsupported(space: spaces.Space[Any], what: str) -> str:
             "stores Discrete, Box, MultiDiscrete, MultiBinary, and Dict or Tuple spaces of "
             "those; wrap the environment (a gymnasium ObservationWrapper) to record a numeric "
             "view of it. Its steps are stored without it, and counted")
+
+
+def env_layouts(obs_space: spaces.Space[Any], act_space: spaces.Space[Any], *,
+                store_large_obs: bool = False, num_envs: int = 1,
+                info_keys: Sequence[str] = ()) -> tuple[Layout, Layout, dict[str, Any]]:
+    """The observation and action layouts of a recorded env (its actions always stored, its
+    large observations only with `store_large_obs`), and its entry of the run config's
+    `spaces`. A space whose values cannot be stored is said in the log: its steps are stored
+    without them."""
+    obs = layout(obs_space, "observation", store_large=store_large_obs)
+    action = layout(act_space, "action", store_large=True)
+    for kept, space, what in ((obs, obs_space, "observation"), (action, act_space, "action")):
+        if kept.kind == "none":
+            log.warning("%s", kept.description.get("reason") or unsupported(space, what))
+    return obs, action, {"observation": obs.description, "action": action.description,
+                         "num_envs": num_envs, "info_keys": list(info_keys)}

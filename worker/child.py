@@ -234,7 +234,10 @@ class RunProcess:
             # the random agent acts in any space; the learning agents' spaces (checked at
             # submit) are those the loop's own step columns hold
             if not training.loop_columns_fit(env):
-                self.recorded = self._record_spaces(env, config, settings.max_frame_bytes)
+                from gymbus.worker.recorded_spaces import RecordedSpaces
+
+                self.recorded = RecordedSpaces(env, self.emitter, self.tensorboard, self.mode,
+                                               config.every, settings.max_frame_bytes)
                 described["spaces"] = self.recorded.spaces
             quiet_garbage_collector()
             self.train_clock = (time.monotonic(), time.process_time())
@@ -242,14 +245,6 @@ class RunProcess:
             self._train(config, self.mode, self.emitter, rng, env)
         finally:
             env.close()
-
-    def _record_spaces(self, env: Any, config: RunConfig, max_frame_bytes: int
-                       ) -> RecordedSpaces:
-        from gymbus.worker.recorded_spaces import RecordedSpaces
-
-        assert self.emitter is not None and self.mode is not None
-        return RecordedSpaces(env, self.emitter, self.tensorboard, self.mode, config.every,
-                              max_frame_bytes)
 
     def _train(self, config: RunConfig, mode: TelemetryMode, emitter: Emitter,
                rng: Any, env: Any) -> None:
@@ -296,7 +291,7 @@ class RunProcess:
             return 0
         self._close_tensorboard(self.emitter)
         try:
-            counts = self.recorded.counts() if self.recorded is not None else {}
+            counts = self.recorded.recorder.not_stored() if self.recorded is not None else {}
             return self.emitter.finish(self.status.value, self.reason, self.episodes, self.steps,
                                        **counts)
         except Exception as exc:  # noqa: BLE001 - result.json must still be written

@@ -1,13 +1,14 @@
 """Buffered rows and columns into columnar frame bodies, typed by the column schema.
 
-The emitter keeps each frame kind's rows as tuples in the order of `schema.column_names(kind)`,
-holding the first columns of that order (a run's rows stop before the optional columns at the
-end that it does not fill); here they become a body of one column per name, and the numeric
-columns (by `schema.python_types(kind)`) become typed arrays (docs/protocol.md). An `OBS`
-column (a step's action and observation) holds integers, for a Discrete space, unless the run
-configured it as vectors: the observations of a Box, sent as one typed array of the space's
-dtype (or as lists of floats). Values that msgpack refuses (numpy scalars from an environment)
-are converted by `normalized`, only when the encoder has refused the body as it was.
+The emitter keeps each episode and metric row as a tuple in the order of
+`schema.column_names(kind)`, holding the first columns of that order (a run's rows stop before
+the optional columns at the end that it does not fill); here they become a body of one column
+per name, and the numeric columns (by `schema.python_types(kind)`) become typed arrays
+(docs/protocol.md). Steps are kept as columns already (`StepColumns`, `step_buffer.py`). A step's
+observation is an integer, for a Discrete space, unless the run configured it as vectors: the
+observations of a Box, sent as one typed array of the space's dtype (or as lists of floats).
+Values that msgpack refuses (numpy scalars from an environment) are converted by
+`normalized`, only when the encoder has refused the body as it was.
 """
 
 from __future__ import annotations
@@ -38,22 +39,15 @@ KINDS: dict[FrameKind, dict[str, type]] = {
 _OBS = "obs"
 #: the step column sent only by a run whose agent labels its steps
 _LABEL = "label"
-#: the columns of the emitter's step rows, in order: the label last, the later columns (vector
-#: envs' env_index, info keys) are a recorded script's (`gymbus.api`), not a row's
-STEP_ROW = STEP_COLUMNS[:STEP_COLUMNS.index(_LABEL) + 1]
-_GET_OBS, _GET_LABEL = itemgetter(STEP_ROW.index(_OBS)), itemgetter(STEP_ROW.index(_LABEL))
 (_T0,) = schema.FRAME_SCALARS[FrameKind.STEP]
-#: the step columns sent as typed arrays when observations are integers (Discrete), and when
-#: they are vectors (typed apart)
-_STEP_KINDS_INT_OBS = {name: kind for name, kind in KINDS[FrameKind.STEP].items()
-                       if name != _LABEL}
-_STEP_KINDS = {name: kind for name, kind in _STEP_KINDS_INT_OBS.items() if name != _OBS}
+#: the step columns that `normalized` converts by type (observations and labels apart)
+_STEP_KINDS = {name: kind for name, kind in KINDS[FrameKind.STEP].items()
+               if name not in (_LABEL, _OBS)}
 
 #: a step or episode frame holds at most this many bytes of observations and actions (half the
 #: frame limit, `GYMBUS_MAX_FRAME_BYTES`, by default the protocol's: a frame of 4,096 large
 #: observations would be refused whole)
 FRAME_VALUE_BYTES = MAX_FRAME_BYTES // 2
-
 
 
 def rows_within(rows: int, row_bytes: int, value_bytes: int = FRAME_VALUE_BYTES) -> int:

@@ -34,7 +34,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import count, pairwise, repeat
 from math import fsum
 from operator import itemgetter
@@ -322,6 +322,12 @@ class ScalarLog:
         self._series.append((tag, steps, values, ts_ns))
         if self._clock() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def add_episode_columns(self, episodes: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """`add_episodes` of a recorder's batch of episodes (`gymbus.recorder.EpisodeColumns`:
+        its "global_step", "return", "length" and "ts_ns" columns)."""
+        self.add_episodes(episodes["global_step"], episodes["return"], episodes["length"],
+                          episodes["ts_ns"])
 
     def add_episodes(self, steps: np.ndarray[Any, Any], returns: np.ndarray[Any, Any],
                      lengths: np.ndarray[Any, Any], ts_ns: np.ndarray[Any, Any]) -> None:
