@@ -302,10 +302,9 @@ class StepColumns:
         become typed arrays, vector observations (kept as bytes) one 2-D typed array; what
         stays a list goes to msgpack as it is.
 
-        In a tight loop, ~110 ns a step for a whole frame of 1,024 FrozenLake-like steps
-        (columns, encoding, spool and send), where reading seven columns out of one row tuple
-        per step took ~150 ns for the columns alone; actions and rewards come in arrays, read
-        at once.
+        In a tight loop, for FrozenLake-like steps (runs of 8; 200 batches, medians, twice):
+        the body ~100 ns a step at 1,024 steps a batch, 59-74 at 4,096; the whole flush
+        (body, NaN check, encoding, spool and send) ~150 and 89-112.
         """
         n = len(rewards)
         if not len(obs) == len(actions) == n or (self.labels and len(labels) != n):

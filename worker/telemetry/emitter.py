@@ -53,8 +53,8 @@ log = logging.getLogger("gymbus.run.emitter")
 #: `StepColumns.max_rows`), or (at most about twice) FLUSH_INTERVAL after its first row. A
 #: flush's Python and numpy calls run with cold caches after the environment's steps (timed
 #: inside a FrozenLake run: 0.37-0.44 ms for 1,024 rows, 0.58-0.63 ms for 4,096, where a tight
-#: loop flushes 1,024 rows in ~0.11 ms): 4,096 rows a frame cost a FrozenLake step ~150 ns where
-#: 1,024 cost ~400
+#: loop flushes 1,024 rows in 0.11-0.16 ms): 4,096 rows a frame cost a FrozenLake step ~150 ns
+#: where 1,024 cost ~400
 STEP_BATCH_ROWS = 4096
 EPISODE_BATCH_ROWS = 4096
 METRIC_BATCH_ROWS = 1024
